@@ -1,0 +1,1 @@
+"""Namespace package, laid out like the TensorFlow Model Garden's `official/`."""
