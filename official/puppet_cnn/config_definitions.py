@@ -1,0 +1,241 @@
+"""Typed configuration for Puppet-CNN models.
+
+Every choice that the paper (arXiv 2411.12876) leaves open is a named field here with a
+documented default; `README.md` ("Choices the paper leaves open") explains each one.
+Configs validate themselves on construction, so an impossible setting fails with a clear
+message before any TensorFlow graph is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+# Puppet presets (paper section 3.5 and Table 3). Each maps to the stage output channels,
+# the kind of repeated unit in every stage, and after which stages a 2x2 max pool follows.
+PUPPET_PRESETS = {
+    # The paper's puppet: VGG-style plain conv layers, pooling whenever the width changes.
+    "vgg": dict(stage_channels=(64, 128, 256, 512), block_type="plain",
+                pool_after=(True, True, True, False)),
+    # ResNet-style: every repeated unit is a basic residual block (two generated kernels).
+    "resnet": dict(stage_channels=(64, 128, 256, 512), block_type="residual",
+                   pool_after=(True, True, True, False)),
+    # AlexNet-style (CIFAR scale): five stages 64-192-384-256-256, pools after 1, 2 and 5.
+    "alexnet": dict(stage_channels=(64, 192, 384, 256, 256), block_type="plain",
+                    pool_after=(True, True, False, False, True)),
+}
+
+COLOR_MODES = ("luminance", "channel_mean")
+SPECTRUM_SCALINGS = ("log_minmax", "log_fixed")
+INITS = ("paper", "learned")
+INTEGRATORS = ("euler", "midpoint", "rk4")
+KERNEL_SCALINGS = ("fan_in", "none")
+BLOCK_TYPES = ("plain", "residual")
+
+# CIFAR-10 training-set statistics (pixels scaled to [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+@dataclasses.dataclass
+class ComplexityConfig:
+  """How the input complexity H (paper eq. 8-9) is measured.
+
+  H = pixel_weight * E(pixels) + (1 - pixel_weight) * E(Fourier magnitude), with E the Shannon
+  entropy of a value histogram.
+
+  Attributes:
+    color_mode: 'luminance' (default): entropy of the ITU-R BT.601 luma plane
+      (0.299 R + 0.587 G + 0.114 B); 'channel_mean': mean of per-channel entropies.
+    bins: number of histogram bins for both entropies (default 256: one bin per 8-bit level).
+    log_base: base of the logarithm (default 2: H in bits, so H <= log2(bins) = 8).
+    spectrum_scaling: how the Fourier magnitude is turned into `bins` levels.
+      'log_minmax' (default): log(1 + |F|/N) rescaled per image to [0, bins - 1];
+      'log_fixed': log(1 + |F|/N) / log(1 + pixel_max) * bins (a fixed, image-independent scale).
+      In both, the DC term (the image mean, already in the pixel histogram) is left out, so a
+      constant image has spectrum entropy 0.
+    spectrum_floor: a per-image log-magnitude range below this counts as a flat spectrum (entropy
+      0) under 'log_minmax'; it keeps float32 FFT round-off on constant images from being
+      stretched into a histogram.
+    pixel_weight: weight of the pixel entropy (paper: 0.5).
+    pixel_max: value of a white pixel in the model's input (255 for 8-bit images).
+  """
+  color_mode: str = "luminance"
+  bins: int = 256
+  log_base: float = 2.0
+  spectrum_scaling: str = "log_minmax"
+  spectrum_floor: float = 1e-3
+  pixel_weight: float = 0.5
+  pixel_max: float = 255.0
+
+  def __post_init__(self):
+    _check(self.color_mode in COLOR_MODES,
+           f"complexity.color_mode must be one of {COLOR_MODES}, got {self.color_mode!r}")
+    _check(self.spectrum_scaling in SPECTRUM_SCALINGS,
+           f"complexity.spectrum_scaling must be one of {SPECTRUM_SCALINGS}, "
+           f"got {self.spectrum_scaling!r}")
+    _check(int(self.bins) >= 2, f"complexity.bins must be >= 2, got {self.bins}")
+    _check(self.log_base > 1.0, f"complexity.log_base must be > 1, got {self.log_base}")
+    _check(0.0 <= self.pixel_weight <= 1.0,
+           f"complexity.pixel_weight must be in [0, 1], got {self.pixel_weight}")
+    _check(self.pixel_max > 0, f"complexity.pixel_max must be > 0, got {self.pixel_max}")
+    _check(self.spectrum_floor >= 0,
+           f"complexity.spectrum_floor must be >= 0, got {self.spectrum_floor}")
+    self.bins = int(self.bins)
+
+
+@dataclasses.dataclass
+class PuppetCNNConfig:
+  """Configuration of a `PuppetClassifier`.
+
+  Attributes:
+    num_classes: number of output logits.
+    input_shape: (height, width, channels) of the raw images; height/width may be None.
+    puppet: 'vgg' (the paper's puppet), 'resnet' or 'alexnet'; selects the defaults of
+      `stage_channels`, `block_type` and `pool_after` (see PUPPET_PRESETS).
+    stage_channels: output channels of each stage (None: the preset's; paper: 64-128-256-512).
+    block_type: repeated unit of each stage, 'plain' (conv-BN-ReLU) or 'residual' (basic
+      block of two generated convs). None: the preset's.
+    pool_after: for each stage, whether a 2x2 max pool follows it. None: the preset's.
+    min_depth, max_depth: clamp of the per-sample depth D = floor(1/dl) (paper eq. 10). With
+      H in bits, D <= floor(1/tanh(1/8)) = 8, the default `max_depth`. `max_depth` is the
+      compile-time bound of the per-sample loops.
+    kernel_size: K of every generated kernel (paper: 3).
+    state_channels: C_max of the puppeteer state (C_out_max, C_in_max, K*K); None: the
+      largest stage width (paper).
+    init: initial puppeteer state. 'paper': a constant fill exp(1 - H^-2) (eq. 11);
+      'learned' (default): a learned rank-`init_rank` base state plus the same fill, which
+      breaks the spatial symmetry of the constant fill (see README).
+    init_rank: rank of the learned base state (CP decomposition; 0 = a full learned tensor,
+      which is the "Total Params" reading of the paper's Table 5).
+    integrator: 'euler' (paper eq. 7), 'midpoint' or 'rk4'; may be changed after training.
+    kernel_scaling: 'fan_in' (default) divides each generated kernel by sqrt(K*K*C_in) so
+      conv outputs start at unit scale; 'none' uses the pooled state as is.
+    depth_adaptation: if False every sample gets `fixed_depth` layers per stage.
+    fixed_depth: depth used when depth_adaptation is False (None: max_depth).
+    parameter_adaptation: if False kernels come from one fixed complexity
+      `reference_complexity` for every input (paper Table 3 "without parameter adaptation").
+    reference_complexity: the H used when parameter_adaptation is False (bits).
+    pixel_mean, pixel_std: per-channel normalization of the puppet's input, on [0, 1] pixels.
+    bn_momentum, bn_epsilon: batch norm settings of the puppet and of the puppeteer's G.
+    head_dropout: dropout rate before the linear classifier (0: none, the paper).
+    complexity: how H is measured (ComplexityConfig).
+  """
+  num_classes: int = 10
+  input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
+  puppet: str = "vgg"
+  stage_channels: Optional[Tuple[int, ...]] = None
+  block_type: Optional[str] = None
+  pool_after: Optional[Tuple[bool, ...]] = None
+  min_depth: int = 1
+  max_depth: int = 8
+  kernel_size: int = 3
+  state_channels: Optional[int] = None
+  init: str = "learned"
+  init_rank: int = 16
+  integrator: str = "euler"
+  kernel_scaling: str = "fan_in"
+  depth_adaptation: bool = True
+  fixed_depth: Optional[int] = None
+  parameter_adaptation: bool = True
+  reference_complexity: float = 6.0
+  pixel_mean: Tuple[float, ...] = CIFAR10_MEAN
+  pixel_std: Tuple[float, ...] = CIFAR10_STD
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  head_dropout: float = 0.0
+  complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)
+
+  def __post_init__(self):
+    if isinstance(self.complexity, dict):
+      self.complexity = ComplexityConfig(**self.complexity)
+    _check(self.puppet in PUPPET_PRESETS,
+           f"puppet must be one of {tuple(PUPPET_PRESETS)}, got {self.puppet!r}")
+    if self.stage_channels is not None:
+      self.stage_channels = tuple(int(c) for c in self.stage_channels)
+    if self.pool_after is not None:
+      self.pool_after = tuple(bool(p) for p in self.pool_after)
+    self.input_shape = tuple(None if d is None else int(d) for d in self.input_shape)
+    self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
+    self.pixel_std = tuple(float(v) for v in self.pixel_std)
+    _check(int(self.num_classes) >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+    _check(len(self.input_shape) == 3,
+           f"input_shape must be (height, width, channels), got {self.input_shape}")
+    _check(self.input_shape[-1] is not None and self.input_shape[-1] >= 1,
+           f"input_shape must give the channel count, got {self.input_shape}")
+    channels = self.channels
+    _check(len(channels) >= 1 and all(c >= 1 for c in channels),
+           f"stage_channels must be a non-empty list of positive ints, got {channels}")
+    _check(len(self.pools) == len(channels),
+           f"pool_after has {len(self.pools)} entries but there are {len(channels)} stages")
+    _check(self.block in BLOCK_TYPES,
+           f"block_type must be one of {BLOCK_TYPES}, got {self.block!r}")
+    _check(1 <= self.min_depth <= self.max_depth,
+           f"need 1 <= min_depth <= max_depth, got min_depth={self.min_depth}, "
+           f"max_depth={self.max_depth}")
+    _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+           f"kernel_size must be a positive odd int, got {self.kernel_size}")
+    _check(self.state_width >= max(channels),
+           f"state_channels ({self.state_width}) must be >= the widest stage "
+           f"({max(channels)}): kernels are pooled out of the state")
+    _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+    _check(self.init_rank >= 0, f"init_rank must be >= 0, got {self.init_rank}")
+    _check(self.integrator in INTEGRATORS,
+           f"integrator must be one of {INTEGRATORS}, got {self.integrator!r}")
+    _check(self.kernel_scaling in KERNEL_SCALINGS,
+           f"kernel_scaling must be one of {KERNEL_SCALINGS}, got {self.kernel_scaling!r}")
+    _check(1 <= self.depth_when_fixed <= self.max_depth,
+           f"fixed_depth must be in [1, max_depth={self.max_depth}], got {self.fixed_depth}")
+    _check(self.reference_complexity > 0,
+           f"reference_complexity must be > 0, got {self.reference_complexity}")
+    in_ch = self.input_shape[-1]
+    _check(len(self.pixel_mean) == in_ch and len(self.pixel_std) == in_ch,
+           f"pixel_mean/pixel_std need {in_ch} values (one per input channel), got "
+           f"{len(self.pixel_mean)} and {len(self.pixel_std)}")
+    _check(all(s > 0 for s in self.pixel_std), f"pixel_std must be > 0, got {self.pixel_std}")
+    _check(0.0 <= self.head_dropout < 1.0,
+           f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+  # Resolved values: the preset's where a field is None.
+  @property
+  def channels(self) -> Tuple[int, ...]:
+    return tuple(self.stage_channels or PUPPET_PRESETS[self.puppet]["stage_channels"])
+
+  @property
+  def block(self) -> str:
+    return self.block_type or PUPPET_PRESETS[self.puppet]["block_type"]
+
+  @property
+  def pools(self) -> Tuple[bool, ...]:
+    if self.pool_after is not None:
+      return tuple(self.pool_after)
+    n = len(self.channels)
+    preset = tuple(PUPPET_PRESETS[self.puppet]["pool_after"])
+    return preset if len(preset) == n else tuple([True] * (n - 1) + [False])
+
+  @property
+  def state_width(self) -> int:
+    return int(self.state_channels or max(self.channels))
+
+  @property
+  def depth_when_fixed(self) -> int:
+    return int(self.fixed_depth or self.max_depth)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "PuppetCNNConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+      raise ValueError(f"unknown PuppetCNNConfig fields: {sorted(unknown)}")
+    return cls(**values)
+
+  def replace(self, **changes: Any) -> "PuppetCNNConfig":
+    return dataclasses.replace(self, **changes)

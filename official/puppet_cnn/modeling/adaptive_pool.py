@@ -1,0 +1,29 @@
+"""Adaptive average pooling of the puppeteer state to a layer's kernel shape.
+
+The paper (section 3.3) takes each layer's kernel (C_out, C_in, K, K) from the state
+(C_out_max, C_in_max, K*K) "by average pooling and resizing". We use adaptive average
+pooling (as PyTorch's AdaptiveAvgPool): output index i averages the input indices
+[floor(i * N / n), ceil((i + 1) * N / n)). It is exact block averaging when n divides N, works
+for any n <= N (3 input channels out of 512, or a 0.75x width), and is a fixed linear map,
+applied here as a matrix product.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def pooling_matrix(n_out: int, n_in: int) -> np.ndarray:
+  """(n_out, n_in) float32 matrix whose row i averages input window i."""
+  if not 1 <= n_out <= n_in:
+    raise ValueError(f"adaptive pooling needs 1 <= n_out <= n_in, got {n_out} from {n_in}")
+  matrix = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    start = (i * n_in) // n_out
+    stop = math.ceil((i + 1) * n_in / n_out)
+    matrix[i, start:stop] = 1.0 / (stop - start)
+  return matrix

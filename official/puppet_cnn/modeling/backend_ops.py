@@ -1,0 +1,170 @@
+"""The one place for backend-specific code.
+
+Everything else in `official/puppet_cnn/modeling` is written with `keras.ops` and runs on any
+Keras 3 backend. The operations here have no `keras.ops` equivalent with the semantics
+we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
+
+* `per_sample_conv2d`: a convolution whose kernel differs per sample. TensorFlow folds the
+  batch into the channels and runs one grouped convolution (exact, XLA-compatible, and about
+  1.3x a shared-kernel conv on CPU); other backends use `keras.ops.conv` per group via the same
+  folding (JAX's conv takes `feature_group_count` from the shapes).
+* `batched_histogram`: per-row value counts with a size fixed at trace time (XLA).
+* `bounded_while_loop`: a loop with a compile-time bound and a data-dependent early exit.
+  TensorFlow: `tf.while_loop(..., maximum_iterations=bound)`, which XLA compiles and which
+  stops as soon as every sample in the batch has reached its depth. JAX's `while_loop` has no
+  reverse-mode gradient, so elsewhere the loop runs all `bound` iterations with `fori_loop`;
+  the bodies mask finished samples, so both give the same values.
+* `check_images`: a run-time check that raises a clear error for NaN, infinite or
+  out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
+  InvalidArgumentError carrying the same message).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def backend() -> str:
+  return keras.backend.backend()
+
+
+def _fold_conv(x, kernels):
+  """The grouped-convolution forward pass (batch folded into channels), 'same' padding."""
+  height, width, c_in = x.shape[1], x.shape[2], x.shape[3]
+  k, c_out = kernels.shape[1], kernels.shape[4]
+  h_dyn, w_dyn = ops.shape(x)[1], ops.shape(x)[2]
+  # (B, H, W, C) -> (1, H, W, B*C): channel index b*C_in + c, matching groups of size C_in.
+  folded = ops.reshape(ops.transpose(x, (1, 2, 0, 3)), (1, h_dyn, w_dyn, -1))
+  # (B, K, K, C_in, C_out) -> (K, K, C_in, B*C_out): output group b holds sample b's filters.
+  filters = ops.reshape(ops.transpose(kernels, (1, 2, 3, 0, 4)), (k, k, c_in, -1))
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    y = tf.nn.conv2d(folded, filters, strides=1, padding="SAME")
+  else:
+    y = ops.conv(folded, filters, strides=1, padding="same")
+  y = ops.reshape(y, (h_dyn, w_dyn, -1, c_out))
+  y = ops.transpose(y, (2, 0, 1, 3))
+  if height is not None and width is not None:
+    y = ops.reshape(y, (-1, height, width, c_out))
+  return y
+
+
+def _tf_per_sample_conv2d(x, kernels):
+  """TensorFlow: the grouped conv with an explicit gradient.
+
+  TensorFlow's CPU `Conv2DBackpropFilter` rejects grouped convolutions, so the gradient is
+  written out: dx is the grouped conv of dy with each sample's kernel flipped and transposed
+  (exact for stride 1, odd K, 'same' padding); dW[b] = patches(x[b])^T dy[b].
+  """
+  import tensorflow as tf
+
+  @tf.custom_gradient
+  def conv(x, kernels):
+    def grad(dy):
+      k = kernels.shape[1]
+      flipped = tf.transpose(tf.reverse(kernels, axis=[1, 2]), (0, 1, 2, 4, 3))
+      dx = _fold_conv(dy, flipped)
+      patches = tf.image.extract_patches(x, sizes=[1, k, k, 1], strides=[1, 1, 1, 1],
+                                         rates=[1, 1, 1, 1], padding="SAME")
+      dk = tf.einsum("bhwp,bhwo->bpo", patches, dy)
+      return dx, tf.reshape(dk, tf.shape(kernels))
+    return _fold_conv(x, kernels), grad
+
+  return conv(x, kernels)
+
+
+def per_sample_conv2d(x, kernels):
+  """Convolves sample b of `x` with `kernels[b]` (stride 1, 'same' padding).
+
+  Args:
+    x: (B, H, W, C_in) features.
+    kernels: (B, K, K, C_in, C_out) one kernel per sample, K odd.
+  Returns:
+    (B, H, W, C_out).
+  """
+  if kernels.shape[1] % 2 != 1 or kernels.shape[1] != kernels.shape[2]:
+    raise ValueError(f"per_sample_conv2d needs square odd kernels, got {kernels.shape}")
+  if backend() == "tensorflow":
+    return _tf_per_sample_conv2d(x, kernels)
+  return _fold_conv(x, kernels)
+
+
+def batched_histogram(levels, bins: int):
+  """Counts of each level in [0, bins) along the last axis of int32 (N, M) -> float32 (N, bins).
+
+  TensorFlow: `DenseBincount` with a constant size (Keras's `ops.bincount` computes its size
+  from the data, which XLA cannot compile).
+  """
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    counts = tf.raw_ops.DenseBincount(input=tf.cast(levels, tf.int32),
+                                      size=tf.constant(bins, tf.int32),
+                                      weights=tf.zeros([0], tf.float32), binary_output=False)
+    return tf.cast(counts, tf.float32)
+  return ops.cast(ops.bincount(levels, minlength=bins), "float32")
+
+
+def bounded_while_loop(cond, body, loop_vars, maximum_iterations: int):
+  """`while cond(*vars): vars = body(*vars)`, at most `maximum_iterations` times.
+
+  `body` must leave every variable unchanged once `cond` is false (the callers mask finished
+  samples), so that running all iterations gives the same values as stopping early.
+  """
+  loop_vars = tuple(loop_vars)
+  if maximum_iterations <= 0:
+    return loop_vars
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    return tuple(tf.while_loop(cond, lambda *v: tuple(body(*v)), loop_vars,
+                               maximum_iterations=maximum_iterations))
+  return tuple(ops.fori_loop(0, maximum_iterations, lambda _, v: tuple(body(*v)), loop_vars))
+
+
+def check_images(images, pixel_max: float):
+  """Raises a clear error for NaN, infinite or out-of-range pixels; returns `images`.
+
+  Eagerly (or on concrete JAX/NumPy values) it raises ValueError. Inside a TensorFlow graph
+  (`fit`, `predict`, a SavedModel) it adds `tf.debugging` checks that raise
+  InvalidArgumentError with the same message; XLA-compiled functions skip them (XLA has no
+  assertions), so the data pipeline checks its inputs too.
+  """
+  finite_msg = ("PuppetClassifier got NaN or infinite pixel values; images must be finite "
+                f"pixel values in [0, {pixel_max:g}]")
+  range_msg = (f"PuppetClassifier expects raw pixels in [0, {pixel_max:g}] (it normalizes "
+               "inside); got values outside that range. Pass unnormalized images")
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    if tf.executing_eagerly() and not isinstance(images, keras.KerasTensor):
+      values = np.asarray(images)
+    else:
+      if not isinstance(images, tf.Tensor) or not images.dtype.is_floating:
+        return images
+      if tf.config.functions_run_eagerly():
+        return images
+      x = tf.cast(images, tf.float32)
+      ok_finite = tf.reduce_all(tf.math.is_finite(x))
+      ok_range = tf.logical_and(tf.reduce_min(x) >= -_RANGE_TOL,
+                                tf.reduce_max(x) <= pixel_max + _RANGE_TOL)
+      ops_ = [tf.debugging.Assert(ok_finite, [finite_msg]),
+              tf.debugging.Assert(tf.logical_or(tf.logical_not(ok_finite), ok_range),
+                                  [range_msg])]
+      with tf.control_dependencies(ops_):
+        return tf.identity(images)
+  else:
+    try:
+      values = ops.convert_to_numpy(images)
+    except Exception:  # pylint: disable=broad-except  # a traced value: nothing to check
+      return images
+  if values.size and np.issubdtype(values.dtype, np.floating):
+    if not np.all(np.isfinite(values)):
+      raise ValueError(finite_msg)
+    if values.min() < -_RANGE_TOL or values.max() > pixel_max + _RANGE_TOL:
+      raise ValueError(f"{range_msg} (min {values.min():g}, max {values.max():g})")
+  elif values.size and (values.min() < 0 or values.max() > pixel_max):
+    raise ValueError(f"{range_msg} (min {values.min()}, max {values.max()})")
+  return images
+
+
+_RANGE_TOL = 1e-3

@@ -1,0 +1,212 @@
+"""DynamicConvStack: the puppet, a CNN whose kernels and depth come from outside.
+
+Paper section 3.5: stages of 3x3 conv + BN + ReLU with output channels 64, 128, 256, 512, a
+2x2 max pool between stages, and a per-sample number of layers in each stage.
+
+A stage is a transition unit (a conv from the previous width to the stage's width; every
+sample runs it) followed by up to `max_depth - 1` repeated units, of which a sample of depth d
+runs the first d - 1. A repeated unit is one conv-BN-ReLU layer ('plain', VGG-style) or a basic
+residual block of two convs ('residual', ResNet-style). The repeated units run in a bounded
+loop (`backend_ops.bounded_while_loop`: a `tf.while_loop` whose bound, max_depth - 1, is known
+when the layer is built, as XLA requires; it exits as soon as every sample has reached its
+depth). A sample past its depth passes through a unit unchanged (a per-sample mask), so its
+output does not depend on the depth of the other samples.
+
+The stack stores no conv kernels: only each layer's batch norm (one BN per layer index, shared
+by the samples that reach that index; batch statistics in training count only those samples).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import keras
+from keras import ops
+
+from official.puppet_cnn.config_definitions import BLOCK_TYPES
+from official.puppet_cnn.modeling import backend_ops
+from official.puppet_cnn.modeling import masked_batch_norm as mbn
+
+KERNELS_PER_UNIT = {"plain": 1, "residual": 2}
+
+
+@keras.saving.register_keras_serializable(package="puppet_cnn")
+class DynamicConvStack(keras.layers.Layer):
+  """A CNN with per-sample generated kernels and per-sample depth.
+
+  Args:
+    stage_channels: output channels of each stage (paper: 64, 128, 256, 512).
+    block_type: 'plain' (conv-BN-ReLU units) or 'residual' (basic blocks).
+    max_depth: bound on units per stage, the transition unit included.
+    pool_after: per stage, whether a 2x2 max pool ('same' padding) follows it; default: after
+      every stage but the last.
+    kernel_size: K of the kernels it expects.
+    momentum, epsilon: batch norm settings.
+
+  Call args:
+    features: (B, H, W, C_in) input features.
+    kernels: what `PuppeteerODE` returns: per stage `(transition, repeated)` with transition
+      (B, K, K, C_prev, C_s) and repeated (B, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
+    depth: (B,) int32 units per stage, in [1, max_depth].
+    training: batch statistics (True) or moving statistics (False).
+
+  Returns:
+    (B, H', W', stage_channels[-1]) features.
+  """
+
+  def __init__(self, stage_channels: Sequence[int] = (64, 128, 256, 512),
+               block_type: str = "plain", max_depth: int = 8,
+               pool_after: Sequence[bool] | None = None, kernel_size: int = 3,
+               momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
+    super().__init__(**kwargs)
+    if block_type not in BLOCK_TYPES:
+      raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
+    self.stage_channels = tuple(int(c) for c in stage_channels)
+    self.block_type = block_type
+    self.max_depth = int(max_depth)
+    if pool_after is None:
+      pool_after = [True] * (len(self.stage_channels) - 1) + [False]
+    self.pool_after = tuple(bool(p) for p in pool_after)
+    if len(self.pool_after) != len(self.stage_channels):
+      raise ValueError(f"pool_after needs {len(self.stage_channels)} entries, "
+                       f"got {len(self.pool_after)}")
+    self.kernel_size = int(kernel_size)
+    self.momentum = float(momentum)
+    self.epsilon = float(epsilon)
+
+  @property
+  def kernels_per_unit(self) -> int:
+    return KERNELS_PER_UNIT[self.block_type]
+
+  @property
+  def repeated_kernels_per_stage(self) -> int:
+    return (self.max_depth - 1) * self.kernels_per_unit
+
+  def kernel_shapes(self, input_channels: int) -> List[Tuple[Tuple[int, ...], int]]:
+    """Per stage: the (K, K, C_in, C_out) of its transition kernel and its repeated count."""
+    shapes, c_prev, k = [], input_channels, self.kernel_size
+    for c in self.stage_channels:
+      shapes.append(((k, k, c_prev, c), self.repeated_kernels_per_stage))
+      c_prev = c
+    return shapes
+
+  def generated_kernel_params(self, input_channels: int, depth: int) -> int:
+    """Kernel parameters a sample of the given depth uses (all generated, none stored)."""
+    total = 0
+    for (k, _, c_in, c_out), _ in self.kernel_shapes(input_channels):
+      total += k * k * c_in * c_out
+      total += (depth - 1) * self.kernels_per_unit * k * k * c_out * c_out
+    return total
+
+  def build(self, input_shape=None):
+    self.bn_weights = []
+    repeated = self.repeated_kernels_per_stage
+    for s, c in enumerate(self.stage_channels):
+      stage = {}
+      for prefix, shape in (("transition", (c,)), ("repeated", (repeated, c))):
+        if prefix == "repeated" and repeated == 0:
+          continue
+        stage[prefix] = [
+            self.add_weight(name=f"stage{s}_{prefix}_gamma", shape=shape, initializer="ones"),
+            self.add_weight(name=f"stage{s}_{prefix}_beta", shape=shape, initializer="zeros"),
+            self.add_weight(name=f"stage{s}_{prefix}_moving_mean", shape=shape,
+                            initializer="zeros", trainable=False),
+            self.add_weight(name=f"stage{s}_{prefix}_moving_variance", shape=shape,
+                            initializer="ones", trainable=False)]
+      self.bn_weights.append(stage)
+
+  def _check_kernels(self, features, kernels):
+    if len(kernels) != len(self.stage_channels):
+      raise ValueError(f"DynamicConvStack has {len(self.stage_channels)} stages but got "
+                       f"kernels for {len(kernels)}")
+    for s, ((shape, repeated), (transition, rep)) in enumerate(
+        zip(self.kernel_shapes(features.shape[-1]), kernels)):
+      if tuple(transition.shape[1:]) != shape:
+        raise ValueError(f"stage {s}: transition kernel must be (batch,) + {shape}, "
+                         f"got {tuple(transition.shape)}")
+      want = (repeated,) + (shape[0], shape[1], shape[3], shape[3])
+      if tuple(rep.shape[1:]) != want:
+        raise ValueError(f"stage {s}: repeated kernels must be (batch,) + {want}, "
+                         f"got {tuple(rep.shape)}")
+
+  def _conv_bn(self, x, kernel, bn, index, active, training):
+    """conv -> BN for layer `index` of a BN group (None: the transition BN)."""
+    gamma, beta, moving_mean, moving_var = (
+        bn if index is None else [ops.take(w, index, axis=0) for w in bn])
+    y = backend_ops.per_sample_conv2d(x, kernel)
+    if training:
+      mean, var = mbn.masked_moments(y, active)
+    else:
+      mean, var = moving_mean, moving_var
+    return mbn.normalize(y, mean, var, gamma, beta, self.epsilon), (mean, var)
+
+  def call(self, features, kernels, depth, training=None):
+    training = bool(training)
+    self._check_kernels(features, kernels)
+    depth = ops.cast(depth, "int32")
+    x = ops.cast(features, "float32")
+    everyone = ops.ones_like(ops.cast(depth, "float32"))
+    for s, (transition, repeated) in enumerate(kernels):
+      bn = self.bn_weights[s]
+      y, stats = self._conv_bn(x, transition, bn["transition"], None, everyone, training)
+      if training:
+        self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
+      x = ops.relu(y)
+      if self.repeated_kernels_per_stage:
+        x = self._repeated_units(x, repeated, bn["repeated"], depth, training)
+      if self.pool_after[s]:
+        x = ops.max_pool(x, pool_size=2, strides=2, padding="same")
+    return x
+
+  def _repeated_units(self, x, kernels, bn, depth, training):
+    n_units = self.max_depth - 1
+    kpu = self.kernels_per_unit
+    rows = self.repeated_kernels_per_stage
+    channels = x.shape[-1]
+    max_depth_in_batch = ops.max(depth)
+
+    def cond(i, *_):
+      return ops.logical_and(i < n_units, i + 1 < max_depth_in_batch)
+
+    def body(i, x, acc_mean, acc_var, acc_seen):
+      active = ops.cast(depth > i + 1, "float32")
+      if self.block_type == "plain":
+        y, (m, v) = self._conv_bn(x, ops.take(kernels, i, axis=1), bn, i, active, training)
+        new_x = ops.relu(y)
+        layer_stats = [(i, m, v)]
+      else:
+        r0, r1 = kpu * i, kpu * i + 1
+        y, (m0, v0) = self._conv_bn(x, ops.take(kernels, r0, axis=1), bn, r0, active, training)
+        y, (m1, v1) = self._conv_bn(ops.relu(y), ops.take(kernels, r1, axis=1), bn, r1,
+                                    active, training)
+        new_x = ops.relu(y + x)
+        layer_stats = [(r0, m0, v0), (r1, m1, v1)]
+      x = ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new_x, x)
+      if training:
+        any_active = ops.cast(ops.sum(active) > 0, "float32")
+        for row, m, v in layer_stats:
+          onehot = ops.one_hot(row, rows, dtype="float32") * any_active
+          acc_mean = acc_mean + onehot[:, None] * m[None, :]
+          acc_var = acc_var + onehot[:, None] * v[None, :]
+          acc_seen = acc_seen + onehot
+      return i + 1, x, acc_mean, acc_var, acc_seen
+
+    zeros = ops.zeros((rows, channels), "float32")
+    _, x, acc_mean, acc_var, acc_seen = backend_ops.bounded_while_loop(
+        cond, body, (ops.convert_to_tensor(0, "int32"), x, zeros, zeros,
+                     ops.zeros((rows,), "float32")), maximum_iterations=n_units)
+    if training:
+      self._assign_moving(bn, acc_mean, acc_var, (acc_seen > 0)[:, None])
+    return x
+
+  def _assign_moving(self, bn, mean, var, seen):
+    _, _, moving_mean, moving_var = bn
+    moving_mean.assign(mbn.updated_moving(moving_mean, mean, self.momentum, seen))
+    moving_var.assign(mbn.updated_moving(moving_var, var, self.momentum, seen))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(stage_channels=list(self.stage_channels), block_type=self.block_type,
+                  max_depth=self.max_depth, pool_after=list(self.pool_after),
+                  kernel_size=self.kernel_size, momentum=self.momentum, epsilon=self.epsilon)
+    return config

@@ -1,0 +1,41 @@
+"""Batch normalization with a per-sample mask, as plain functions over explicit weights.
+
+Puppet-CNN runs layers whose participation varies by sample (a sample past its depth skips
+a layer), so batch statistics in training must come from the samples that actually use the
+layer; Keras's `BatchNormalization` cannot take a per-sample mask inside a loop and updates
+its moving statistics by assignment on every call, which backends such as JAX do not allow
+inside a loop. These helpers return the batch statistics instead, and the calling layer
+assigns the moving averages once per call, after its loop.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+
+def masked_moments(x, mask):
+  """Mean and variance over all axes but the last, counting only samples where mask > 0.
+
+  Args:
+    x: (N, ..., C) tensor.
+    mask: (N,) float tensor of 0/1 weights.
+  Returns:
+    (mean, variance), each (C,). With an all-zero mask both are 0.
+  """
+  weights = ops.reshape(ops.cast(mask, x.dtype), (-1,) + (1,) * (len(x.shape) - 1))
+  axes = tuple(range(len(x.shape) - 1))
+  per_sample = ops.cast(ops.prod(ops.shape(x)[1:-1]), x.dtype)
+  count = ops.maximum(ops.sum(weights) * per_sample, 1.0)
+  mean = ops.sum(x * weights, axis=axes) / count
+  variance = ops.sum(ops.square(x - mean) * weights, axis=axes) / count
+  return mean, variance
+
+
+def normalize(x, mean, variance, gamma, beta, epsilon: float):
+  return (x - mean) * ops.rsqrt(variance + epsilon) * gamma + beta
+
+
+def updated_moving(moving, batch_value, momentum: float, seen):
+  """Moving-average update `momentum * moving + (1 - momentum) * batch`, only where seen."""
+  new = momentum * moving + (1.0 - momentum) * batch_value
+  return ops.where(seen, new, moving)

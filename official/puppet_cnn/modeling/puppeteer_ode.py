@@ -1,0 +1,260 @@
+"""PuppeteerODE: the neural ODE that generates every conv kernel of the puppet.
+
+Paper (arXiv 2411.12876) section 3.3-3.4. The state P has shape (C_out_max, C_in_max, K*K)
+and evolves by `dP/dl = G(P)`, integrated with per-sample steps of size dl (eq. 7, 12):
+
+    P_l = P_{l - dl} + dl * G(P_{l - dl}),   P_0 = exp(1 - H^-2)  (+ a learned base, optional)
+
+G is one depthwise-separable conv + batch norm + tanh. We lay the state out as an image with
+C_out_max channels and a (C_in_max, K*K) spatial plane, so G is a 3x3 depthwise conv (with
+bias) + a C x C pointwise conv (with bias) + BN. Its parameter count, C^2 + 15 C (BN moving
+statistics included), reproduces the paper's Table 5 "Param Size" at every width
+(C = 512: 269,824 params = 1.08 MB in float32).
+
+Every Euler step emits one kernel: the state average-pooled to the layer's (C_out, C_in) and
+laid out as Keras's (K, K, C_in, C_out). One trajectory runs through all stages
+("integration horizon" reading of the paper): each stage emits one transition kernel (the
+width change, every sample runs it) and `(max_depth - 1) * kernels_per_unit` repeated kernels,
+of which a sample of depth d uses the first `(d - 1) * kernels_per_unit`. A sample's state
+stops moving once it has passed its depth, so the kernels it uses do not depend on the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import keras
+from keras import ops
+
+from official.puppet_cnn.config_definitions import INITS, INTEGRATORS, KERNEL_SCALINGS
+from official.puppet_cnn.modeling import adaptive_pool
+from official.puppet_cnn.modeling import complexity as complexity_lib
+from official.puppet_cnn.modeling import masked_batch_norm as mbn
+
+
+@keras.saving.register_keras_serializable(package="puppet_cnn")
+class PuppeteerODE(keras.layers.Layer):
+  """Generates per-sample conv kernels for every layer of a puppet.
+
+  Args:
+    stage_channels: output channels of each puppet stage.
+    input_channels: channels of the puppet's input (3 for RGB).
+    max_depth: bound on the units per stage (unit 0 is the stage's transition layer).
+    kernels_per_unit: generated kernels per repeated unit (1 plain, 2 residual).
+    kernel_size: K of the generated kernels.
+    state_channels: C_max of the square state; None: max(stage_channels).
+    init: 'paper' (constant fill exp(1 - H^-2)) or 'learned' (learned base + that fill).
+    init_rank: rank of the learned base (CP factors); 0: a full learned tensor.
+    integrator: 'euler' (paper), 'midpoint' or 'rk4'. May be changed after training.
+    kernel_scaling: 'fan_in' divides kernels by sqrt(K*K*C_in); 'none' keeps them as pooled.
+    generator_kernel_size: spatial size of G's depthwise conv (3, decoded from Table 5).
+    momentum, epsilon: G's batch norm settings.
+
+  Call args:
+    complexity: (N,) input complexity H (drives the initial state).
+    step: (N,) step size dl.
+    depth: (N,) int depth per stage.
+    training: whether G's batch norm uses batch statistics.
+
+  Returns:
+    A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
+    repeated (N, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
+  """
+
+  def __init__(self, stage_channels: Sequence[int], input_channels: int = 3,
+               max_depth: int = 8, kernels_per_unit: int = 1, kernel_size: int = 3,
+               state_channels: int | None = None, init: str = "learned", init_rank: int = 16,
+               integrator: str = "euler", kernel_scaling: str = "fan_in",
+               generator_kernel_size: int = 3, momentum: float = 0.99,
+               epsilon: float = 1e-3, **kwargs):
+    super().__init__(**kwargs)
+    self.stage_channels = tuple(int(c) for c in stage_channels)
+    self.input_channels = int(input_channels)
+    self.max_depth = int(max_depth)
+    self.kernels_per_unit = int(kernels_per_unit)
+    self.kernel_size = int(kernel_size)
+    self.state_channels = int(state_channels or max(self.stage_channels))
+    self.init = init
+    self.init_rank = int(init_rank)
+    self.integrator = integrator
+    self.kernel_scaling = kernel_scaling
+    self.generator_kernel_size = int(generator_kernel_size)
+    self.momentum = float(momentum)
+    self.epsilon = float(epsilon)
+    if init not in INITS:
+      raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if integrator not in INTEGRATORS:
+      raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
+    if kernel_scaling not in KERNEL_SCALINGS:
+      raise ValueError(f"kernel_scaling must be one of {KERNEL_SCALINGS}, got {kernel_scaling!r}")
+    if self.state_channels < max(self.stage_channels + (self.input_channels,)):
+      raise ValueError(
+          f"state_channels={self.state_channels} is smaller than the widest layer "
+          f"({max(self.stage_channels + (self.input_channels,))})")
+    if self.max_depth < 1 or self.kernels_per_unit < 1:
+      raise ValueError("max_depth and kernels_per_unit must be >= 1")
+
+  # ----------------------------------------------------------------------------- weights
+  @property
+  def state_shape(self) -> Tuple[int, int, int]:
+    """(C_in_max, K*K, C_out_max): the state as an image with C_out_max channels."""
+    return (self.state_channels, self.kernel_size ** 2, self.state_channels)
+
+  @property
+  def repeated_kernels_per_stage(self) -> int:
+    return (self.max_depth - 1) * self.kernels_per_unit
+
+  def build(self, input_shape=None):
+    c, g = self.state_channels, self.generator_kernel_size
+    self.dw_kernel = self.add_weight(name="depthwise_kernel", shape=(g, g, c, 1),
+                                     initializer="glorot_uniform")
+    self.dw_bias = self.add_weight(name="depthwise_bias", shape=(c,), initializer="zeros")
+    self.pw_kernel = self.add_weight(name="pointwise_kernel", shape=(c, c),
+                                     initializer="glorot_uniform")
+    self.pw_bias = self.add_weight(name="pointwise_bias", shape=(c,), initializer="zeros")
+    self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
+    self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
+    self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
+                                       trainable=False)
+    self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
+                                           initializer="ones", trainable=False)
+    self.init_factors = []
+    if self.init == "learned":
+      c_in, kk, c_out = self.state_shape
+      if self.init_rank == 0:
+        self.init_factors = [self.add_weight(
+            name="init_base", shape=self.state_shape,
+            initializer=keras.initializers.RandomNormal(stddev=1.0))]
+      else:
+        # Each CP term is a product of three N(0, s^2) factors: variance s^6 per term, so
+        # s = rank^(-1/6) gives the base unit variance.
+        init = keras.initializers.RandomNormal(stddev=self.init_rank ** (-1.0 / 6.0))
+        self.init_factors = [
+            self.add_weight(name="init_in", shape=(self.init_rank, c_in), initializer=init),
+            self.add_weight(name="init_k", shape=(self.init_rank, kk), initializer=init),
+            self.add_weight(name="init_out", shape=(self.init_rank, c_out), initializer=init)]
+
+  def generator_weights(self) -> List:
+    """The weights of G (what the paper's "Param Size" counts)."""
+    return [self.dw_kernel, self.dw_bias, self.pw_kernel, self.pw_bias, self.gamma,
+            self.beta, self.moving_mean, self.moving_variance]
+
+  # ----------------------------------------------------------------------------- math
+  def initial_state(self, complexity):
+    """P0 (N, C_in_max, K*K, C_out_max): exp(1 - H^-2) filled, plus the learned base."""
+    fill = complexity_lib.initial_fill(complexity)
+    state = ops.ones((1,) + self.state_shape, "float32") * ops.reshape(fill, (-1, 1, 1, 1))
+    if self.init == "learned":
+      if self.init_rank == 0:
+        base = self.init_factors[0]
+      else:
+        a, k, o = self.init_factors
+        base = ops.einsum("ri,rk,ro->iko", a, k, o)
+      state = state + base[None]
+    return state
+
+  def derivative(self, state, active, training: bool, stats: list):
+    """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training."""
+    y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
+    y = ops.matmul(y, self.pw_kernel) + self.pw_bias
+    if training:
+      mean, variance = mbn.masked_moments(y, active)
+      stats.append((mean, variance, ops.sum(active) > 0))
+    else:
+      mean, variance = self.moving_mean, self.moving_variance
+    return ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
+
+  def integrate_step(self, state, dl, active, training: bool, stats: list):
+    """One step of the chosen integrator; samples with active == 0 keep their state."""
+    dl4 = ops.reshape(dl, (-1, 1, 1, 1))
+    g = lambda p: self.derivative(p, active, training, stats)  # pylint: disable=unnecessary-lambda-assignment
+    if self.integrator == "euler":
+      new = state + dl4 * g(state)
+    elif self.integrator == "midpoint":
+      new = state + dl4 * g(state + 0.5 * dl4 * g(state))
+    else:  # rk4
+      k1 = g(state)
+      k2 = g(state + 0.5 * dl4 * k1)
+      k3 = g(state + 0.5 * dl4 * k2)
+      k4 = g(state + dl4 * k3)
+      new = state + dl4 / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+    return ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, state)
+
+  def kernel_from_state(self, state, c_in: int, c_out: int):
+    """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
+    n_in, kk, n_out = self.state_shape
+    k = self.kernel_size
+    x = _pool_axis(state, axis=3, n_out=c_out, n_in=n_out)  # (N, C_in_max, KK, c_out)
+    x = _pool_axis(x, axis=1, n_out=c_in, n_in=n_in)        # (N, c_in, KK, c_out)
+    x = ops.transpose(x, (0, 2, 1, 3))                      # (N, KK, c_in, c_out)
+    x = ops.reshape(x, (-1, k, k, c_in, c_out))
+    if self.kernel_scaling == "fan_in":
+      x = x / math.sqrt(kk * c_in)
+    return x
+
+  def call(self, complexity, step, depth, training=None):
+    training = bool(training)
+    complexity = ops.cast(complexity, "float32")
+    dl = ops.cast(step, "float32")
+    depth = ops.cast(depth, "int32")
+    state = self.initial_state(complexity)
+    everyone = ops.ones_like(dl)
+    stats: list = []
+    kernels = []
+    c_prev = self.input_channels
+    for c_out in self.stage_channels:
+      state = self.integrate_step(state, dl, everyone, training, stats)
+      transition = self.kernel_from_state(state, c_prev, c_out)
+      repeated = []
+      for j in range(self.repeated_kernels_per_stage):
+        unit = j // self.kernels_per_unit + 1
+        active = ops.cast(depth > unit, "float32")
+        state = self.integrate_step(state, dl, active, training, stats)
+        repeated.append(self.kernel_from_state(state, c_out, c_out))
+      if repeated:
+        repeated = ops.stack(repeated, axis=1)
+      else:
+        repeated = ops.zeros((ops.shape(dl)[0], 0, self.kernel_size, self.kernel_size,
+                              c_out, c_out), "float32")
+      kernels.append((transition, repeated))
+      c_prev = c_out
+    if training and stats:
+      self._update_moving_statistics(stats)
+    return kernels
+
+  def _update_moving_statistics(self, stats):
+    """One moving-average update per call, from the mean of the per-step batch statistics."""
+    seen = ops.stack([ops.cast(s, "float32") for _, _, s in stats])
+    count = ops.maximum(ops.sum(seen), 1.0)
+    mean = ops.sum(ops.stack([m for m, _, _ in stats]) * seen[:, None], axis=0) / count
+    var = ops.sum(ops.stack([v for _, v, _ in stats]) * seen[:, None], axis=0) / count
+    any_seen = ops.sum(seen) > 0
+    self.moving_mean.assign(mbn.updated_moving(self.moving_mean, mean, self.momentum, any_seen))
+    self.moving_variance.assign(
+        mbn.updated_moving(self.moving_variance, var, self.momentum, any_seen))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        stage_channels=list(self.stage_channels), input_channels=self.input_channels,
+        max_depth=self.max_depth, kernels_per_unit=self.kernels_per_unit,
+        kernel_size=self.kernel_size, state_channels=self.state_channels, init=self.init,
+        init_rank=self.init_rank, integrator=self.integrator,
+        kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
+        momentum=self.momentum, epsilon=self.epsilon)
+    return config
+
+
+def _pool_axis(x, axis: int, n_out: int, n_in: int):
+  """Adaptive average pooling of one axis of a 4-D tensor from n_in to n_out entries."""
+  if n_out == n_in:
+    return x
+  if n_in % n_out == 0:  # exact blocks: a reshape and a mean, no matrix product
+    shape = list(x.shape)
+    shape[0] = -1
+    shape[axis:axis + 1] = [n_out, n_in // n_out]
+    return ops.mean(ops.reshape(x, shape), axis=axis + 1)
+  matrix = ops.convert_to_tensor(adaptive_pool.pooling_matrix(n_out, n_in))
+  moved = ops.moveaxis(x, axis, -1)
+  return ops.moveaxis(ops.matmul(moved, ops.transpose(matrix)), -1, axis)
