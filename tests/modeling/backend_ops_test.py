@@ -1,0 +1,97 @@
+"""Backend-specific ops against float64 loops and TensorFlow's plain per-sample ops."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.puppet_cnn.modeling import backend_ops
+from tests.modeling import reference
+
+
+def _data(b=3, h=6, w=5, ci=4, co=3, k=3, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b, h, w, ci)).astype(np.float32)
+  kernels = rng.normal(size=(b, k, k, ci, co)).astype(np.float32)
+  return x, kernels
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_per_sample_conv_matches_float64_loop(jit, k):
+  x, kernels = _data(k=k)
+  fn = tf.function(backend_ops.per_sample_conv2d, jit_compile=jit)
+  got = fn(tf.constant(x), tf.constant(kernels)).numpy()
+  want = np.stack([reference.conv2d_same(x[b], kernels[b]) for b in range(len(x))])
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  assert rel < 1e-5
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_per_sample_conv_gradients_match_per_sample_tf_conv(jit):
+  x, kernels = _data(seed=1)
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(3, 6, 5, 3)).astype(np.float32)
+
+  def grads(fn):
+    xv, kv = tf.constant(x), tf.constant(kernels)
+    with tf.GradientTape() as tape:
+      tape.watch([xv, kv])
+      loss = tf.reduce_sum(fn(xv, kv) * w)
+    return [g.numpy() for g in tape.gradient(loss, [xv, kv])]
+
+  def loop(xv, kv):  # TensorFlow's ordinary conv, one sample at a time
+    return tf.concat([tf.nn.conv2d(xv[b:b + 1], kv[b], 1, "SAME") for b in range(3)], 0)
+
+  got = grads(tf.function(backend_ops.per_sample_conv2d, jit_compile=jit))
+  want = grads(loop)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_per_sample_conv_rejects_even_kernels():
+  x, kernels = _data(k=2)
+  with pytest.raises(ValueError, match="odd"):
+    backend_ops.per_sample_conv2d(x, kernels)
+
+
+def test_batched_histogram_matches_numpy_and_compiles():
+  rng = np.random.default_rng(3)
+  levels = rng.integers(0, 16, (4, 50)).astype(np.int32)
+  want = np.stack([np.bincount(r, minlength=16) for r in levels])
+  eager = backend_ops.batched_histogram(levels, 16).numpy()
+  compiled = tf.function(lambda v: backend_ops.batched_histogram(v, 16),
+                         jit_compile=True)(tf.constant(levels)).numpy()
+  np.testing.assert_array_equal(eager, want)
+  np.testing.assert_array_equal(compiled, want)
+
+
+def test_bounded_while_loop_stops_early_and_respects_bound():
+  calls = tf.Variable(0)
+
+  def body(i, total):
+    calls.assign_add(1)
+    return i + 1, total + i
+
+  @tf.function
+  def run(limit):
+    return backend_ops.bounded_while_loop(lambda i, _: i < limit, body,
+                                          (tf.constant(0), tf.constant(0)), 5)
+
+  i, total = run(tf.constant(3))
+  assert (int(i), int(total), int(calls.numpy())) == (3, 0 + 1 + 2, 3)
+  i, total = run(tf.constant(100))  # capped at 5 iterations
+  assert (int(i), int(total)) == (5, 10)
+
+
+def test_check_images_messages():
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    backend_ops.check_images(np.array([[np.nan]], np.float32), 255.0)
+  with pytest.raises(ValueError, match="raw pixels"):
+    backend_ops.check_images(np.array([[-1.5]], np.float32), 255.0)
+  ok = np.array([[0.0, 255.0]], np.float32)
+  assert backend_ops.check_images(ok, 255.0) is ok
+
+
+def test_check_images_in_graph_raises_with_message():
+  fn = tf.function(lambda x: backend_ops.check_images(x, 255.0))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
+    fn(tf.constant([[np.inf]], tf.float32))

@@ -1,0 +1,154 @@
+"""DynamicConvStack against a float64 NumPy puppet, and its per-sample depth semantics."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.puppet_cnn.modeling.dynamic_conv_stack import DynamicConvStack
+from tests.modeling import reference
+
+CHANNELS = (4, 6)
+
+
+def _stack(block_type="plain", max_depth=3):
+  stack = DynamicConvStack(stage_channels=CHANNELS, block_type=block_type,
+                           max_depth=max_depth)
+  stack.build((None, 8, 8, 3))
+  rng = np.random.default_rng(5)
+  for w in stack.weights:  # non-trivial BN so the reference checks every parameter
+    if "variance" in w.name:
+      w.assign(rng.uniform(0.5, 2.0, w.shape).astype(np.float32))
+    else:
+      w.assign(rng.normal(scale=0.3, size=w.shape).astype(np.float32)
+               + (1.0 if "gamma" in w.name else 0.0))
+  return stack
+
+
+def _kernels(stack, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for shape, repeated in stack.kernel_shapes(3):
+    k, _, _, c = shape
+    out.append((rng.normal(size=(batch,) + shape).astype(np.float32),
+                rng.normal(size=(batch, repeated, k, k, c, c)).astype(np.float32)))
+  return out
+
+
+def _np_bn(y, stack, s, prefix, row=None):
+  gamma, beta, mean, var = [np.asarray(w.numpy(), np.float64) for w in stack.weights
+                            if w.name.startswith(f"stage{s}_{prefix}_")]
+  if row is not None:
+    gamma, beta, mean, var = gamma[row], beta[row], mean[row], var[row]
+  return (y - mean) / np.sqrt(var + stack.epsilon) * gamma + beta
+
+
+def _np_forward(stack, x, kernels, depth):
+  """Float64 per-sample loop over layers (inference mode)."""
+  outs = []
+  for b in range(len(x)):
+    h = x[b].astype(np.float64)
+    for s, (transition, repeated) in enumerate(kernels):
+      h = np.maximum(_np_bn(reference.conv2d_same(h, transition[b]), stack, s, "transition"),
+                     0)
+      for u in range(1, depth[b]):
+        if stack.block_type == "plain":
+          y = _np_bn(reference.conv2d_same(h, repeated[b, u - 1]), stack, s, "repeated", u - 1)
+          h = np.maximum(y, 0)
+        else:
+          r0, r1 = 2 * (u - 1), 2 * (u - 1) + 1
+          y = np.maximum(_np_bn(reference.conv2d_same(h, repeated[b, r0]), stack, s,
+                                "repeated", r0), 0)
+          y = _np_bn(reference.conv2d_same(y, repeated[b, r1]), stack, s, "repeated", r1)
+          h = np.maximum(y + h, 0)
+      if stack.pool_after[s]:
+        h = reference.max_pool_2x2_same(h)
+    outs.append(h)
+  return np.stack(outs)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_matches_float64_reference(block_type, jit):
+  stack = _stack(block_type)
+  x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  kernels = _kernels(stack, 3)
+  depth = np.array([1, 3, 2], np.int32)
+  fn = tf.function(lambda a, k, d: stack(a, k, d, training=False), jit_compile=jit)
+  got = fn(x, kernels, depth).numpy()
+  want = _np_forward(stack, x, kernels, depth)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_layers_past_a_samples_depth_do_not_touch_it(block_type):
+  stack = _stack(block_type, max_depth=4)
+  x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  kernels = _kernels(stack, 2)
+  depth = np.array([2, 4], np.int32)
+  base = stack(x, kernels, depth).numpy()
+  # Replace, for both samples, every kernel of units >= 2 (which sample 0, of depth 2, must
+  # not use) by huge random values.
+  kpu = stack.kernels_per_unit
+  changed = []
+  for transition, repeated in kernels:
+    repeated = repeated.copy()
+    repeated[:, kpu:] = 1e3 * np.random.default_rng(3).normal(size=repeated[:, kpu:].shape)
+    changed.append((transition, repeated))
+  after = stack(x, changed, depth).numpy()
+  np.testing.assert_array_equal(after[0], base[0])
+  assert np.abs(after[1] - base[1]).max() > 1e-3  # sample 1 does use them
+
+
+def _moving(stack, name):
+  return [w for w in stack.weights if w.name == name][0].numpy()
+
+
+def test_batch_statistics_count_only_active_samples():
+  # momentum 0: after one training call the moving statistics are that call's batch stats.
+  stack = DynamicConvStack(stage_channels=(2,), max_depth=2, momentum=0.0, pool_after=(False,))
+  stack.build((None, 4, 4, 1))
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 4, 4, 1)).astype(np.float32)
+  k_t = rng.normal(size=(2, 3, 3, 1, 2)).astype(np.float32)
+  k_r = rng.normal(size=(2, 1, 3, 3, 2, 2)).astype(np.float32)
+  stack(x, [(k_t, k_r)], np.array([1, 2], np.int32), training=True)
+  # Transition layer: statistics over both samples.
+  t = np.stack([reference.conv2d_same(x[b], k_t[b]) for b in range(2)])
+  np.testing.assert_allclose(_moving(stack, "stage0_transition_moving_mean"),
+                             t.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  # Repeated layer: statistics over sample 1 alone (sample 0 has depth 1).
+  h = np.maximum((t - t.mean(axis=(0, 1, 2))) / np.sqrt(t.var(axis=(0, 1, 2)) + 1e-3), 0)
+  r = reference.conv2d_same(h[1], k_r[1, 0])
+  np.testing.assert_allclose(_moving(stack, "stage0_repeated_moving_mean")[0],
+                             r.mean(axis=(0, 1)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(_moving(stack, "stage0_repeated_moving_variance")[0],
+                             r.var(axis=(0, 1)), rtol=1e-4, atol=1e-6)
+
+
+def test_stores_no_conv_kernels():
+  stack = _stack("residual", max_depth=5)
+  names = [w.name for w in stack.weights]
+  assert names and all(any(t in n for t in ("gamma", "beta", "moving")) for n in names)
+  # One BN per layer index: 2 stages x (1 transition + 4 units x 2 convs) x 4 vectors.
+  assert sum(int(np.prod(w.shape)) for w in stack.weights) == 4 * (4 + 8 * 4) + 4 * (6 + 8 * 6)
+
+
+def test_generated_kernel_params_by_hand():
+  stack = DynamicConvStack(stage_channels=(4, 6), max_depth=3)
+  # depth 2: (3*3*3*4 + 1*3*3*4*4) + (3*3*4*6 + 1*3*3*6*6) = 108 + 144 + 216 + 324
+  assert stack.generated_kernel_params(3, 2) == 792
+
+
+def test_wrong_kernel_shapes_are_reported():
+  stack = _stack()
+  x = np.zeros((2, 8, 8, 3), np.float32)
+  kernels = _kernels(stack, 2)
+  with pytest.raises(ValueError, match="stage 1: transition kernel"):
+    stack(x, [kernels[0], (kernels[0][0], kernels[1][1])], np.array([1, 1]))
+  with pytest.raises(ValueError, match="2 stages"):
+    stack(x, kernels[:1], np.array([1, 1]))
+
+
+def test_config_round_trip():
+  stack = DynamicConvStack(stage_channels=(8, 16, 32), block_type="residual", max_depth=6,
+                           pool_after=(True, False, True))
+  assert DynamicConvStack.from_config(stack.get_config()).get_config() == stack.get_config()

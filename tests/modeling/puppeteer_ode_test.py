@@ -1,0 +1,152 @@
+"""PuppeteerODE against the paper's Table 5 and a float64 NumPy integration of eq. 12."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
+from tests.modeling import reference
+
+# Paper Table 5, "Param Size" in MB (10^6 bytes, float32) against the maximum channel C.
+TABLE5_PARAM_SIZE_MB = {64: 0.02, 128: 0.07, 256: 0.28, 512: 1.08, 1024: 4.26}
+# Paper Table 5, "Total Params" in millions (G plus the C x C x 9 state).
+TABLE5_TOTAL_PARAMS_M = {64: 0.04, 128: 0.17, 256: 0.66, 512: 2.63, 1024: 10.50}
+
+
+@pytest.mark.parametrize("c", [64, 128, 256, 512])
+def test_generator_size_matches_paper_table5(c):
+  layer = PuppeteerODE(stage_channels=(c // 8, c // 4, c // 2, c), init="paper")
+  layer.build(None)
+  g = sum(int(np.prod(w.shape)) for w in layer.generator_weights())
+  assert round(4 * g / 1e6, 2) == TABLE5_PARAM_SIZE_MB[c]
+  state = c * c * 9
+  assert round((g + state) / 1e6, 2) == TABLE5_TOTAL_PARAMS_M[c]
+  # With the paper's constant init nothing but G is stored.
+  assert sum(int(np.prod(w.shape)) for w in layer.weights) == g
+
+
+def _np_generator(layer, state):
+  """G(P) in float64 with inference-mode batch norm, one sample (C_in, KK, C_out)."""
+  w = [np.asarray(v.numpy(), np.float64) for v in layer.generator_weights()]
+  dw_k, dw_b, pw_k, pw_b, gamma, beta, mean, var = w
+  y = reference.depthwise_same(state, dw_k) + dw_b
+  y = y @ pw_k + pw_b
+  y = (y - mean) / np.sqrt(var + layer.epsilon) * gamma + beta
+  return np.tanh(y)
+
+
+def _np_kernel(state, c_in, c_out, k):
+  pooled = reference.adaptive_avg_pool_1d(np.moveaxis(state, 2, 0), c_out)  # pool C_out
+  pooled = np.moveaxis(pooled, 0, 2)                                          # (Cin, KK, c_out)
+  pooled = reference.adaptive_avg_pool_1d(pooled, c_in)                       # (c_in, KK, c_out)
+  return np.transpose(pooled, (1, 0, 2)).reshape(k, k, c_in, c_out) / math.sqrt(k * k * c_in)
+
+
+def _randomize_bn(layer, rng):
+  c = layer.state_channels
+  layer.moving_mean.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
+  layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=c).astype(np.float32))
+  layer.gamma.assign(rng.uniform(0.5, 1.5, size=c).astype(np.float32))
+  layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
+
+
+@pytest.mark.parametrize("init", ["paper", "learned"])
+def test_euler_trajectory_matches_float64_reference(init):
+  rng = np.random.default_rng(0)
+  layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
+                       init_rank=2)
+  layer.build(None)
+  _randomize_bn(layer, rng)
+  h = np.array([2.5, 7.0], np.float32)
+  dl = np.tanh(1 / h.astype(np.float64))
+  depth = np.array([1, 3], np.int32)
+  kernels = layer(h, dl.astype(np.float32), depth, training=False)
+
+  for b in range(2):
+    state = np.full((6, 9, 6), math.exp(1 - h[b] ** -2.0))
+    if init == "learned":
+      a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
+      state = state + np.einsum("ri,rk,ro->iko", a, kk, o)
+    c_prev = 3
+    for s, c in enumerate((4, 6)):
+      state = state + dl[b] * _np_generator(layer, state)
+      want = _np_kernel(state, c_prev, c, 3)
+      got = kernels[s][0][b].numpy()
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+      for j in range(2):  # repeated kernels; the state freezes once the sample is done
+        if depth[b] > j + 1:
+          state = state + dl[b] * _np_generator(layer, state)
+          np.testing.assert_allclose(kernels[s][1][b, j].numpy(), _np_kernel(state, c, c, 3),
+                                     rtol=1e-4, atol=1e-6)
+      c_prev = c
+
+
+def test_paper_init_is_the_constant_fill():
+  layer = PuppeteerODE(stage_channels=(4,), init="paper")
+  layer.build(None)
+  state = layer.initial_state(np.array([0.0, 3.0], np.float32)).numpy()
+  assert state.shape == (2, 4, 9, 4)
+  np.testing.assert_allclose(state[0], 0.0)
+  np.testing.assert_allclose(state[1], math.exp(1 - 1 / 9), rtol=1e-6)
+
+
+def _trajectory_end(integrator, horizon, steps):
+  """The state after `steps` steps of size horizon/steps (1 transition + steps-1 repeated)."""
+  dl = horizon / steps
+  layer = PuppeteerODE(stage_channels=(4,), max_depth=steps, init="paper",
+                       integrator=integrator, kernel_scaling="none")
+  layer.build(None)
+  for i, w in enumerate(layer.generator_weights()[:4]):
+    w.assign(np.random.default_rng(i).normal(scale=0.5, size=w.shape).astype(np.float32))
+  h = np.array([3.0], np.float32)
+  kernels = layer(h, np.array([dl], np.float32), np.array([steps], np.int32))
+  return kernels[0][1][0, -1].numpy()  # the last state, pooled (identity pooling here)
+
+
+def test_rk4_with_coarse_step_agrees_with_euler_with_fine_step():
+  # Integrate to l = 0.5: RK4 in 4 steps vs Euler in 64 steps vs Euler in 4 steps.
+  rk4 = _trajectory_end("rk4", 0.5, 4)
+  mid = _trajectory_end("midpoint", 0.5, 4)
+  euler_fine = _trajectory_end("euler", 0.5, 64)
+  euler_coarse = _trajectory_end("euler", 0.5, 4)
+  err_rk4 = np.abs(rk4 - euler_fine).max()
+  err_coarse = np.abs(euler_coarse - euler_fine).max()
+  # Euler's global error is O(dl): the 64-step answer is itself off by about err_coarse/16,
+  # which bounds how close any 4-step method can look; RK4 must get near that floor.
+  assert err_rk4 < err_coarse / 5
+  assert np.abs(mid - euler_fine).max() < err_coarse
+
+
+def test_inactive_samples_keep_their_state_and_training_updates_moving_stats():
+  layer = PuppeteerODE(stage_channels=(4,), max_depth=4, init="paper")
+  h = np.array([5.0, 5.0], np.float32)
+  dl = np.array([0.2, 0.2], np.float32)
+  kernels = layer(h, dl, np.array([1, 4], np.int32), training=True)
+  rep = kernels[0][1].numpy()
+  # Sample 0 (depth 1) never moves after the transition step: its repeated kernels are all
+  # equal to each other; sample 1's change from step to step.
+  assert np.abs(rep[0, 1:] - rep[0, :1]).max() == 0.0
+  assert np.abs(rep[1, 1:] - rep[1, :1]).max() > 1e-4
+  assert np.abs(layer.moving_mean.numpy()).max() > 0  # updated from batch statistics
+
+
+def test_config_round_trip_and_errors():
+  layer = PuppeteerODE(stage_channels=(8, 16), max_depth=5, kernels_per_unit=2,
+                       integrator="rk4", init_rank=3)
+  clone = PuppeteerODE.from_config(layer.get_config())
+  assert clone.get_config() == layer.get_config()
+  with pytest.raises(ValueError, match="integrator"):
+    PuppeteerODE(stage_channels=(8,), integrator="leapfrog")
+  with pytest.raises(ValueError, match="state_channels"):
+    PuppeteerODE(stage_channels=(8,), state_channels=4)
+
+
+def test_gradients_reach_every_generator_weight():
+  layer = PuppeteerODE(stage_channels=(4, 8), max_depth=2)
+  h = tf.constant([3.0, 6.0])
+  with tf.GradientTape() as tape:
+    kernels = layer(h, tf.tanh(1 / h), tf.constant([2, 2]), training=True)
+    loss = sum(tf.reduce_sum(tf.square(t)) + tf.reduce_sum(tf.square(r)) for t, r in kernels)
+  grads = tape.gradient(loss, layer.trainable_weights)
+  assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
