@@ -122,7 +122,8 @@ class PuppetCNNConfig:
       `reference_complexity` for every input (paper Table 3 "without parameter adaptation").
     reference_complexity: the H used when parameter_adaptation is False (bits).
     pixel_mean, pixel_std: per-channel normalization of the puppet's input, on [0, 1] pixels.
-    bn_momentum, bn_epsilon: batch norm settings of the puppet and of the puppeteer's G.
+    bn_momentum, bn_epsilon: batch norm settings of the puppet and of the puppeteer's G
+      (momentum 0.9 = PyTorch's default, which suits short CIFAR-scale schedules).
     head_dropout: dropout rate before the linear classifier (0: none, the paper).
     complexity: how H is measured (ComplexityConfig).
   """
@@ -146,7 +147,7 @@ class PuppetCNNConfig:
   reference_complexity: float = 6.0
   pixel_mean: Tuple[float, ...] = CIFAR10_MEAN
   pixel_std: Tuple[float, ...] = CIFAR10_STD
-  bn_momentum: float = 0.99
+  bn_momentum: float = 0.9
   bn_epsilon: float = 1e-3
   head_dropout: float = 0.0
   complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)

@@ -110,9 +110,9 @@ class DynamicConvStack(keras.layers.Layer):
             self.add_weight(name=f"stage{s}_{prefix}_gamma", shape=shape, initializer="ones"),
             self.add_weight(name=f"stage{s}_{prefix}_beta", shape=shape, initializer="zeros"),
             self.add_weight(name=f"stage{s}_{prefix}_moving_mean", shape=shape,
-                            initializer="zeros", trainable=False),
+                            initializer="zeros", trainable=False, aggregation="mean"),
             self.add_weight(name=f"stage{s}_{prefix}_moving_variance", shape=shape,
-                            initializer="ones", trainable=False)]
+                            initializer="ones", trainable=False, aggregation="mean")]
       self.bn_weights.append(stage)
 
   def _check_kernels(self, features, kernels):

@@ -116,9 +116,9 @@ class PuppeteerODE(keras.layers.Layer):
     self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
     self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
     self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
-                                       trainable=False)
+                                       trainable=False, aggregation="mean")
     self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
-                                           initializer="ones", trainable=False)
+                                           initializer="ones", trainable=False, aggregation="mean")
     self.init_factors = []
     if self.init == "learned":
       c_in, kk, c_out = self.state_shape

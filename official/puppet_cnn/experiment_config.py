@@ -1,0 +1,108 @@
+"""Typed configuration of a training/evaluation experiment: model + data + training.
+
+The training binary (`official/puppet_cnn/train.py`) builds an `ExperimentConfig` from its
+flags and saves the resolved config as `config.json` in `--model_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Optional, Tuple
+
+from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.data.datasets import DataConfig
+
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
+MODES = ("train", "eval", "train_and_eval")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """How to train and evaluate.
+
+  Attributes:
+    model: 'puppet_cnn' (the paper's VGG-style puppet), 'puppet_resnet', 'puppet_alexnet', or
+      a baseline name from `official.puppet_cnn.baselines.BASELINES`.
+    epochs: training epochs (paper: 800).
+    learning_rate: Adam learning rate (paper: Adam; the rate is not given; 1e-3 default).
+    weight_decay: AdamW decoupled weight decay (0: plain Adam, the paper).
+    seed: seed of weights, data subset, shuffling and dropout.
+    jit_compile: XLA-compile the train/eval steps (True on every device; Keras's 'auto'
+      would turn XLA off on CPU).
+    mixed_precision: 'mixed_float16' policy. Puppet-CNN's puppeteer and puppet compute in
+      float32 (generated kernels are precision-sensitive); only its head and the baselines
+      use float16.
+    distribution_strategy: 'one_device', 'mirrored' (all local devices) or
+      'multi_worker_mirrored' (workers from TF_CONFIG).
+    steps_per_execution: train steps per compiled call.
+    verbose: Keras progress output (1: progress bar, 2: one line per epoch, 0: silent).
+    entropy_bucket_edges: edges (bits) of the complexity buckets of the accuracy report.
+  """
+  model: str = "puppet_cnn"
+  epochs: int = 800
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  seed: int = 0
+  jit_compile: bool = True
+  mixed_precision: bool = False
+  distribution_strategy: str = "one_device"
+  steps_per_execution: int = 1
+  verbose: int = 1
+  entropy_bucket_edges: Tuple[float, ...] = (0.0, 5.0, 6.0, 6.5, 7.0, 7.5, 8.0)
+
+  def __post_init__(self):
+    from official.puppet_cnn import models  # pylint: disable=import-outside-toplevel
+    if self.model not in models.MODEL_NAMES:
+      raise ValueError(f"--model must be one of {models.MODEL_NAMES}, got {self.model!r}")
+    if self.epochs < 1:
+      raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+    if self.distribution_strategy not in STRATEGIES:
+      raise ValueError(f"--distribution_strategy must be one of {STRATEGIES}, "
+                       f"got {self.distribution_strategy!r}")
+    if self.steps_per_execution < 1:
+      raise ValueError("steps_per_execution must be >= 1")
+    self.entropy_bucket_edges = tuple(float(e) for e in self.entropy_bucket_edges)
+    if list(self.entropy_bucket_edges) != sorted(self.entropy_bucket_edges) or len(
+        self.entropy_bucket_edges) < 2:
+      raise ValueError("entropy_bucket_edges must be >= 2 increasing values")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+  """A whole experiment.
+
+  Attributes:
+    train: TrainConfig.
+    data: DataConfig (official/puppet_cnn/data/datasets.py).
+    model: PuppetCNNConfig (used by the puppet_* models; baselines take num_classes and the
+      input shape from the data).
+  """
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: PuppetCNNConfig = dataclasses.field(default_factory=PuppetCNNConfig)
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: Dict[str, Any]) -> "ExperimentConfig":
+    return cls(train=TrainConfig(**values.get("train", {})),
+               data=DataConfig(**values.get("data", {})),
+               model=PuppetCNNConfig.from_dict(values.get("model", {})))
+
+
+def identity(config: ExperimentConfig) -> Dict[str, Any]:
+  """The parts of a config that must not change when a run is resumed in the same model_dir.
+
+  Everything except the number of epochs and the progress output.
+  """
+  values = config.to_dict()
+  values["train"] = {k: v for k, v in values["train"].items() if k not in ("epochs", "verbose")}
+  values["data"] = {k: v for k, v in values["data"].items() if k not in ("data_dir",)}
+  return json.loads(json.dumps(values))

@@ -1,0 +1,136 @@
+r"""Trains, evaluates and exports Puppet-CNN (and the baselines) from the command line.
+
+  python -m official.puppet_cnn.train --flagfile=configs/cifar10.flags
+  python -m official.puppet_cnn.train --flagfile=configs/cifar10_quick.flags \
+      --model_dir=runs/quick --data_dir=../shared/data
+
+Flags override the typed defaults of `ExperimentConfig` (flags left unset keep them); the
+resolved config is saved as config.json in --model_dir. See train_lib.py for what --model_dir
+holds and how runs resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.data.datasets import DataConfig
+from official.puppet_cnn.experiment_config import MODES
+from official.puppet_cnn.experiment_config import STRATEGIES
+from official.puppet_cnn.experiment_config import ExperimentConfig
+from official.puppet_cnn.experiment_config import TrainConfig
+
+# Run.
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to do.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, logs and results.json.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "If set, export a TF Serving SavedModel to "
+    "<export_dir>/<model>/<version>/ after training/evaluation.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Delete an existing run in --model_dir and start over.")
+_LOGICAL_CPUS = flags.DEFINE_integer(
+    "logical_cpus", None, "Split the CPU into this many logical devices (for testing "
+    "--distribution_strategy=mirrored without GPUs).")
+# Data.
+_DATASET = flags.DEFINE_enum("dataset", None, ["cifar10", "cifar100", "image_folder"],
+                             "Dataset.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "CIFAR archive or folder, or the image-folder root. Unset: "
+    "$PUPPET_CNN_DATA_DIR, else TFDS/Keras download.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image side fed to the model.")
+_TRAIN_SUBSET = flags.DEFINE_integer(
+    "train_subset", None, "Class-balanced training subset (paper CIFAR-10: 10000).")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", None, "Validation fraction.")
+_TEST_FRACTION = flags.DEFINE_float("test_fraction", None, "Test fraction (image_folder).")
+_AUGMENT = flags.DEFINE_bool("augment", None, "Random crop + flip (paper CIFAR: off).")
+_LIMIT = flags.DEFINE_integer("limit", None, "Keep only the first N examples of each split.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Training batch size (paper: 64).")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size.")
+# Training.
+_MODEL = flags.DEFINE_string("model", None, "puppet_cnn, puppet_resnet, puppet_alexnet, or "
+                             "a baseline: resnet, vgg, alexnet, squeezenet, mobilenet_v1, "
+                             "mobilenet_v2, mobilenet_v3_small.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (paper: 800).")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", None, "AdamW weight decay (0: Adam).")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of weights, data subset and shuffling.")
+_JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "XLA-compile train/eval steps.")
+_MIXED_PRECISION = flags.DEFINE_bool("mixed_precision", None, "mixed_float16 policy.")
+_STRATEGY = flags.DEFINE_enum("distribution_strategy", None, list(STRATEGIES),
+                              "tf.distribute strategy.")
+_VERBOSE = flags.DEFINE_integer("verbose", None, "1: progress bar, 2: a line per epoch.")
+# Model (Puppet-CNN).
+_STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None,
+                                    "Puppet stage widths (paper: 64,128,256,512).")
+_MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Minimum depth per stage.")
+_MAX_DEPTH = flags.DEFINE_integer("max_depth", None, "Maximum depth per stage (bound).")
+_INIT = flags.DEFINE_enum("init", None, ["paper", "learned"], "Puppeteer initial state.")
+_INIT_RANK = flags.DEFINE_integer("init_rank", None, "Rank of the learned initial state.")
+_INTEGRATOR = flags.DEFINE_enum("integrator", None, ["euler", "midpoint", "rk4"],
+                                "Puppeteer ODE integrator.")
+_DEPTH_ADAPTATION = flags.DEFINE_bool("depth_adaptation", None, "Per-sample depth.")
+_FIXED_DEPTH = flags.DEFINE_integer("fixed_depth", None,
+                                    "Depth when --nodepth_adaptation.")
+_PARAMETER_ADAPTATION = flags.DEFINE_bool("parameter_adaptation", None,
+                                          "Per-sample kernels (from each input's H).")
+
+flags.mark_flag_as_required("model_dir")
+
+
+def _set(target, **values):
+  """dataclasses.replace with only the values that were given (not None)."""
+  given = {k: v for k, v in values.items() if v is not None}
+  return dataclasses.replace(target, **given) if given else target
+
+
+def config_from_flags() -> ExperimentConfig:
+  """The ExperimentConfig defaults, overridden by every flag that was set."""
+  base = ExperimentConfig()
+  data = _set(base.data if _DATASET.value is None else DataConfig(dataset=_DATASET.value),
+              data_dir=_DATA_DIR.value, image_size=_IMAGE_SIZE.value,
+              train_subset=_TRAIN_SUBSET.value, val_fraction=_VAL_FRACTION.value,
+              test_fraction=_TEST_FRACTION.value, augment=_AUGMENT.value,
+              limit=_LIMIT.value, batch_size=_BATCH_SIZE.value,
+              eval_batch_size=_EVAL_BATCH_SIZE.value, seed=_SEED.value)
+  train = _set(base.train, model=_MODEL.value, epochs=_EPOCHS.value,
+               learning_rate=_LEARNING_RATE.value, weight_decay=_WEIGHT_DECAY.value,
+               seed=_SEED.value, jit_compile=_JIT_COMPILE.value,
+               mixed_precision=_MIXED_PRECISION.value,
+               distribution_strategy=_STRATEGY.value, verbose=_VERBOSE.value)
+  stage_channels = (tuple(int(c) for c in _STAGE_CHANNELS.value)
+                    if _STAGE_CHANNELS.value else None)
+  model = _set(PuppetCNNConfig(), stage_channels=stage_channels, min_depth=_MIN_DEPTH.value,
+               max_depth=_MAX_DEPTH.value, init=_INIT.value, init_rank=_INIT_RANK.value,
+               integrator=_INTEGRATOR.value, depth_adaptation=_DEPTH_ADAPTATION.value,
+               fixed_depth=_FIXED_DEPTH.value,
+               parameter_adaptation=_PARAMETER_ADAPTATION.value)
+  if data.dataset == "image_folder":
+    model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
+                                pixel_std=(0.229, 0.224, 0.225))
+  return ExperimentConfig(train=train, data=data, model=model)
+
+
+def main(argv):
+  del argv
+  from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn import distribute_utils  # pylint: disable=import-outside-toplevel
+  try:
+    config = config_from_flags()
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  if _LOGICAL_CPUS.value:
+    distribute_utils.use_logical_cpus(_LOGICAL_CPUS.value)
+  results = train_lib.run(config, _MODE.value, _MODEL_DIR.value, export_dir=_EXPORT_DIR.value,
+                          overwrite=_OVERWRITE.value)
+  if results:
+    logging.info("results: top1=%.4f top5=%.4f loss=%.4f (%d test images)",
+                 results["top1"], results["top5"], results["loss"],
+                 results["num_test_images"])
+
+
+if __name__ == "__main__":
+  app.run(main)

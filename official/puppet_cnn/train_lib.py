@@ -1,0 +1,239 @@
+"""Training and evaluation library behind `python -m official.puppet_cnn.train`.
+
+`run(config, mode, model_dir)` builds the data and the model, trains with `model.fit`
+(checkpoints, resumption, logs), evaluates on the test split and writes `results.json`, and
+optionally exports a SavedModel. Tests call it directly with tiny configs.
+
+Files in `model_dir`:
+  config.json               the resolved ExperimentConfig
+  training_state.json       epochs done, best validation accuracy, whether training finished
+  backup/                   Keras BackupAndRestore state (resumes an interrupted run at the
+                            last finished epoch, optimizer state included)
+  checkpoints/latest.keras  the model after the last finished epoch
+  checkpoints/best.keras    the model with the best validation accuracy so far
+  training_log.csv          per-epoch metrics (appended across resumptions)
+  tensorboard/              TensorBoard logs
+  results.json              test-set evaluation (see evaluation.evaluate_model)
+
+Running the same command again never loses work: an interrupted run resumes, a finished run is
+evaluated again without retraining, a run with more epochs continues, and a model_dir holding
+a run with a different config is refused (pass overwrite=True to start over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from official.puppet_cnn import distribute_utils
+from official.puppet_cnn import evaluation
+from official.puppet_cnn import models
+from official.puppet_cnn.data.datasets import Splits
+from official.puppet_cnn.data.datasets import build_datasets
+from official.puppet_cnn.experiment_config import MODES
+from official.puppet_cnn.experiment_config import ExperimentConfig
+from official.puppet_cnn.experiment_config import identity
+
+CONFIG_FILE = "config.json"
+STATE_FILE = "training_state.json"
+RESULTS_FILE = "results.json"
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, values: Dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    json.dump(values, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def prepare_model_dir(config: ExperimentConfig, model_dir: str, overwrite: bool) -> None:
+  """Creates model_dir, or checks that it holds a run of the same config."""
+  if overwrite and tf.io.gfile.exists(model_dir):
+    logging.warning("--overwrite: deleting %s", model_dir)
+    tf.io.gfile.rmtree(model_dir)
+  tf.io.gfile.makedirs(model_dir)
+  saved = _read_json(os.path.join(model_dir, CONFIG_FILE))
+  if saved is not None:
+    old = identity(ExperimentConfig.from_dict(saved))
+    new = identity(config)
+    if old != new:
+      diffs = [f"{section}.{k}: {old[section].get(k)!r} -> {new[section].get(k)!r}"
+               for section in new for k in new[section]
+               if old[section].get(k) != new[section].get(k)]
+      raise ValueError(
+          f"{model_dir} already holds a run with a different config ({'; '.join(diffs)}). "
+          "Use a new --model_dir, or --overwrite to delete the old run.")
+  _write_json(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
+
+
+class _RunState(keras.callbacks.Callback):
+  """Records finished epochs and the best validation accuracy in training_state.json."""
+
+  def __init__(self, path: str, monitor: str, state: Dict[str, Any]):
+    super().__init__()
+    self.path, self.monitor, self.state = path, monitor, state
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    self.state["epochs_done"] = epoch + 1
+    value = logs.get(self.monitor)
+    if value is not None and value > self.state.get("best", -1.0):
+      self.state["best"] = float(value)
+      self.state["best_epoch"] = epoch + 1
+    _write_json(self.path, self.state)
+
+
+def _compile(model: keras.Model, config: ExperimentConfig) -> None:
+  t = config.train
+  if t.weight_decay > 0:
+    optimizer = keras.optimizers.AdamW(t.learning_rate, weight_decay=t.weight_decay)
+  else:
+    optimizer = keras.optimizers.Adam(t.learning_rate)
+  model.compile(
+      optimizer=optimizer,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+               keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")],
+      jit_compile=t.jit_compile, steps_per_execution=t.steps_per_execution)
+
+
+def train(config: ExperimentConfig, splits: Splits, model_dir: str,
+          strategy: tf.distribute.Strategy,
+          extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
+  """Trains (or resumes) and returns the model after the last epoch."""
+  t = config.train
+  chief = distribute_utils.is_chief()
+  write_dir = model_dir if chief else os.path.join(
+      model_dir, "worker_tmp", str(distribute_utils.task_info()[1]))
+  state_path = os.path.join(write_dir, STATE_FILE)
+  state = _read_json(state_path) or {"epochs_done": 0, "finished": False}
+  with strategy.scope():
+    model = models.build_model(t.model, splits.num_classes, splits.image_shape, config.model)
+    _compile(model, config)
+  if state.get("epochs_done", 0) >= t.epochs:
+    logging.info("training already finished (%d epochs) in %s; loading it",
+                 state["epochs_done"], model_dir)
+    with strategy.scope():
+      model.optimizer.build(model.trainable_variables)
+      model.load_weights(os.path.join(write_dir, "checkpoints", "latest.weights.h5"))
+    return model
+  monitor = "val_accuracy" if splits.val is not None else "accuracy"
+  ckpt_dir = os.path.join(write_dir, "checkpoints")
+  tf.io.gfile.makedirs(ckpt_dir)
+  callbacks = [
+      keras.callbacks.BackupAndRestore(os.path.join(write_dir, "backup"),
+                                       delete_checkpoint=False),
+      keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "latest.weights.h5"),
+                                      save_weights_only=True),
+      keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "best.keras"), monitor=monitor,
+                                      mode="max", save_best_only=True,
+                                      initial_value_threshold=state.get("best")),
+      _RunState(state_path, monitor, state),
+      keras.callbacks.CSVLogger(os.path.join(write_dir, "training_log.csv"), append=True),
+      keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard")),
+  ] + list(extra_callbacks)
+  start = time.time()
+  model.fit(splits.train, validation_data=splits.val, epochs=t.epochs, callbacks=callbacks,
+            verbose=t.verbose)
+  state["finished"] = True
+  state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - start
+  _write_json(state_path, state)
+  return model
+
+
+def _load_for_eval(config: ExperimentConfig, splits: Splits, model_dir: str,
+                   strategy: tf.distribute.Strategy, model: Optional[keras.Model]):
+  best = os.path.join(model_dir, "checkpoints", "best.keras")
+  latest = os.path.join(model_dir, "checkpoints", "latest.weights.h5")
+  if tf.io.gfile.exists(best):
+    logging.info("evaluating the best checkpoint %s", best)
+    return keras.models.load_model(best), "best"
+  if model is not None:
+    return model, "last"
+  if tf.io.gfile.exists(latest):
+    with strategy.scope():
+      model = models.build_model(config.train.model, splits.num_classes, splits.image_shape,
+                                 config.model)
+      model.load_weights(latest)
+    return model, "latest"
+  raise FileNotFoundError(f"--mode=eval found no checkpoint in {model_dir}/checkpoints "
+                          "(looked for best.keras and latest.weights.h5); train first")
+
+
+def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optional[str] = None,
+        overwrite: bool = False, splits: Optional[Splits] = None,
+        strategy: Optional[tf.distribute.Strategy] = None,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> Dict[str, Any]:
+  """Trains and/or evaluates as `mode` says; returns the results dict ({} for mode=train).
+
+  Args:
+    config: the experiment.
+    mode: 'train', 'eval' or 'train_and_eval'.
+    model_dir: where checkpoints, logs and results go (see the module docstring).
+    export_dir: if set, also export a TF Serving SavedModel there.
+    overwrite: delete an existing run in model_dir first.
+    splits: datasets to use instead of building them from config.data (tests, notebooks).
+    strategy: a tf.distribute strategy instead of config.train.distribution_strategy.
+    callbacks: extra Keras callbacks for `fit` (run after the built-in ones).
+  """
+  if mode not in MODES:
+    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+  if not model_dir:
+    raise ValueError("--model_dir is required")
+  t = config.train
+  keras.utils.set_random_seed(t.seed)
+  keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
+  strategy = strategy or distribute_utils.get_strategy(t.distribution_strategy)
+  if distribute_utils.is_chief():
+    prepare_model_dir(config, model_dir, overwrite)
+  if splits is None:
+    splits = build_datasets(config.data)
+  logging.info("data: %d train / %d val / %d test images, %d classes, %s", splits.num_train,
+               splits.num_val, splits.num_test, splits.num_classes, splits.image_shape)
+  model = None
+  if mode in ("train", "train_and_eval"):
+    model = train(config, splits, model_dir, strategy, callbacks)
+  results: Dict[str, Any] = {}
+  if mode in ("eval", "train_and_eval") and distribute_utils.is_chief():
+    model, which = _load_for_eval(config, splits, model_dir, strategy, model)
+    results = evaluation.evaluate_model(model, splits.test, splits.num_test,
+                                        bucket_edges=t.entropy_bucket_edges,
+                                        verbose=min(t.verbose, 1))
+    state = _read_json(os.path.join(model_dir, STATE_FILE)) or {}
+    results.update(
+        model=t.model, checkpoint=which, dataset=config.data.dataset,
+        epochs_trained=state.get("epochs_done"), best_epoch=state.get("best_epoch"),
+        train_seconds=state.get("train_seconds"), stored_params=int(model.count_params()),
+        machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+        command=" ".join(sys.argv))
+    if models.is_puppet(t.model):
+      results["parameter_breakdown"] = {
+          k: v for k, v in model.parameter_breakdown().items()
+          if k != "generated_kernel_params_by_depth"}
+    _write_json(os.path.join(model_dir, RESULTS_FILE), results)
+    logging.info("test top1 %.4f top5 %.4f on %d images", results["top1"], results["top5"],
+                 results["num_test_images"])
+  if export_dir and distribute_utils.is_chief():
+    if model is None:
+      model, _ = _load_for_eval(config, splits, model_dir, strategy, None)
+    from official.puppet_cnn.serving import export  # pylint: disable=import-outside-toplevel
+    path = export.export_saved_model(model, export_dir, model_name=t.model,
+                                     class_names=list(splits.class_names))
+    results["export_path"] = path
+    logging.info("exported SavedModel to %s", path)
+  return results

@@ -1,0 +1,140 @@
+"""train_lib end to end on a few hundred real CIFAR-10 images: train, evaluate, resume."""
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from official.puppet_cnn import train_lib
+from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.data.datasets import DataConfig
+from official.puppet_cnn.experiment_config import ExperimentConfig
+from official.puppet_cnn.experiment_config import TrainConfig
+from tests.data import fake_data
+
+DATA_DIR = fake_data.real_cifar10_dir()
+pytestmark = pytest.mark.skipif(DATA_DIR is None, reason="real CIFAR-10 not found: set "
+                                "PUPPET_CNN_DATA_DIR or put it in <repo>/../shared/data")
+
+
+def _config(epochs=2, model="puppet_cnn", **train):
+  return ExperimentConfig(
+      train=TrainConfig(model=model, epochs=epochs, learning_rate=3e-3, jit_compile=False,
+                        verbose=0, **train),
+      data=DataConfig(dataset="cifar10", data_dir=DATA_DIR, train_subset=1000, limit=96,
+                      batch_size=32, seed=0),
+      model=PuppetCNNConfig(stage_channels=(4, 8), max_depth=3))
+
+
+def _csv_epochs(model_dir):
+  with open(os.path.join(model_dir, "training_log.csv")) as f:
+    return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+class _Interrupt(keras.callbacks.Callback):
+  """Simulates Ctrl-C right after epoch `after` finished (and was backed up)."""
+
+  def __init__(self, after):
+    super().__init__()
+    self.after = after
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch + 1 == self.after:
+      raise KeyboardInterrupt
+
+
+class _Epochs(keras.callbacks.Callback):
+
+  def __init__(self):
+    super().__init__()
+    self.seen = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.seen.append(epoch)
+
+
+def test_train_and_eval_writes_results(tmp_path):
+  model_dir = str(tmp_path / "run")
+  results = train_lib.run(_config(), "train_and_eval", model_dir)
+  on_disk = json.load(open(os.path.join(model_dir, "results.json")))
+  assert on_disk["num_test_images"] == 96 == results["num_test_images"]
+  assert 0.0 <= on_disk["top1"] <= on_disk["top5"] <= 1.0
+  assert sum(on_disk["depth_histogram"].values()) == 96
+  assert set(on_disk["depth_histogram"]) <= {"1", "2", "3"}
+  assert sum(b["count"] for b in on_disk["accuracy_by_entropy_bucket"]) == 96
+  assert on_disk["epochs_trained"] == 2 and on_disk["model"] == "puppet_cnn"
+  assert on_disk["parameter_breakdown"]["total_stored"] == on_disk["stored_params"]
+  # The loss in results.json is the mean cross-entropy: check it against a fresh evaluation
+  # of the best checkpoint with Keras's own loss.
+  model = keras.models.load_model(os.path.join(model_dir, "checkpoints", "best.keras"))
+  images, labels = [], []
+  from official.puppet_cnn.data.datasets import build_datasets
+  for x, y in build_datasets(_config().data).test:
+    images.append(x.numpy())
+    labels.append(y.numpy())
+  logits = model.predict(np.concatenate(images), verbose=0)
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+      np.concatenate(labels), logits)
+  assert abs(float(loss) - on_disk["loss"]) < 1e-4
+  saved = json.load(open(os.path.join(model_dir, "config.json")))
+  assert saved["data"]["train_subset"] == 1000 and saved["model"]["stage_channels"] == [4, 8]
+  assert _csv_epochs(model_dir) == [0, 1]
+
+
+def test_interrupted_run_resumes_from_last_finished_epoch(tmp_path):
+  model_dir = str(tmp_path / "run")
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.run(_config(epochs=3), "train", model_dir, callbacks=[_Interrupt(after=2)])
+  state = json.load(open(os.path.join(model_dir, "training_state.json")))
+  assert state["epochs_done"] == 2 and not state["finished"]
+  seen = _Epochs()
+  train_lib.run(_config(epochs=3), "train", model_dir, callbacks=[seen])
+  assert seen.seen == [2]  # only the missing epoch ran
+  assert _csv_epochs(model_dir) == [0, 1, 2]
+  state = json.load(open(os.path.join(model_dir, "training_state.json")))
+  assert state["epochs_done"] == 3 and state["finished"]
+
+
+def test_finished_run_is_not_retrained_or_overwritten(tmp_path):
+  model_dir = str(tmp_path / "run")
+  train_lib.run(_config(epochs=1), "train", model_dir)
+  weights = os.path.join(model_dir, "checkpoints", "latest.weights.h5")
+  stamp = os.path.getmtime(weights)
+  seen = _Epochs()
+  results = train_lib.run(_config(epochs=1), "train_and_eval", model_dir, callbacks=[seen])
+  assert seen.seen == [] and os.path.getmtime(weights) == stamp
+  assert results["num_test_images"] == 96
+  # More epochs continue the same run.
+  train_lib.run(_config(epochs=2), "train", model_dir, callbacks=[seen])
+  assert seen.seen == [1]
+  # A different config in the same model_dir is refused, naming the difference.
+  other = _config(epochs=2)
+  other.train.learning_rate = 0.5
+  with pytest.raises(ValueError, match="learning_rate"):
+    train_lib.run(other, "train", model_dir)
+  # --overwrite starts over.
+  train_lib.run(other, "train", model_dir, overwrite=True, callbacks=[seen])
+  assert seen.seen[-2:] == [0, 1]
+
+
+def test_baseline_trains_through_the_same_pipeline(tmp_path):
+  results = train_lib.run(_config(epochs=1, model="squeezenet"), "train_and_eval",
+                          str(tmp_path / "run"))
+  assert results["num_test_images"] == 96 and "depth_histogram" not in results
+  assert results["model"] == "squeezenet"
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train_lib.run(_config(), "eval", str(tmp_path / "empty"))
+
+
+def test_bad_mode_and_config():
+  with pytest.raises(ValueError, match="--mode"):
+    train_lib.run(_config(), "fit", "/tmp/unused")
+  with pytest.raises(ValueError, match="--model must be one of"):
+    TrainConfig(model="lenet")
+  with pytest.raises(ValueError, match="--epochs"):
+    TrainConfig(epochs=0)
