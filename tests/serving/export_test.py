@@ -1,0 +1,273 @@
+"""Tests for official/puppet_cnn/serving/export.py: TF Serving layout, signatures, fresh loads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from official.puppet_cnn.serving import export
+from tests.serving import tiny_models
+
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+
+def _clean_env():
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  return env
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {"puppet": tiny_models.tiny_puppet(), "resnet": tiny_models.tiny_resnet()}
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+  root = tmp_path_factory.mktemp("exports")
+  return {name: export.export_saved_model(model, str(root), name, float_signature=True)
+          for name, model in models.items()}
+
+
+@pytest.fixture(scope="module")
+def keras_reference(models):
+  x = tiny_models.images()
+  details = models["puppet"](x, training=False, return_details=True)
+  return {"images": x,
+          "puppet_probabilities": tiny_models.softmax(details["logits"]),
+          "puppet_depth": np.asarray(details["depth"]),
+          "puppet_complexity": np.asarray(details["complexity"]),
+          "resnet_probabilities": tiny_models.softmax(models["resnet"](x, training=False))}
+
+
+@pytest.fixture(scope="module")
+def fresh_process(exported, keras_reference, tmp_path_factory):
+  """Loads both SavedModels in a new interpreter that cannot import this repository."""
+  work = tmp_path_factory.mktemp("fresh")
+  np.save(work / "images.npy", keras_reference["images"])
+  script = textwrap.dedent("""
+      import json, sys
+      import numpy as np
+      import tensorflow as tf
+      try:
+        import official  # must NOT be importable: the SavedModel has to stand alone
+        repo_importable = True
+      except ImportError:
+        repo_importable = False
+      images = np.load("images.npy")
+      paths = json.loads(sys.argv[1])
+      for name, path in paths.items():
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        out = fn(images=tf.constant(images))
+        np.savez(name + ".npz", **{k: v.numpy() for k, v in out.items()})
+      json.dump({"repo_importable": repo_importable}, open("status.json", "w"))
+      """)
+  proc = subprocess.run([sys.executable, "-c", script, json.dumps(exported)], cwd=work,
+                        env=_clean_env(), capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  status = json.loads((work / "status.json").read_text())
+  return {"status": status,
+          **{name: dict(np.load(work / f"{name}.npz")) for name in exported}}
+
+
+# ----------------------------------------------------------------------------- layout
+def test_layout_versions_and_no_overwrite(models, tmp_path):
+  model = models["resnet"]
+  first = export.export_saved_model(model, str(tmp_path), "clf")
+  assert first == str(tmp_path / "clf" / "1")
+  assert (tmp_path / "clf" / "1" / "saved_model.pb").is_file()
+  assert (tmp_path / "clf" / "1" / "variables" / "variables.index").is_file()
+  assert (tmp_path / "clf" / "1" / "assets.extra" / "model_info.json").is_file()
+  assert list(tf.saved_model.load(first).signatures) == ["serving_default"]  # float: opt-in
+  assert export.export_saved_model(model, str(tmp_path), "clf") == str(tmp_path / "clf" / "2")
+  assert export.export_saved_model(model, str(tmp_path), "clf", version=7).endswith("clf/7")
+  assert export.export_saved_model(model, str(tmp_path), "clf").endswith("clf/8")
+  before = (tmp_path / "clf" / "2" / "saved_model.pb").stat().st_mtime_ns
+  with pytest.raises(FileExistsError, match="version 2 of model 'clf' already exists"):
+    export.export_saved_model(model, str(tmp_path), "clf", version=2)
+  assert (tmp_path / "clf" / "2" / "saved_model.pb").stat().st_mtime_ns == before
+  # Nothing half-written is left behind (staging folders are renamed or removed).
+  assert sorted(os.listdir(tmp_path / "clf")) == ["1", "2", "7", "8"]
+
+
+def test_next_version_ignores_non_numeric_folders(tmp_path):
+  base = tmp_path / "m"
+  assert export.next_version(str(base)) == 1
+  for name in ("3", "10", "tmp", "11a", ".export-12-x"):
+    (base / name).mkdir(parents=True)
+  (base / "12").write_text("a file, not a version")
+  assert export.next_version(str(base)) == 11
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_name": "../escape"}, "model_name must be a plain folder name"),
+    ({"model_name": ""}, "model_name must be a plain folder name"),
+    ({"version": -1}, "version must be a non-negative integer"),
+    ({"version": "3"}, "version must be a non-negative integer"),
+    ({"top_k": 0}, "top_k must be a positive integer"),
+    ({"class_names": ["a", "b"]}, "got 2 class names for a model with 5 classes"),
+])
+def test_bad_arguments(models, tmp_path, kwargs, message):
+  args = dict(model_name="m", **kwargs) if "model_name" not in kwargs else dict(kwargs)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    export.export_saved_model(models["resnet"], str(tmp_path), **args)
+  assert not (tmp_path / "m").exists() or not os.listdir(tmp_path / "m")
+
+
+def test_model_info(models, tmp_path):
+  names = ["cat", "dog", "eel", "fox", "gnu"]
+  path = export.export_saved_model(models["puppet"], str(tmp_path), "pc", class_names=names)
+  info = export.read_model_info(path)
+  assert info["class_names"] == names
+  assert info["num_classes"] == 5 and info["input_shape"] == [16, 16, 3]
+  assert info["version"] == 1 and info["model_name"] == "pc"
+  # By hand: G = 3x3 depthwise (72) + bias (8) + 8x8 pointwise (64) + bias (8) + 4 x 8 BN = 184;
+  # initial state rank 16: 16 x (8 + 9 + 8) = 400; puppet BNs 4 x (4 + 2x4 + 8 + 2x8) = 144;
+  # head 8 x 5 + 5 = 45.
+  assert info["parameter_breakdown"]["total_stored"] == 184 + 400 + 144 + 45
+  assert info["parameter_breakdown"]["paper_param_size_mb"] == pytest.approx(4 * 184 / 1e6)
+  assert set(info["signatures"]["serving_default"]["outputs"]) == {
+      "probabilities", "top_k_classes", "top_k_probabilities", "depth", "complexity"}
+  resnet = export.read_model_info(export.export_saved_model(models["resnet"], str(tmp_path),
+                                                            "rn"))
+  assert "depth" not in resnet["signatures"]["serving_default"]["outputs"]
+
+
+# ----------------------------------------------------------------------------- signatures
+def test_signature_shapes_and_dtypes(exported):
+  for name, outputs in (("puppet", {"probabilities", "top_k_classes", "top_k_probabilities",
+                                    "depth", "complexity"}),
+                        ("resnet", {"probabilities", "top_k_classes", "top_k_probabilities"})):
+    fn = tf.saved_model.load(exported[name]).signatures["serving_default"]
+    args, kwargs = fn.structured_input_signature
+    assert not args and list(kwargs) == ["images"]
+    assert kwargs["images"].dtype == tf.uint8
+    assert kwargs["images"].shape.as_list() == [None, 16, 16, 3]
+    assert set(fn.structured_outputs) == outputs
+    specs = fn.structured_outputs
+    assert specs["probabilities"].dtype == tf.float32
+    assert specs["probabilities"].shape.as_list() == [None, 5]
+    assert specs["top_k_classes"].dtype == tf.int32
+    if name == "puppet":
+      assert specs["depth"].dtype == tf.int32 and specs["depth"].shape.as_list() == [None]
+      assert specs["complexity"].dtype == tf.float32
+
+
+def test_exported_matches_keras_and_nothing_is_frozen(exported, keras_reference):
+  fn = tf.saved_model.load(exported["puppet"]).signatures["serving_default"]
+  x = keras_reference["images"]
+  out = {k: v.numpy() for k, v in fn(images=tf.constant(x)).items()}
+  np.testing.assert_allclose(out["probabilities"], keras_reference["puppet_probabilities"],
+                             atol=1e-5)
+  np.testing.assert_array_equal(out["depth"], keras_reference["puppet_depth"])
+  for index, depth in tiny_models.EXPECTED_DEPTH.items():
+    assert out["depth"][index] == depth
+  # The constant image and the noise get different depths AND different predictions.
+  assert np.abs(out["probabilities"][0] - out["probabilities"][1]).max() > 1e-3
+  # Each image alone gets what it gets in the batch: depth and kernels are per sample, and
+  # decided at run time (calling the constant image first must not fix the noise's depth).
+  for i in (0, 1, 2):
+    alone = fn(images=tf.constant(x[i:i + 1]))
+    assert int(alone["depth"][0]) == out["depth"][i]
+    np.testing.assert_allclose(alone["probabilities"][0], out["probabilities"][i], atol=1e-5)
+  # Two noise images share the max depth but have their own complexity, so their own kernels.
+  assert out["depth"][1] == out["depth"][3]
+  assert out["complexity"][1] != out["complexity"][3]
+  assert np.abs(out["probabilities"][1] - out["probabilities"][3]).max() > 1e-4
+  # top-k is the sorted probabilities.
+  order = np.argsort(-out["probabilities"], axis=1, kind="stable")
+  np.testing.assert_array_equal(out["top_k_classes"], order)
+  np.testing.assert_allclose(out["top_k_probabilities"],
+                             np.take_along_axis(out["probabilities"], order, 1), atol=1e-7)
+
+
+def test_traced_for_inference_and_not_xla_compiled(exported, keras_reference):
+  path = exported["puppet"]
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  functions = proto.meta_graphs[0].graph_def.library.function
+  assert functions and not [f.signature.name for f in functions
+                            if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
+  # Inference mode: serving reads the batch-norm moving statistics, never updates them (the
+  # tiny model's BN momentum is 0, so a training-mode trace would overwrite them at once).
+  loaded = tf.saved_model.load(path)
+  before = [v.numpy().copy() for v in loaded.model_variables]
+  loaded.signatures["serving_default"](images=tf.constant(keras_reference["images"]))
+  for old, new in zip(before, loaded.model_variables):
+    np.testing.assert_array_equal(old, new.numpy())
+
+
+def test_float_signature(exported, keras_reference):
+  loaded = tf.saved_model.load(exported["puppet"])
+  x = keras_reference["images"]
+  out = loaded.signatures["float_images"](images=tf.constant(x.astype(np.float32)))
+  np.testing.assert_allclose(out["probabilities"], keras_reference["puppet_probabilities"],
+                             atol=1e-5)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="raw pixels in"):
+    loaded.signatures["float_images"](images=tf.constant(np.full((1, 16, 16, 3), 300.0,
+                                                                 np.float32)))
+
+
+def test_baseline_export_matches_keras(exported, keras_reference):
+  fn = tf.saved_model.load(exported["resnet"]).signatures["serving_default"]
+  out = fn(images=tf.constant(keras_reference["images"]))
+  np.testing.assert_allclose(out["probabilities"], keras_reference["resnet_probabilities"],
+                             atol=1e-5)
+
+
+def test_top_k_is_clipped_to_the_classes(models, tmp_path):
+  path = export.export_saved_model(models["resnet"], str(tmp_path), "rn", top_k=50)
+  fn = tf.saved_model.load(path).signatures["serving_default"]
+  assert fn.structured_outputs["top_k_classes"].shape.as_list() == [None, 5]
+  assert export.read_model_info(path)["top_k"] == 5
+
+
+# ----------------------------------------------------------------------------- fresh process
+def test_fresh_process_load_matches_keras(fresh_process, keras_reference):
+  assert fresh_process["status"]["repo_importable"] is False
+  puppet = fresh_process["puppet"]
+  np.testing.assert_allclose(puppet["probabilities"], keras_reference["puppet_probabilities"],
+                             atol=1e-5)
+  np.testing.assert_array_equal(puppet["depth"], keras_reference["puppet_depth"])
+  np.testing.assert_allclose(puppet["complexity"], keras_reference["puppet_complexity"],
+                             atol=1e-5)
+  np.testing.assert_allclose(fresh_process["resnet"]["probabilities"],
+                             keras_reference["resnet_probabilities"], atol=1e-5)
+  assert "depth" not in fresh_process["resnet"]
+
+
+# ----------------------------------------------------------------------------- saved_model_cli
+@pytest.mark.skipif(not os.path.exists(SAVED_MODEL_CLI) and not shutil.which("saved_model_cli"),
+                    reason="saved_model_cli not installed")
+def test_saved_model_cli_show_and_run(exported, keras_reference, tmp_path):
+  cli = SAVED_MODEL_CLI if os.path.exists(SAVED_MODEL_CLI) else shutil.which("saved_model_cli")
+  show = subprocess.run([cli, "show", "--dir", exported["puppet"], "--all"], cwd=tmp_path,
+                        env=_clean_env(), capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert show.returncode == 0, show.stderr[-3000:]
+  block = show.stdout.split("signature_def['serving_default']:")[1].split("signature_def[")[0]
+  images = block.split("inputs['images'] tensor_info:")[1].split("The given SavedModel")[0]
+  assert "dtype: DT_UINT8" in images and "shape: (-1, 16, 16, 3)" in images
+  for name in ("probabilities", "top_k_classes", "top_k_probabilities", "depth", "complexity"):
+    assert f"outputs['{name}']" in block
+  x = keras_reference["images"]
+  np.save(tmp_path / "x.npy", x)
+  run = subprocess.run([cli, "run", "--dir", exported["puppet"], "--tag_set", "serve",
+                        "--signature_def", "serving_default", "--inputs",
+                        f"images={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")],
+                       cwd=tmp_path, env=_clean_env(), capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"),
+                             keras_reference["puppet_probabilities"], atol=1e-5)
+  np.testing.assert_array_equal(np.load(tmp_path / "out" / "depth.npy"),
+                                keras_reference["puppet_depth"])
