@@ -147,6 +147,8 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
       keras.callbacks.CSVLogger(os.path.join(write_dir, "training_log.csv"), append=True),
       keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard")),
   ] + list(extra_callbacks)
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    _work_around_multi_worker_symbolic_build(model, strategy)
   start = time.time()
   model.fit(splits.train, validation_data=splits.val, epochs=t.epochs, callbacks=callbacks,
             verbose=t.verbose)
@@ -154,6 +156,36 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
   state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - start
   _write_json(state_path, state)
   return model
+
+
+def _work_around_multi_worker_symbolic_build(model: keras.Model,
+                                              strategy: tf.distribute.Strategy) -> None:
+  """Works around two Keras 3.15 bugs with MultiWorkerMirroredStrategy in `fit`.
+
+  `fit` first builds the model symbolically from a batch that it reduces eagerly with
+  `strategy.reduce("MEAN", batch)`; under MultiWorkerMirroredStrategy that eager collective
+  reduce of a PerReplica batch fails ("Attempt to convert a value (PerReplica...)"). Only the
+  batch's shapes and dtypes matter for the build, so use the first local replica's batch.
+  """
+  def build(iterator=None, data_batch=None):
+    if iterator is not None:
+      for _, _, it in iterator:
+        data_batch = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0], next(it))
+        break
+    with strategy.scope():
+      model._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
+
+  model._maybe_symbolic_build = build  # pylint: disable=protected-access
+
+  # Each step's logs are then reduced with strategy.reduce("MEAN", v, axis=0), which fails on
+  # scalars ("Invalid reduction dimension 0"); give them shape (1,), whose mean over workers
+  # is the same scalar (the metric values are already synchronized across workers).
+  def rank1(step):
+    return lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+  model.train_step = rank1(model.train_step)
+  model.test_step = rank1(model.test_step)
 
 
 def _load_for_eval(config: ExperimentConfig, splits: Splits, model_dir: str,
