@@ -12,6 +12,7 @@ holds and how runs resume.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from absl import app
 from absl import flags
@@ -124,8 +125,13 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if _LOGICAL_CPUS.value:
     distribute_utils.use_logical_cpus(_LOGICAL_CPUS.value)
-  results = train_lib.run(config, _MODE.value, _MODEL_DIR.value, export_dir=_EXPORT_DIR.value,
-                          overwrite=_OVERWRITE.value)
+  from official.puppet_cnn.data.errors import DataError  # pylint: disable=import-outside-toplevel
+  try:
+    results = train_lib.run(config, _MODE.value, _MODEL_DIR.value,
+                            export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value)
+  except (DataError, train_lib.RunError) as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   if results:
     logging.info("results: top1=%.4f top5=%.4f loss=%.4f (%d test images)",
                  results["top1"], results["top5"], results["loss"],

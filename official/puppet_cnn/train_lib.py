@@ -43,6 +43,12 @@ from official.puppet_cnn.experiment_config import ExperimentConfig
 from official.puppet_cnn.experiment_config import identity
 
 CONFIG_FILE = "config.json"
+
+
+class RunError(ValueError):
+  """A model_dir that holds another run, or a checkpoint that is not there."""
+
+
 STATE_FILE = "training_state.json"
 RESULTS_FILE = "results.json"
 
@@ -75,7 +81,7 @@ def prepare_model_dir(config: ExperimentConfig, model_dir: str, overwrite: bool)
       diffs = [f"{section}.{k}: {old[section].get(k)!r} -> {new[section].get(k)!r}"
                for section in new for k in new[section]
                if old[section].get(k) != new[section].get(k)]
-      raise ValueError(
+      raise RunError(
           f"{model_dir} already holds a run with a different config ({'; '.join(diffs)}). "
           "Use a new --model_dir, or --overwrite to delete the old run.")
   _write_json(os.path.join(model_dir, CONFIG_FILE), config.to_dict())
@@ -203,7 +209,7 @@ def _load_for_eval(config: ExperimentConfig, splits: Splits, model_dir: str,
                                  config.model)
       model.load_weights(latest)
     return model, "latest"
-  raise FileNotFoundError(f"--mode=eval found no checkpoint in {model_dir}/checkpoints "
+  raise RunError(f"--mode=eval found no checkpoint in {model_dir}/checkpoints "
                           "(looked for best.keras and latest.weights.h5); train first")
 
 

@@ -127,7 +127,7 @@ def test_baseline_trains_through_the_same_pipeline(tmp_path):
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  with pytest.raises(train_lib.RunError, match="no checkpoint"):
     train_lib.run(_config(), "eval", str(tmp_path / "empty"))
 
 

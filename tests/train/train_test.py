@@ -1,0 +1,92 @@
+"""The training binary's flags: flagfiles resolve to valid configs, bad flags are refused."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+
+from official.puppet_cnn import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLAGS = flags.FLAGS
+
+
+def _config(*argv):
+  with flagsaver.flagsaver():
+    FLAGS.unparse_flags()
+    FLAGS(["train"] + list(argv))
+    return train.config_from_flags()
+
+
+@pytest.mark.parametrize("flagfile", sorted(glob.glob(os.path.join(REPO, "configs", "*.flags"))))
+def test_every_flagfile_resolves(flagfile):
+  config = _config(f"--flagfile={flagfile}")
+  assert config.train.model == "puppet_cnn"
+  assert config.data.batch_size == 64
+
+
+def test_cifar10_flagfile_is_the_papers_protocol():
+  config = _config(f"--flagfile={REPO}/configs/cifar10.flags")
+  assert (config.data.dataset, config.data.train_subset, config.data.val_fraction) == (
+      "cifar10", 10000, 0.2)
+  assert not config.data.augment and config.data.batch_size == 64
+  assert config.train.epochs == 800 and config.train.jit_compile
+  assert config.model.channels == (64, 128, 256, 512) and config.model.kernel_size == 3
+
+
+def test_cifar100_and_mini_imagenet_protocols():
+  c100 = _config(f"--flagfile={REPO}/configs/cifar100.flags")
+  assert c100.data.dataset == "cifar100" and c100.data.train_subset is None
+  assert c100.data.val_fraction == 0.2  # 50,000 -> 40,000 / 10,000
+  mini = _config(f"--flagfile={REPO}/configs/mini_imagenet.flags")
+  assert (mini.data.dataset, mini.data.image_size) == ("image_folder", 64)
+  assert (mini.data.val_fraction, mini.data.test_fraction) == (0.1, 0.1)
+  assert mini.model.pixel_mean == (0.485, 0.456, 0.406)
+
+
+def test_flags_override_the_flagfile():
+  config = _config(f"--flagfile={REPO}/configs/cifar10.flags", "--epochs=3",
+                   "--stage_channels=8,16", "--model=puppet_resnet", "--nodepth_adaptation",
+                   "--fixed_depth=2", "--integrator=rk4")
+  assert config.train.epochs == 3 and config.train.model == "puppet_resnet"
+  assert config.model.channels == (8, 16) and config.model.depth_when_fixed == 2
+  assert not config.model.depth_adaptation and config.model.integrator == "rk4"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model=lenet"], "--model must be one of"),
+    (["--epochs=0"], "--epochs"),
+    (["--min_depth=5", "--max_depth=3"], "min_depth"),
+    (["--val_fraction=1.5"], "val_fraction"),
+    (["--stage_channels=8,0"], "stage_channels"),
+])
+def test_impossible_flags_are_refused(argv, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    _config("--model_dir=/tmp/x", *argv)
+
+
+def test_binary_reports_bad_flags_as_usage_errors(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train",
+                         f"--model_dir={tmp_path}", "--model=lenet"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "--model must be one of" in proc.stderr and "Traceback" not in proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train"], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "model_dir" in proc.stderr
+
+
+def test_missing_data_names_the_path(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  empty = tmp_path / "nodata"
+  empty.mkdir()
+  proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train",
+                         f"--model_dir={tmp_path}/run", f"--data_dir={empty}", "--epochs=1"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and str(empty) in proc.stderr
+  assert "Traceback" not in proc.stderr
