@@ -24,7 +24,7 @@ def test_metrics_by_hand():
   logits = np.array([[9, 1, 0, 0],    # label 0: top-1 right
                      [1, 9, 5, 0],    # label 2: rank 1 (in top-2, not top-1)
                      [0, 1, 2, 9],    # label 0: rank 3
-                     [5, 5, 1, 0]],   # label 1: tie with class 0 counts as top-1 (no larger)
+                     [5, 5, 1, 0]],   # label 1: a tie with class 0 counts against: rank 1
                     np.float32)
   labels = np.array([0, 2, 0, 1])
   images = np.zeros((4, 8, 8, 1), np.float32)
@@ -33,12 +33,19 @@ def test_metrics_by_hand():
   results = evaluation.evaluate_model(FixedLogits(), _dataset(images, labels, 3), 4,
                                       bucket_edges=(0.0, 0.5, 8.0), top_k=2, verbose=0)
   assert results["num_test_images"] == 4
-  assert results["top1"] == 0.5 and results["top2"] == 0.75
+  assert results["top1"] == 0.25 and results["top2"] == 0.75
   log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
   assert abs(results["loss"] - (-log_softmax[np.arange(4), labels].mean())) < 1e-6
   assert "depth_histogram" not in results  # a baseline has no per-sample depth
   counts = [b["count"] for b in results["accuracy_by_entropy_bucket"]]
   assert sum(counts) == 4
+
+
+def test_all_equal_logits_are_never_correct():
+  images = np.zeros((2, 8, 8, 1), np.float32)  # logits all 0
+  results = evaluation.evaluate_model(FixedLogits(), _dataset(images, np.array([0, 3]), 2), 2,
+                                      top_k=3, verbose=0)
+  assert results["top1"] == 0.0 and results["top3"] == 0.0
 
 
 def test_puppet_depth_histogram_and_buckets():

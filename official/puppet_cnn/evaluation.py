@@ -61,7 +61,9 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, num_examples: i
   shifted = logits - logits.max(axis=1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
   loss = float(-log_probs[np.arange(n), labels].mean())
-  ranks = (logits > logits[np.arange(n), labels][:, None]).sum(axis=1)
+  # Rank of the true class = other classes scoring at least as high: a tie counts against
+  # the model (an all-equal row is never "in the top 5"; e.g. SqueezeNet's ReLU'd logits).
+  ranks = (logits >= logits[np.arange(n), labels][:, None]).sum(axis=1) - 1
   correct1 = ranks == 0
   correct_k = ranks < top_k
   results: Dict[str, Any] = {
