@@ -9,6 +9,8 @@ message before any TensorFlow graph is built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from typing import Any, Optional, Tuple
 
 # Puppet presets (paper section 3.5 and Table 3). Each maps to the stage output channels,
@@ -31,6 +33,9 @@ INITS = ("paper", "learned")
 INTEGRATORS = ("euler", "midpoint", "rk4")
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
+EXECUTIONS = ("per_sample", "bucketed")
+# `execution='bucketed'` builds one branch per complexity bin, so its bin count is bounded.
+MAX_BUCKETED_BINS = 1024
 
 # CIFAR-10 training-set statistics (pixels scaled to [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -64,6 +69,8 @@ class ComplexityConfig:
       stretched into a histogram.
     pixel_weight: weight of the pixel entropy (paper: 0.5).
     pixel_max: value of a white pixel in the model's input (255 for 8-bit images).
+
+  `max_complexity` = log_base(bins) is the largest H (8 bits by default).
   """
   color_mode: str = "luminance"
   bins: int = 256
@@ -87,6 +94,11 @@ class ComplexityConfig:
     _check(self.spectrum_floor >= 0,
            f"complexity.spectrum_floor must be >= 0, got {self.spectrum_floor}")
     self.bins = int(self.bins)
+
+  @property
+  def max_complexity(self) -> float:
+    """The largest possible H: log_base(bins) (8 bits for 256 bins in base 2)."""
+    return math.log(self.bins) / math.log(self.log_base)
 
 
 @dataclasses.dataclass
@@ -126,6 +138,26 @@ class PuppetCNNConfig:
       (momentum 0.9 = PyTorch's default, which suits short CIFAR-scale schedules).
     head_dropout: dropout rate before the linear classifier (0: none, the paper).
     complexity: how H is measured (ComplexityConfig).
+    complexity_bins: 0 (default, the paper): every sample uses its exact H. n > 0: H is
+      quantized to n equal bins on [0, complexity.max_complexity] (= [0, 8] bits by default)
+      and a sample uses its bin centre's H for its step, depth and initial puppeteer state, so
+      all samples of one bin share their kernels and depth. The logits then depend on the
+      image only through the bin (and the puppet's input). `return_details` reports the exact
+      H as 'complexity' and the bin as 'complexity_bin'.
+    execution: how a batch is run.
+      'per_sample' (default): the puppeteer integrates one state per sample and the puppet
+      runs per-sample kernels (a grouped conv) in a bounded loop with per-sample masks.
+      XLA-compatible; exact H or binned H.
+      'bucketed' (needs 1 <= complexity_bins <= MAX_BUCKETED_BINS, TensorFlow backend): the
+      batch is partitioned by bin; the puppeteer integrates one state per occupied bin (its
+      batch-norm statistics weighted by the bin's sample count), and each bin's samples run
+      their shared kernels with an ordinary conv for exactly the bin's depth (a Python
+      constant: no masks, no loop). In training the puppet's batch-norm statistics are
+      computed jointly over all groups that reach a layer, so the loss, gradients and moving
+      statistics are those of 'per_sample' with the same bins. Not XLA-compatible (dynamic
+      group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
+      `tf.function(jit_compile=True)` raise a ValueError. In inference the kernels depend
+      only on the weights: `PuppetClassifier.cache_kernels()` stores them (see there).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -151,6 +183,8 @@ class PuppetCNNConfig:
   bn_epsilon: float = 1e-3
   head_dropout: float = 0.0
   complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)
+  complexity_bins: int = 0
+  execution: str = "per_sample"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -201,6 +235,20 @@ class PuppetCNNConfig:
     _check(all(s > 0 for s in self.pixel_std), f"pixel_std must be > 0, got {self.pixel_std}")
     _check(0.0 <= self.head_dropout < 1.0,
            f"head_dropout must be in [0, 1), got {self.head_dropout}")
+    try:
+      bins = operator.index(self.complexity_bins)
+    except TypeError:
+      bins = -1
+    _check(bins >= 0 and not isinstance(self.complexity_bins, bool),
+           f"complexity_bins must be an int >= 0 (0: exact H), got {self.complexity_bins!r}")
+    self.complexity_bins = int(bins)
+    _check(self.execution in EXECUTIONS,
+           f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+    if self.execution == "bucketed":
+      _check(1 <= self.complexity_bins <= MAX_BUCKETED_BINS,
+             f"execution='bucketed' needs 1 <= complexity_bins <= {MAX_BUCKETED_BINS} (samples "
+             f"are grouped by complexity bin), got complexity_bins={self.complexity_bins}; "
+             "set e.g. complexity_bins=16, or use execution='per_sample'")
 
   # Resolved values: the preset's where a field is None.
   @property

@@ -14,6 +14,11 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   stops as soon as every sample in the batch has reached its depth. JAX's `while_loop` has no
   reverse-mode gradient, so elsewhere the loop runs all `bound` iterations with `fori_loop`;
   the bodies mask finished samples, so both give the same values.
+* `partition` / `stitch` / `nonzero` (bucketed execution, TensorFlow only): split a batch
+  into groups of data-dependent size and put the results back in the original order
+  (`tf.dynamic_partition` / `tf.dynamic_stitch`, both differentiable). Dynamic shapes: no XLA
+  (`in_xla_context` lets the caller raise a clear error), and no JAX (other backends get a
+  clear error naming `execution='per_sample'`).
 * `check_images`: a run-time check that raises a clear error for NaN, infinite or
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
@@ -103,7 +108,14 @@ def batched_histogram(levels, bins: int):
                                       size=tf.constant(bins, tf.int32),
                                       weights=tf.zeros([0], tf.float32), binary_output=False)
     return tf.cast(counts, tf.float32)
-  return ops.cast(ops.bincount(levels, minlength=bins), "float32")
+  if backend() == "jax":
+    import jax
+    import jax.numpy as jnp
+    # `length` makes the output size static, so this traces under `jax.jit`.
+    count_row = lambda row: jnp.bincount(row, length=bins)  # pylint: disable=unnecessary-lambda-assignment
+    return jax.vmap(count_row)(jnp.asarray(levels, jnp.int32)).astype(jnp.float32)
+  # Other backends: a one-hot sum (static shapes, more memory).
+  return ops.sum(ops.one_hot(ops.cast(levels, "int32"), bins, dtype="float32"), axis=-2)
 
 
 def bounded_while_loop(cond, body, loop_vars, maximum_iterations: int):
@@ -168,3 +180,68 @@ def check_images(images, pixel_max: float):
 
 
 _RANGE_TOL = 1e-3
+
+
+# ----------------------------------------------------------------------- bucketed execution
+def _require_tensorflow(what: str) -> None:
+  if backend() != "tensorflow":
+    raise NotImplementedError(
+        f"{what} needs dynamic group sizes, which this code implements for the TensorFlow "
+        f"backend only (KERAS_BACKEND={backend()}); use execution='per_sample' on this backend")
+
+
+def in_xla_context() -> bool:
+  """Whether the current TensorFlow graph is being compiled by XLA (jit_compile=True)."""
+  if backend() != "tensorflow":
+    return False
+  import tensorflow as tf
+  if tf.executing_eagerly():
+    return False
+  try:
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+  except (ImportError, AttributeError):  # internal API moved: assume no XLA
+    return False
+
+
+def partition(x, group_ids, n_groups: int):
+  """Splits the rows of `x` by int32 `group_ids` (B,) in [0, n_groups): a list of n_groups.
+
+  Row order inside a group is the batch order. Groups may be empty.
+  """
+  _require_tensorflow("execution='bucketed'")
+  import tensorflow as tf
+  return tf.dynamic_partition(x, tf.cast(group_ids, tf.int32), n_groups)
+
+
+def stitch(indices, parts):
+  """Inverse of `partition`: `indices` are the partitioned row numbers, `parts` the rows."""
+  _require_tensorflow("execution='bucketed'")
+  import tensorflow as tf
+  return tf.dynamic_stitch(indices, parts)
+
+
+def nonzero(mask):
+  """int32 (M,) positions where the 1-D `mask` is true (M data-dependent)."""
+  _require_tensorflow("execution='bucketed'")
+  import tensorflow as tf
+  return tf.cast(tf.reshape(tf.where(mask), (-1,)), tf.int32)
+
+
+def gather(x, index, axis: int = 0):
+  """`x` at the non-negative int `index` (a tensor) along `axis`.
+
+  TensorFlow: a plain `tf.gather` (`keras.ops.take` adds negative-index handling, several ops
+  per call, which makes tracing the bucketed graph slow).
+  """
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    return tf.gather(x, index, axis=axis)
+  return ops.take(x, index, axis=axis)
+
+
+def split_rows(x, sizes):
+  """Splits `x` along axis 0 into len(sizes) parts of the (tensor) sizes; inverse of a concat."""
+  _require_tensorflow("execution='bucketed'")
+  import tensorflow as tf
+  return tf.split(x, tf.stack([tf.cast(n, tf.int32) for n in sizes]), num=len(sizes), axis=0)

@@ -17,6 +17,7 @@ on trainable weights and no gradient flows through it.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from official.puppet_cnn.config_definitions import ComplexityConfig
@@ -143,6 +144,41 @@ def initial_fill(h):
   """P0 = exp(1 - H^-2) (paper eq. 11); H = 0 gives the limit 0."""
   h = ops.maximum(ops.cast(h, "float32"), _H_EPS)
   return ops.exp(1.0 - 1.0 / (h * h))
+
+
+# ------------------------------------------------------------------------- binned complexity
+# With `complexity_bins = n > 0` H is quantized to n equal bins on [0, h_max] and a sample uses
+# its bin centre's H. The centre, step and depth of every bin are tabulated once in NumPy
+# float32 (`bin_table`), and both execution modes look them up by bin index, so 'per_sample'
+# and 'bucketed' use bit-identical values (the bucketed puppet needs each bin's depth as a
+# Python int).
+
+
+def complexity_bin(h, n_bins: int, h_max: float):
+  """Bin index in [0, n_bins) of H: floor(H * n_bins / h_max), clamped (int32)."""
+  h = ops.cast(h, "float32")
+  index = ops.floor(h * (float(n_bins) / float(h_max)))
+  return ops.cast(ops.clip(index, 0, n_bins - 1), "int32")
+
+
+def bin_centres(n_bins: int, h_max: float) -> np.ndarray:
+  """(n_bins,) float32 bin centres (i + 0.5) * h_max / n_bins."""
+  return ((np.arange(n_bins, dtype=np.float64) + 0.5) * (h_max / n_bins)).astype(np.float32)
+
+
+def bin_table(n_bins: int, h_max: float, min_depth: int, max_depth: int):
+  """NumPy float32 (centre, step, depth) of each bin, by the formulas of eq. 10.
+
+  Returns:
+    centres (n_bins,) float32, steps (n_bins,) float32 = tanh(1 / centre), depths (n_bins,)
+    int32 = clip(floor(1 / step), min_depth, max_depth).
+  """
+  centres = bin_centres(n_bins, h_max)
+  with np.errstate(over="ignore", divide="ignore"):
+    steps = np.tanh(np.float32(1.0) / np.maximum(centres, np.float32(_H_EPS))).astype(np.float32)
+    depths = np.floor(np.float32(1.0) / np.maximum(steps, np.float32(1e-6)))
+  depths = np.clip(depths, min_depth, max_depth).astype(np.int32)
+  return centres, steps, depths
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")

@@ -199,6 +199,127 @@ class DynamicConvStack(keras.layers.Layer):
       self._assign_moving(bn, acc_mean, acc_var, (acc_seen > 0)[:, None])
     return x
 
+  # ------------------------------------------------------------------ bucketed execution
+  def call_groups(self, groups, group_kernels, group_depths, training=None):
+    """Runs groups of samples that share their kernels and depth (bucketed execution).
+
+    Each group runs an ordinary convolution with its own kernels for exactly its depth (a
+    Python int), so there are no masks and no loop. In training, each layer's batch-norm
+    statistics are computed jointly over every group that reaches the layer (their summed
+    activations over their summed sample counts), which is what `call` computes with
+    per-sample kernels, masks and the same depths; moving statistics are updated once per call
+    for the layers some sample reached.
+
+    Args:
+      groups: list of (n_g, H, W, C_in) features; n_g may be 0.
+      group_kernels: per group, a list over stages of `(transition, repeated)`: transition
+        (K, K, C_prev, C_s) and `repeated` a sequence of at least (depth_g - 1) *
+        kernels_per_unit kernels (K, K, C_s, C_s) (or a callable j -> kernel j).
+      group_depths: per group, its depth as a Python int in [1, max_depth].
+      training: joint batch statistics (True) or moving statistics (False).
+
+    Returns:
+      list of (n_g, H', W', stage_channels[-1]) features.
+    """
+    training = bool(training)
+    depths = [int(d) for d in group_depths]
+    if not len(groups) == len(group_kernels) == len(depths):
+      raise ValueError("call_groups needs one kernel set and one depth per group, got "
+                       f"{len(groups)} groups, {len(group_kernels)} kernel sets and "
+                       f"{len(depths)} depths")
+    if any(not 1 <= d <= self.max_depth for d in depths):
+      raise ValueError(f"group depths must be in [1, {self.max_depth}], got {depths}")
+    xs = [ops.cast(g, "float32") for g in groups]
+    sizes = [ops.shape(x)[0] for x in xs]
+    kpu = self.kernels_per_unit
+
+    def kernel(g, s, j):
+      repeated = group_kernels[g][s][1]
+      return repeated(j) if callable(repeated) else repeated[j]
+
+    for s in range(len(self.stage_channels)):
+      bn = self.bn_weights[s]
+      everyone = list(range(len(xs)))
+      out, stats = self._group_layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
+                                     sizes, bn["transition"], None, training)
+      if training:
+        self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
+      xs = [out[g] for g in everyone]
+      row_stats = {}
+      for unit in range(1, self.max_depth):
+        active = [g for g in everyone if depths[g] > unit]
+        if not active:
+          break
+        any_seen = ops.sum(ops.stack([sizes[g] for g in active])) > 0
+        r0 = kpu * (unit - 1)
+        if self.block_type == "plain":
+          out, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
+                                         sizes, bn["repeated"], r0, training)
+          row_stats[r0] = (stats, any_seen)
+        else:
+          r1 = r0 + 1
+          mid, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
+                                         sizes, bn["repeated"], r0, training)
+          row_stats[r0] = (stats, any_seen)
+          out, stats = self._group_layer({g: (mid[g], kernel(g, s, r1)) for g in active},
+                                         sizes, bn["repeated"], r1, training,
+                                         skip={g: xs[g] for g in active})
+          row_stats[r1] = (stats, any_seen)
+        for g in active:
+          xs[g] = out[g]
+      if training and row_stats:
+        self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
+      if self.pool_after[s]:
+        xs = [ops.max_pool(x, pool_size=2, strides=2, padding="same") for x in xs]
+    return xs
+
+  def _group_layer(self, inputs, sizes, bn, index, training, skip=None):
+    """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
+
+    Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
+    normalization) are one computation over every sample that reaches the layer, then split
+    back into groups. Inference: per group, with the moving statistics folded into a scale
+    and a shift. Returns ({g: output}, (mean, variance)).
+    """
+    gamma, beta, moving_mean, moving_var = (
+        bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
+    groups = list(inputs)
+    ys = [ops.conv(x, k, strides=1, padding="same") for x, k in inputs.values()]
+    if training:
+      y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
+      mean, var = mbn.joint_moments([y])
+      y = mbn.normalize(y, mean, var, gamma, beta, self.epsilon)
+      if skip is not None:
+        y = y + (skip[groups[0]] if len(groups) == 1
+                 else ops.concatenate([skip[g] for g in groups], axis=0))
+      y = ops.relu(y)
+      parts = [y] if len(groups) == 1 else backend_ops.split_rows(
+          y, [sizes[g] for g in groups])
+      return dict(zip(groups, parts)), (mean, var)
+    scale = gamma * ops.rsqrt(ops.convert_to_tensor(moving_var) + self.epsilon)
+    shift = beta - ops.convert_to_tensor(moving_mean) * scale
+    out = {}
+    for g, y in zip(groups, ys):
+      y = y * scale + shift
+      out[g] = ops.relu(y if skip is None else y + skip[g])
+    return out, (moving_mean, moving_var)
+
+  def _assign_rows(self, bn, row_stats, channels):
+    rows = self.repeated_kernels_per_stage
+    zeros = ops.zeros((channels,), "float32")
+    means, variances, seen = [], [], []
+    for r in range(rows):
+      if r in row_stats:
+        (m, v), any_seen = row_stats[r]
+        means.append(m)
+        variances.append(v)
+        seen.append(any_seen)
+      else:
+        means.append(zeros)
+        variances.append(zeros)
+        seen.append(ops.convert_to_tensor(False))
+    self._assign_moving(bn, ops.stack(means), ops.stack(variances), ops.stack(seen)[:, None])
+
   def _assign_moving(self, bn, mean, var, seen):
     _, _, moving_mean, moving_var = bn
     moving_mean.assign(mbn.updated_moving(moving_mean, mean, self.momentum, seen))

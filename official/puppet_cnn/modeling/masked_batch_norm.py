@@ -31,11 +31,28 @@ def masked_moments(x, mask):
   return mean, variance
 
 
+def joint_moments(xs):
+  """Mean and variance over all axes but the last of the concatenation of `xs` (two-pass).
+
+  Args:
+    xs: list of (N_g, ..., C) tensors with the same trailing shape; N_g may be 0.
+  Returns:
+    (mean, variance), each (C,), equal to `masked_moments` of the concatenation with an
+    all-ones mask (0 and 0 when every N_g is 0).
+  """
+  axes = tuple(range(len(xs[0].shape) - 1))
+  count = ops.maximum(sum(ops.cast(ops.prod(ops.shape(x)[:-1]), x.dtype) for x in xs), 1.0)
+  mean = sum(ops.sum(x, axis=axes) for x in xs) / count
+  variance = sum(ops.sum(ops.square(x - mean), axis=axes) for x in xs) / count
+  return mean, variance
+
+
 def normalize(x, mean, variance, gamma, beta, epsilon: float):
   return (x - mean) * ops.rsqrt(variance + epsilon) * gamma + beta
 
 
 def updated_moving(moving, batch_value, momentum: float, seen):
   """Moving-average update `momentum * moving + (1 - momentum) * batch`, only where seen."""
+  moving = ops.convert_to_tensor(moving)  # a variable's value (JAX cannot trace a Variable)
   new = momentum * moving + (1.0 - momentum) * batch_value
   return ops.where(seen, new, moving)

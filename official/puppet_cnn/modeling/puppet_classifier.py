@@ -12,6 +12,12 @@ everything else itself, so the same model serves raw images in a SavedModel:
 `model(images)` returns logits, so `compile`/`fit` work as for any classifier;
 `model(images, return_details=True)` returns a dict with the logits, each sample's complexity,
 step and depth. `parameter_breakdown()` splits what is stored from what is generated.
+
+Speed (config `complexity_bins`, `execution`): with `complexity_bins = n > 0` a sample uses
+its H bin's centre, so the samples of one bin share kernels and depth. `execution='bucketed'`
+then runs the puppeteer once per occupied bin and each bin's samples with ordinary
+(shared-kernel) convolutions for exactly the bin's depth; `cache_kernels()` stores the
+inference-mode kernels of every bin so that inference does not regenerate them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,31 @@ from official.puppet_cnn.modeling.dynamic_conv_stack import KERNELS_PER_UNIT
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
+
+
+class _KernelCache:
+  """Inference-mode kernels per bin, with the puppeteer weights they were generated from.
+
+  Deliberately not a Keras/TF trackable: it is never saved with the model, and it does not
+  change the model's weights or parameter counts.
+  """
+
+  def __init__(self, n_bins, integrator, kernels, snapshot):
+    self.n_bins = n_bins
+    self.integrator = integrator
+    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}
+    self.snapshot = snapshot  # copies of puppeteer.weights at generation time
+
+  @property
+  def bins(self):
+    return tuple(sorted(self.kernels))
+
+  def num_params(self) -> int:
+    total = 0
+    for stages in self.kernels.values():
+      for transition, repeated in stages:
+        total += int(np.prod(transition.shape)) + sum(int(np.prod(r.shape)) for r in repeated)
+    return total
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -67,6 +98,9 @@ class PuppetClassifier(keras.Model):
         epsilon=c.bn_epsilon, name="puppet")
     self.head_dropout = keras.layers.Dropout(c.head_dropout, name="head_dropout")
     self.head = keras.layers.Dense(c.num_classes, name="head")
+    self._kernel_cache = None
+    if c.execution == "bucketed":
+      self.jit_compile = False  # dynamic group sizes: see `compile`
 
   # --------------------------------------------------------------------------- building
   def build(self, input_shape=None):
@@ -109,26 +143,260 @@ class PuppetClassifier(keras.Model):
     images = self._validate(images)
     x = ops.cast(images, "float32")
     h = self.complexity_layer(x)
-    dl = complexity_lib.step_size(h)
-    if c.depth_adaptation:
-      depth = complexity_lib.depth_from_step(dl, c.min_depth, c.max_depth)
+    bins = None
+    if c.complexity_bins:
+      centres, steps, depths = self.bin_table()
+      bins = complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity)
+      h_used = ops.take(ops.convert_to_tensor(centres), bins)
+      dl = ops.take(ops.convert_to_tensor(steps), bins)
+      depth = ops.take(ops.convert_to_tensor(depths), bins)
     else:
-      depth = ops.full(ops.shape(h), c.depth_when_fixed, "int32")
-    if c.parameter_adaptation:
-      h_kernels, dl_kernels = h, dl
-    else:
-      h_kernels = ops.full(ops.shape(h), c.reference_complexity, "float32")
-      dl_kernels = complexity_lib.step_size(h_kernels)
-    kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training)
+      h_used = h
+      dl = complexity_lib.step_size(h)
+      if c.depth_adaptation:
+        depth = complexity_lib.depth_from_step(dl, c.min_depth, c.max_depth)
+      else:
+        depth = ops.full(ops.shape(h), c.depth_when_fixed, "int32")
     mean = ops.convert_to_tensor(np.asarray(c.pixel_mean, np.float32))
     std = ops.convert_to_tensor(np.asarray(c.pixel_std, np.float32))
     features = (x / c.complexity.pixel_max - mean) / std
-    features = self.puppet(features, kernels, depth, training=training)
-    pooled = ops.mean(features, axis=(1, 2))
+    if c.execution == "bucketed":
+      pooled = self._call_bucketed(features, bins, training)
+    else:
+      h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
+      kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training)
+      features = self.puppet(features, kernels, depth, training=training)
+      pooled = ops.mean(features, axis=(1, 2))
     logits = self.head(self.head_dropout(pooled, training=training))
     if return_details:
-      return {"logits": logits, "complexity": h, "step": dl, "depth": depth}
+      details = {"logits": logits, "complexity": h, "step": dl, "depth": depth}
+      if bins is not None:
+        details["complexity_bin"] = bins
+      return details
     return logits
+
+  def _kernel_complexity(self, h, dl):
+    """The H and step the puppeteer integrates with (a fixed H without parameter adaptation)."""
+    c = self.config
+    if c.parameter_adaptation:
+      return h, dl
+    h_kernels = ops.full(ops.shape(h), c.reference_complexity, "float32")
+    return h_kernels, complexity_lib.step_size(h_kernels)
+
+  def bin_table(self):
+    """NumPy (centres, steps, depths) of the `complexity_bins` bins (depth: as this model
+    uses it, i.e. `fixed_depth` without depth adaptation)."""
+    c = self.config
+    if not c.complexity_bins:
+      raise ValueError("bin_table needs complexity_bins > 0")
+    centres, steps, depths = complexity_lib.bin_table(
+        c.complexity_bins, c.complexity.max_complexity, c.min_depth, c.max_depth)
+    if not c.depth_adaptation:
+      depths = np.full_like(depths, c.depth_when_fixed)
+    return centres, steps, depths
+
+  # --------------------------------------------------------------------- bucketed execution
+  def _call_bucketed(self, features, bins, training):
+    """Partitions the batch by bin, runs each bin's group, returns pooled (B, C) in order."""
+    if backend_ops.in_xla_context():
+      raise ValueError(
+          "execution='bucketed' cannot be XLA-compiled (its groups have data-dependent sizes); "
+          "call it without jit_compile=True, or use execution='per_sample' under XLA")
+    c = self.config
+    n = c.complexity_bins
+    _, _, depths = self.bin_table()
+    depths = [int(d) for d in depths]
+    batch = ops.shape(bins)[0]
+    counts = backend_ops.batched_histogram(ops.reshape(bins, (1, -1)), n)[0]
+    occupied = counts > 0
+    parts = backend_ops.partition(features, bins, n)
+    rows = backend_ops.partition(ops.arange(batch, dtype="int32"), bins, n)
+    channels = c.channels[-1]
+    if training:
+      kernels_for = self._generate_bin_kernels(occupied, counts, training=True)
+      outputs = self.puppet.call_groups(parts, [kernels_for(b) for b in range(n)], depths,
+                                        training=True)
+      pooled = [ops.mean(o, axis=(1, 2)) for o in outputs]
+      return backend_ops.stitch(rows, pooled)
+
+    cache = self._usable_kernel_cache()
+    if cache is not None:
+      valid = self._kernel_cache_matches(cache)
+      cached = np.zeros((n,), bool)
+      cached[list(cache.bins)] = True
+      need = ops.logical_and(occupied, ops.logical_or(ops.logical_not(cached),
+                                                      ops.logical_not(valid)))
+    else:
+      need = occupied
+    kernels_for = self._generate_bin_kernels(need, counts, training=False)
+    pooled = []
+    for b in range(n):
+      def run(b=b):
+        if cache is not None and b in cache.kernels:
+          kernels = ops.cond(valid, lambda: cache.kernels[b], lambda: kernels_for(b, eager=True))
+        else:
+          kernels = kernels_for(b, eager=True)
+        out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False)[0]
+        return ops.mean(out, axis=(1, 2))
+      pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, channels), "float32")))
+    return backend_ops.stitch(rows, pooled)
+
+  def _generate_bin_kernels(self, mask, counts, training: bool):
+    """Runs the puppeteer once per bin where `mask` is true (weighted by `counts`).
+
+    Returns `kernels_for(b)`: bin b's kernels as `call_groups` takes them, per stage
+    `(transition, repeated)` with `repeated` a callable j -> kernel j (one gather per layer).
+    With `eager=True` the repeated kernels are a list (`ops.cond` branches must return
+    tensors); only call it for a bin that is in `mask`.
+    """
+    c = self.config
+    n = c.complexity_bins
+    centres, steps, depths = self.bin_table()
+    ids = backend_ops.nonzero(mask)
+    h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
+                                    ops.take(ops.convert_to_tensor(steps), ids))
+    depth = ops.take(ops.convert_to_tensor(depths), ids)
+    weight = ops.take(counts, ids)
+    k = c.kernel_size
+    if training:
+      kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight)
+    else:
+      def generate():
+        return self.puppeteer(h, dl, depth, training=False)
+
+      def nothing():
+        out, c_prev = [], c.input_shape[-1]
+        for ch in c.channels:
+          out.append((ops.zeros((0, k, k, c_prev, ch)),
+                      ops.zeros((0, self.puppeteer.repeated_kernels_per_stage, k, k, ch, ch))))
+          c_prev = ch
+        return out
+      kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
+    # Position of bin b among the generated states (clamped: unused for bins not in `mask`).
+    position = ops.maximum(ops.cumsum(ops.cast(mask, "int32")) - 1, 0)
+    rows = self.puppeteer.repeated_kernels_per_stage
+    kpu = self.puppet.kernels_per_unit
+
+    flats = [ops.reshape(repeated, (-1, k, k, ch, ch))
+             for (_, repeated), ch in zip(kernels, c.channels)]
+
+    def kernels_for(b, eager=False):
+      p = position[b]
+      base = p * rows
+      out = []
+      for (transition, _), flat in zip(kernels, flats):
+        take = lambda j, flat=flat: backend_ops.gather(flat, base + j)  # pylint: disable=unnecessary-lambda-assignment
+        if eager:
+          take = [take(j) for j in range((depths[b] - 1) * kpu)]
+        out.append((backend_ops.gather(transition, p), take))
+      return out
+    return kernels_for
+
+  # ------------------------------------------------------------------ inference kernel cache
+  def cache_kernels(self, bins=None, images=None, chunk_size: int = 8):
+    """Generates and stores the inference-mode kernels of complexity bins.
+
+    In inference the puppeteer's output for a bin depends only on the weights, so bucketed
+    inference can use stored kernels instead of integrating the ODE. The cache is safe
+    against staleness: it keeps a copy of every puppeteer weight (trainable and batch-norm
+    moving statistics) and each call compares the current weights with that copy; if any
+    differs (training, `load_weights`, an assignment) the stale kernels are not used and the
+    kernels are generated on the fly as without a cache (correct, but slower: call
+    `cache_kernels()` again). Changing `integrator` drops the cache. It is never saved.
+
+    Call it after training or loading and before tracing your own `tf.function`s (a function
+    traced before the cache existed keeps generating); Keras's predict/evaluate functions are
+    reset here. Needs execution='bucketed'. Bins without cached kernels are generated on the
+    fly.
+
+    Args:
+      bins: bin indices to cache; None: every bin (or the bins of `images`).
+      images: optional raw images; caches only the bins they fall into.
+      chunk_size: bins per puppeteer call while filling the cache (bounds the memory).
+    Returns:
+      The sorted tuple of cached bins.
+    """
+    c = self.config
+    if c.execution != "bucketed":
+      raise ValueError("cache_kernels needs execution='bucketed' (and complexity_bins > 0); "
+                       f"this model has execution={c.execution!r}")
+    if not self.built:
+      self.build()
+    n = c.complexity_bins
+    if images is not None:
+      seen = set()
+      images = np.asarray(images)
+      for start in range(0, len(images), 256):
+        h = self.complexity_layer(ops.cast(images[start:start + 256], "float32"))
+        seen.update(int(v) for v in ops.convert_to_numpy(
+            complexity_lib.complexity_bin(h, n, c.complexity.max_complexity)))
+      wanted = sorted(seen if bins is None else seen & {int(b) for b in bins})
+    else:
+      wanted = sorted({int(b) for b in (range(n) if bins is None else bins)})
+    if any(not 0 <= b < n for b in wanted):
+      raise ValueError(f"bins must be in [0, {n}), got {wanted}")
+    snapshot = [ops.convert_to_tensor(np.array(ops.convert_to_numpy(w)))
+                for w in self.puppeteer.weights]
+    centres, steps, depths = self.bin_table()
+    kpu = self.puppet.kernels_per_unit
+    stored = {}
+    for start in range(0, len(wanted), max(1, int(chunk_size))):
+      chunk = np.asarray(wanted[start:start + chunk_size], np.int32)
+      h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[chunk]),
+                                      ops.convert_to_tensor(steps[chunk]))
+      kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[chunk]), training=False)
+      for i, b in enumerate(chunk):
+        used = (int(depths[b]) - 1) * kpu
+        stored[int(b)] = [(ops.convert_to_tensor(np.array(ops.convert_to_numpy(t[i]))),
+                           [ops.convert_to_tensor(np.array(ops.convert_to_numpy(r[i, j])))
+                            for j in range(used)])
+                          for t, r in kernels]
+    self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot)
+    self._reset_compiled_functions()
+    return self._kernel_cache.bins
+
+  def clear_kernel_cache(self) -> None:
+    """Drops the inference kernel cache (bucketed inference then generates kernels)."""
+    self._kernel_cache = None
+    self._reset_compiled_functions()
+
+  def kernel_cache_info(self) -> Dict[str, Any]:
+    """What is cached: bins, stored kernel parameters, and whether it matches the weights."""
+    cache = self._kernel_cache
+    if cache is None:
+      return {"bins": (), "params": 0, "bytes_float32": 0, "valid": False}
+    usable = self._usable_kernel_cache() is not None
+    valid = usable and bool(ops.convert_to_numpy(self._kernel_cache_matches(cache)))
+    params = cache.num_params()
+    return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params, "valid": valid}
+
+  def _usable_kernel_cache(self):
+    cache = self._kernel_cache
+    if (cache is None or cache.n_bins != self.config.complexity_bins
+        or cache.integrator != self.puppeteer.integrator):
+      return None
+    return cache
+
+  def _kernel_cache_matches(self, cache):
+    """Scalar bool tensor: every puppeteer weight equals its value when the cache was built."""
+    same = [ops.all(ops.equal(ops.convert_to_tensor(w), snap))
+            for w, snap in zip(self.puppeteer.weights, cache.snapshot)]
+    return ops.all(ops.stack(same))
+
+  def _reset_compiled_functions(self):
+    for name in ("predict_function", "test_function"):
+      if hasattr(self, name):
+        setattr(self, name, None)
+
+  def compile(self, *args, jit_compile="auto", **kwargs):  # pylint: disable=arguments-differ
+    """`keras.Model.compile`; with execution='bucketed', 'auto' means no XLA and True raises."""
+    if self.config.execution == "bucketed":
+      if jit_compile is True:
+        raise ValueError("execution='bucketed' cannot be XLA-compiled (data-dependent group "
+                         "sizes): compile with jit_compile=False (or 'auto'), or use "
+                         "execution='per_sample' for XLA")
+      jit_compile = False
+    super().compile(*args, jit_compile=jit_compile, **kwargs)
 
   def predict_details(self, images, batch_size: int = 64) -> Dict[str, np.ndarray]:
     """Eager inference in batches; numpy dict with logits, complexity, step and depth."""
@@ -177,6 +445,7 @@ class PuppetClassifier(keras.Model):
     """Switches the puppeteer's integrator (no retraining needed; recompile `predict`)."""
     self.config = self.config.replace(integrator=name)
     self.puppeteer.integrator = self.config.integrator
+    self.clear_kernel_cache()
 
   # --------------------------------------------------------------------------- config
   def get_config(self):

@@ -56,6 +56,9 @@ class PuppeteerODE(keras.layers.Layer):
     step: (N,) step size dl.
     depth: (N,) int depth per stage.
     training: whether G's batch norm uses batch statistics.
+    state_weight: optional (N,) number of samples each state stands for (bucketed execution:
+      one state per complexity bin, weighted by the bin's sample count); G's batch-norm
+      statistics in training then equal those of one state per sample. None: 1 each.
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
@@ -154,21 +157,26 @@ class PuppeteerODE(keras.layers.Layer):
       state = state + base[None]
     return state
 
-  def derivative(self, state, active, training: bool, stats: list):
-    """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training."""
+  def derivative(self, state, active, training: bool, stats: list, weight=None):
+    """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
+
+    `active` (N,) 0/1 selects the states in the batch statistics; `weight` (N,) optionally
+    counts each state that many times.
+    """
     y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
     y = ops.matmul(y, self.pw_kernel) + self.pw_bias
     if training:
-      mean, variance = mbn.masked_moments(y, active)
-      stats.append((mean, variance, ops.sum(active) > 0))
+      mask = active if weight is None else active * weight
+      mean, variance = mbn.masked_moments(y, mask)
+      stats.append((mean, variance, ops.sum(mask) > 0))
     else:
       mean, variance = self.moving_mean, self.moving_variance
     return ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
 
-  def integrate_step(self, state, dl, active, training: bool, stats: list):
+  def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None):
     """One step of the chosen integrator; samples with active == 0 keep their state."""
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
-    g = lambda p: self.derivative(p, active, training, stats)  # pylint: disable=unnecessary-lambda-assignment
+    g = lambda p: self.derivative(p, active, training, stats, weight)  # pylint: disable=unnecessary-lambda-assignment
     if self.integrator == "euler":
       new = state + dl4 * g(state)
     elif self.integrator == "midpoint":
@@ -193,24 +201,25 @@ class PuppeteerODE(keras.layers.Layer):
       x = x / math.sqrt(kk * c_in)
     return x
 
-  def call(self, complexity, step, depth, training=None):
+  def call(self, complexity, step, depth, training=None, state_weight=None):
     training = bool(training)
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
     depth = ops.cast(depth, "int32")
+    weight = None if state_weight is None else ops.cast(state_weight, "float32")
     state = self.initial_state(complexity)
     everyone = ops.ones_like(dl)
     stats: list = []
     kernels = []
     c_prev = self.input_channels
     for c_out in self.stage_channels:
-      state = self.integrate_step(state, dl, everyone, training, stats)
+      state = self.integrate_step(state, dl, everyone, training, stats, weight)
       transition = self.kernel_from_state(state, c_prev, c_out)
       repeated = []
       for j in range(self.repeated_kernels_per_stage):
         unit = j // self.kernels_per_unit + 1
         active = ops.cast(depth > unit, "float32")
-        state = self.integrate_step(state, dl, active, training, stats)
+        state = self.integrate_step(state, dl, active, training, stats, weight)
         repeated.append(self.kernel_from_state(state, c_out, c_out))
       if repeated:
         repeated = ops.stack(repeated, axis=1)

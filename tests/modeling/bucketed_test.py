@@ -1,0 +1,225 @@
+"""Binned complexity, bucketed execution and the inference kernel cache."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.puppet_cnn import PuppetClassifier
+from official.puppet_cnn import PuppetCNNConfig
+from official.puppet_cnn.modeling import backend_ops
+from official.puppet_cnn.modeling import complexity as cx
+
+# bn_momentum=0: one training call sets the moving statistics to batch statistics, so that
+# inference-mode logits are of order 1 and absolute tolerances mean something.
+TINY = dict(stage_channels=(4, 8), max_depth=3, num_classes=5, input_shape=(16, 16, 3),
+            bn_momentum=0.0)
+
+
+def _images(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, 16, 16, 3)).astype(np.uint8)
+  images[0] = 90                                    # H = 0: bin 0, depth 1
+  images[1, :, :8] = 10                             # two levels: low H, depth 1
+  images[1, :, 8:] = 200
+  images[2] = (rng.integers(0, 4, (16, 16, 1)) * 60).astype(np.uint8)  # 4 levels: depth 3
+  return images
+
+
+def _loss():
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _pair(bins=16, **kw):
+  """A per_sample and a bucketed model with identical weights and sensible BN statistics."""
+  a = PuppetClassifier(**TINY, complexity_bins=bins, **kw)
+  b = PuppetClassifier(**TINY, complexity_bins=bins, execution="bucketed", **kw)
+  a(_images(8, seed=1), training=True)
+  b(_images(3)[:1])
+  b.set_weights(a.get_weights())
+  return a, b
+
+
+def _close(got, want, tol=1e-4):
+  got, want = np.asarray(got), np.asarray(want)
+  scale = max(1.0, float(np.abs(want).max()))
+  assert np.abs(got - want).max() <= tol * scale, np.abs(got - want).max()
+
+
+# ----------------------------------------------------------------------------- binning
+def test_config_validation():
+  with pytest.raises(ValueError, match="execution='bucketed' needs 1 <= complexity_bins"):
+    PuppetCNNConfig(execution="bucketed")
+  with pytest.raises(ValueError, match="complexity_bins must be an int >= 0"):
+    PuppetCNNConfig(complexity_bins=-2)
+  with pytest.raises(ValueError, match="execution must be one of"):
+    PuppetCNNConfig(execution="grouped")
+  config = PuppetCNNConfig(complexity_bins=np.int64(16), execution="bucketed")
+  assert config.complexity_bins == 16 and type(config.complexity_bins) is int
+  assert PuppetCNNConfig().complexity_bins == 0 and PuppetCNNConfig().execution == "per_sample"
+  assert PuppetCNNConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 64, 100, 1000])
+def test_bin_table_matches_the_formulas(n):
+  centres, steps, depths = cx.bin_table(n, 8.0, 1, 8)
+  np.testing.assert_allclose(centres, (np.arange(n) + 0.5) * 8.0 / n, rtol=1e-6)
+  np.testing.assert_allclose(steps, cx.step_size(centres), rtol=1e-6)
+  # The NumPy depths equal the keras.ops formula on the same centres, bin for bin.
+  np.testing.assert_array_equal(depths, cx.depth_from_step(cx.step_size(centres), 1, 8))
+
+
+def test_complexity_bin_edges():
+  h = np.array([0.0, 0.49, 0.5, 7.99, 8.0, 9.0], np.float32)
+  np.testing.assert_array_equal(cx.complexity_bin(h, 16, 8.0), [0, 0, 1, 15, 15, 15])
+
+
+def test_binned_details_and_shared_depth():
+  model = PuppetClassifier(**TINY, complexity_bins=16)
+  out = model(_images(), return_details=True)
+  h = cx.image_complexity(_images()).numpy()
+  np.testing.assert_allclose(out["complexity"], h, rtol=1e-6)  # the exact H is reported
+  bins = np.minimum(np.floor(h * 2), 15).astype(int)
+  np.testing.assert_array_equal(out["complexity_bin"], bins)
+  _, steps, depths = model.bin_table()
+  np.testing.assert_array_equal(out["depth"], depths[bins])
+  np.testing.assert_array_equal(out["step"], steps[bins])
+
+
+def test_very_fine_bins_match_exact_h():
+  exact = PuppetClassifier(**TINY)
+  fine = PuppetClassifier(**TINY, complexity_bins=10**6)
+  images = _images()
+  exact(_images(8, seed=1), training=True)
+  fine(images[:1])
+  fine.set_weights(exact.get_weights())
+  _close(fine(images, training=False), exact(images, training=False), 1e-4)
+  with tf.GradientTape(persistent=True) as tape:
+    loss_exact = _loss()(np.arange(8) % 5, exact(images, training=True))
+    loss_fine = _loss()(np.arange(8) % 5, fine(images, training=True))
+  assert abs(float(loss_exact) - float(loss_fine)) < 1e-4
+
+
+# ------------------------------------------------------------------------ bucketed
+@pytest.mark.parametrize("puppet", ["vgg", "resnet"])
+def test_bucketed_inference_matches_per_sample(puppet):
+  a, b = _pair(puppet=puppet)
+  images = _images()
+  want = a(images, training=False)
+  _close(b(images, training=False), want)
+  graph = tf.function(lambda x: b(x, training=False))
+  _close(graph(tf.constant(images)), want)
+  for i in (0, 2, 5):  # a batch of one (every other bin is empty)
+    _close(b(images[i:i + 1], training=False)[0], want[i])
+
+
+@pytest.mark.parametrize("puppet", ["vgg", "resnet"])
+def test_bucketed_training_matches_per_sample(puppet):
+  a, b = _pair(puppet=puppet)
+  images, labels = _images(8, seed=3), np.arange(8) % 5
+  images[:3] = _images(3)
+
+  def step(model):
+    with tf.GradientTape() as tape:
+      loss = _loss()(labels, model(images, training=True))
+    grads = tape.gradient(loss, model.trainable_weights)
+    return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
+
+  loss_a, grads_a = step(a)
+  loss_b, grads_b = step(b)
+  assert abs(loss_a - loss_b) < 1e-5
+  for w, ga, gb in zip(a.trainable_weights, grads_a, grads_b):
+    scale = max(float(np.abs(ga).max()), 1e-3 * max(float(np.abs(g).max()) for g in grads_a))
+    assert np.abs(ga - gb).max() <= 1e-3 * scale, w.path
+  for wa, wb in zip(a.non_trainable_weights, b.non_trainable_weights):  # moving statistics
+    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-4, err_msg=wa.path)
+
+
+def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
+  _, b = _pair()
+  images = _images()
+  seen = {}
+  original = b.puppeteer.call
+
+  def spy(h, step, depth, training=None, state_weight=None):
+    seen["states"] = int(h.shape[0])
+    seen["weight"] = None if state_weight is None else np.asarray(state_weight)
+    return original(h, step, depth, training=training, state_weight=state_weight)
+
+  def no_per_sample_conv(*args):
+    raise AssertionError("bucketed execution must not run per-sample convolutions")
+
+  monkeypatch.setattr(b.puppeteer, "call", spy)
+  monkeypatch.setattr(backend_ops, "per_sample_conv2d", no_per_sample_conv)
+  bins = b(images, return_details=True)["complexity_bin"].numpy()
+  assert seen["states"] == len(set(bins.tolist())) < len(images)
+  b(images, training=True)
+  np.testing.assert_array_equal(np.sort(seen["weight"]),
+                                np.sort(np.bincount(bins)[np.bincount(bins) > 0]))
+
+
+def test_bucketed_refuses_xla_and_compiles_without_it():
+  _, b = _pair(bins=8)
+  with pytest.raises(ValueError, match="jit_compile"):
+    b.compile(optimizer="sgd", loss=_loss(), jit_compile=True)
+  with pytest.raises(ValueError, match="cannot be XLA-compiled"):
+    tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(_images()))
+  b.compile(optimizer=keras.optimizers.Adam(1e-2), loss=_loss())
+  assert b.jit_compile is False
+  images, labels = _images(), np.arange(8) % 5
+  before = b.evaluate(images, labels, verbose=0, batch_size=8)
+  b.fit(images, labels, epochs=3, batch_size=8, verbose=0)
+  assert b.evaluate(images, labels, verbose=0, batch_size=8) < before
+
+
+# ----------------------------------------------------------------------- kernel cache
+def test_kernel_cache_gives_the_same_predictions_without_the_puppeteer(monkeypatch):
+  a, b = _pair()
+  images = _images()
+  want = a(images, training=False)
+  assert b.cache_kernels() == tuple(range(16))
+  info = b.kernel_cache_info()
+  assert info["valid"] and info["params"] > 0
+  calls = []
+  original = b.puppeteer.call
+  monkeypatch.setattr(b.puppeteer, "call", lambda *a, **k: calls.append(1) or original(*a, **k))
+  _close(b(images, training=False), want)
+  assert not calls  # eager: the cached kernels were used, nothing was generated
+  _close(tf.function(lambda x: b(x, training=False))(tf.constant(images)), want)
+  _close(b.predict(images, verbose=0, batch_size=4), want)
+
+
+def test_stale_kernel_cache_is_never_used():
+  a, b = _pair(bins=8)
+  images = _images()
+  b.cache_kernels()
+  graph = tf.function(lambda x: b(x, training=False))
+  graph(tf.constant(images))  # traced with the cache
+  b.compile(optimizer=keras.optimizers.SGD(0.5), loss=_loss())
+  b.fit(images, np.arange(8) % 5, epochs=1, batch_size=8, verbose=0)  # weights change
+  assert not b.kernel_cache_info()["valid"]
+  fresh = PuppetClassifier(**TINY, complexity_bins=8)
+  fresh(images[:1])
+  fresh.set_weights(b.get_weights())
+  want = fresh(images, training=False)
+  assert np.abs(np.asarray(want) - np.asarray(a(images, training=False))).max() > 1e-3
+  _close(b(images, training=False), want)           # eager
+  _close(graph(tf.constant(images)), want)          # a function traced before the change
+  _close(b.predict(images, verbose=0), want)
+  b.cache_kernels()
+  assert b.kernel_cache_info()["valid"]
+  _close(b(images, training=False), want)
+  b.integrator = "midpoint"  # a different integrator drops the cache
+  assert b.kernel_cache_info()["bins"] == ()
+
+
+def test_partial_cache_from_images_and_errors():
+  a, b = _pair()
+  images = _images()
+  want_bins = b(images[:2], return_details=True)["complexity_bin"].numpy()
+  bins = b.cache_kernels(images=images[:2])
+  assert bins == tuple(sorted(set(want_bins.tolist()))) and len(bins) == 2
+  _close(b(images, training=False), a(images, training=False))  # other bins generated
+  with pytest.raises(ValueError, match="execution='bucketed'"):
+    a.cache_kernels()
+  with pytest.raises(ValueError, match="bins must be in"):
+    b.cache_kernels(bins=[16])
