@@ -29,7 +29,7 @@ PUPPET_PRESETS = {
 
 COLOR_MODES = ("luminance", "channel_mean")
 SPECTRUM_SCALINGS = ("log_minmax", "log_fixed")
-INITS = ("paper", "learned")
+INITS = ("paper", "learned", "learned_additive")
 INTEGRATORS = ("euler", "midpoint", "rk4")
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
@@ -121,10 +121,13 @@ class PuppetCNNConfig:
     state_channels: C_max of the puppeteer state (C_out_max, C_in_max, K*K); None: the
       largest stage width (paper).
     init: initial puppeteer state. 'paper': a constant fill exp(1 - H^-2) (eq. 11);
-      'learned' (default): a learned rank-`init_rank` base state plus the same fill, which
-      breaks the spatial symmetry of the constant fill (see README).
+      'learned' (default): a learned rank-`init_rank` base state multiplied by that fill;
+      'learned_additive': the base plus the fill. The constant fill makes nearly all kernel
+      entries equal; measurements in README ("Initial state").
     init_rank: rank of the learned base state (CP decomposition; 0 = a full learned tensor,
       which is the "Total Params" reading of the paper's Table 5).
+    init_scale: standard deviation of the learned base at initialization (0.5: roughly
+      He-scaled generated kernels).
     integrator: 'euler' (paper eq. 7), 'midpoint' or 'rk4'; may be changed after training.
     kernel_scaling: 'fan_in' (default) divides each generated kernel by sqrt(K*K*C_in) so
       conv outputs start at unit scale; 'none' uses the pooled state as is.
@@ -171,6 +174,7 @@ class PuppetCNNConfig:
   state_channels: Optional[int] = None
   init: str = "learned"
   init_rank: int = 16
+  init_scale: float = 0.5
   integrator: str = "euler"
   kernel_scaling: str = "fan_in"
   depth_adaptation: bool = True
@@ -220,6 +224,7 @@ class PuppetCNNConfig:
            f"({max(channels)}): kernels are pooled out of the state")
     _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
     _check(self.init_rank >= 0, f"init_rank must be >= 0, got {self.init_rank}")
+    _check(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale}")
     _check(self.integrator in INTEGRATORS,
            f"integrator must be one of {INTEGRATORS}, got {self.integrator!r}")
     _check(self.kernel_scaling in KERNEL_SCALINGS,

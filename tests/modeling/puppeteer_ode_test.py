@@ -51,7 +51,7 @@ def _randomize_bn(layer, rng):
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
 
-@pytest.mark.parametrize("init", ["paper", "learned"])
+@pytest.mark.parametrize("init", ["paper", "learned", "learned_additive"])
 def test_euler_trajectory_matches_float64_reference(init):
   rng = np.random.default_rng(0)
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
@@ -64,10 +64,12 @@ def test_euler_trajectory_matches_float64_reference(init):
   kernels = layer(h, dl.astype(np.float32), depth, training=False)
 
   for b in range(2):
-    state = np.full((6, 9, 6), math.exp(1 - h[b] ** -2.0))
-    if init == "learned":
+    fill = math.exp(1 - h[b] ** -2.0)
+    state = np.full((6, 9, 6), fill)
+    if init != "paper":
       a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
-      state = state + np.einsum("ri,rk,ro->iko", a, kk, o)
+      base = np.einsum("ri,rk,ro->iko", a, kk, o)
+      state = base * fill if init == "learned" else base + fill
     c_prev = 3
     for s, c in enumerate((4, 6)):
       state = state + dl[b] * _np_generator(layer, state)
@@ -80,6 +82,13 @@ def test_euler_trajectory_matches_float64_reference(init):
           np.testing.assert_allclose(kernels[s][1][b, j].numpy(), _np_kernel(state, c, c, 3),
                                      rtol=1e-4, atol=1e-6)
       c_prev = c
+
+
+def test_learned_base_has_the_configured_scale():
+  layer = PuppeteerODE(stage_channels=(64,), init="learned", init_rank=16, init_scale=0.5)
+  layer.build(None)
+  base = layer.initial_state(np.array([100.0], np.float32)).numpy() / math.exp(1 - 1e-4)
+  assert 0.4 < base.std() < 0.6 and abs(base.mean()) < 0.1
 
 
 def test_paper_init_is_the_constant_fill():

@@ -16,14 +16,20 @@ import math
 import numpy as np
 
 
+def windows(n_out: int, n_in: int):
+  """int32 arrays (starts, stops): output i averages inputs [starts[i], stops[i])."""
+  if not 1 <= n_out <= n_in:
+    raise ValueError(f"adaptive pooling needs 1 <= n_out <= n_in, got {n_out} from {n_in}")
+  starts = np.array([(i * n_in) // n_out for i in range(n_out)], np.int32)
+  stops = np.array([math.ceil((i + 1) * n_in / n_out) for i in range(n_out)], np.int32)
+  return starts, stops
+
+
 @functools.lru_cache(maxsize=None)
 def pooling_matrix(n_out: int, n_in: int) -> np.ndarray:
   """(n_out, n_in) float32 matrix whose row i averages input window i."""
-  if not 1 <= n_out <= n_in:
-    raise ValueError(f"adaptive pooling needs 1 <= n_out <= n_in, got {n_out} from {n_in}")
+  starts, stops = windows(n_out, n_in)
   matrix = np.zeros((n_out, n_in), np.float32)
-  for i in range(n_out):
-    start = (i * n_in) // n_out
-    stop = math.ceil((i + 1) * n_in / n_out)
+  for i, (start, stop) in enumerate(zip(starts, stops)):
     matrix[i, start:stop] = 1.0 / (stop - start)
   return matrix

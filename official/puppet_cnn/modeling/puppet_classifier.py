@@ -89,7 +89,7 @@ class PuppetClassifier(keras.Model):
     self.puppeteer = PuppeteerODE(
         stage_channels=c.channels, input_channels=c.input_shape[-1], max_depth=c.max_depth,
         kernels_per_unit=KERNELS_PER_UNIT[c.block], kernel_size=c.kernel_size,
-        state_channels=c.state_width, init=c.init, init_rank=c.init_rank,
+        state_channels=c.state_width, init=c.init, init_rank=c.init_rank, init_scale=c.init_scale,
         integrator=c.integrator, kernel_scaling=c.kernel_scaling, momentum=c.bn_momentum,
         epsilon=c.bn_epsilon, name="puppeteer")
     self.puppet = DynamicConvStack(
@@ -258,11 +258,14 @@ class PuppetClassifier(keras.Model):
     depth = ops.take(ops.convert_to_tensor(depths), ids)
     weight = ops.take(counts, ids)
     k = c.kernel_size
+    # Bins come in increasing order, and depth never decreases with H: sorted by depth.
+    depth_sorted = bool(np.all(np.diff(depths) >= 0))
     if training:
-      kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight)
+      kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight,
+                               depth_sorted=depth_sorted)
     else:
       def generate():
-        return self.puppeteer(h, dl, depth, training=False)
+        return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted)
 
       def nothing():
         out, c_prev = [], c.input_shape[-1]

@@ -44,8 +44,12 @@ class PuppeteerODE(keras.layers.Layer):
     kernels_per_unit: generated kernels per repeated unit (1 plain, 2 residual).
     kernel_size: K of the generated kernels.
     state_channels: C_max of the square state; None: max(stage_channels).
-    init: 'paper' (constant fill exp(1 - H^-2)) or 'learned' (learned base + that fill).
+    init: 'paper': the constant fill exp(1 - H^-2) (eq. 11); 'learned' (default): a learned
+      base state scaled by that fill, base * exp(1 - H^-2); 'learned_additive': base + fill.
     init_rank: rank of the learned base (CP factors); 0: a full learned tensor.
+    init_scale: standard deviation of the learned base at initialization. 0.5 makes the
+      generated kernels roughly He-scaled (std ~ sqrt(2 / fan_in) with the fill near e and
+      `kernel_scaling='fan_in'`), so activations neither explode nor vanish before training.
     integrator: 'euler' (paper), 'midpoint' or 'rk4'. May be changed after training.
     kernel_scaling: 'fan_in' divides kernels by sqrt(K*K*C_in); 'none' keeps them as pooled.
     generator_kernel_size: spatial size of G's depthwise conv (3, decoded from Table 5).
@@ -59,6 +63,9 @@ class PuppeteerODE(keras.layers.Layer):
     state_weight: optional (N,) number of samples each state stands for (bucketed execution:
       one state per complexity bin, weighted by the bin's sample count); G's batch-norm
       statistics in training then equal those of one state per sample. None: 1 each.
+    depth_sorted: the states come sorted by depth (non-decreasing); a repeated step then runs
+      G only on the states still below their depth (a dynamic slice: not for XLA or
+      `jax.jit`) instead of masking the finished ones. Same values, less work.
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
@@ -68,6 +75,7 @@ class PuppeteerODE(keras.layers.Layer):
   def __init__(self, stage_channels: Sequence[int], input_channels: int = 3,
                max_depth: int = 8, kernels_per_unit: int = 1, kernel_size: int = 3,
                state_channels: int | None = None, init: str = "learned", init_rank: int = 16,
+               init_scale: float = 0.5,
                integrator: str = "euler", kernel_scaling: str = "fan_in",
                generator_kernel_size: int = 3, momentum: float = 0.99,
                epsilon: float = 1e-3, **kwargs):
@@ -80,6 +88,7 @@ class PuppeteerODE(keras.layers.Layer):
     self.state_channels = int(state_channels or max(self.stage_channels))
     self.init = init
     self.init_rank = int(init_rank)
+    self.init_scale = float(init_scale)
     self.integrator = integrator
     self.kernel_scaling = kernel_scaling
     self.generator_kernel_size = int(generator_kernel_size)
@@ -123,16 +132,17 @@ class PuppeteerODE(keras.layers.Layer):
     self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
                                            initializer="ones", trainable=False, aggregation="mean")
     self.init_factors = []
-    if self.init == "learned":
+    if self.init != "paper":
       c_in, kk, c_out = self.state_shape
       if self.init_rank == 0:
         self.init_factors = [self.add_weight(
             name="init_base", shape=self.state_shape,
-            initializer=keras.initializers.RandomNormal(stddev=1.0))]
+            initializer=keras.initializers.RandomNormal(stddev=self.init_scale))]
       else:
         # Each CP term is a product of three N(0, s^2) factors: variance s^6 per term, so
-        # s = rank^(-1/6) gives the base unit variance.
-        init = keras.initializers.RandomNormal(stddev=self.init_rank ** (-1.0 / 6.0))
+        # s = (init_scale^2 / rank)^(1/6) gives the base the standard deviation init_scale.
+        init = keras.initializers.RandomNormal(
+            stddev=(self.init_scale ** 2 / self.init_rank) ** (1.0 / 6.0))
         self.init_factors = [
             self.add_weight(name="init_in", shape=(self.init_rank, c_in), initializer=init),
             self.add_weight(name="init_k", shape=(self.init_rank, kk), initializer=init),
@@ -145,17 +155,24 @@ class PuppeteerODE(keras.layers.Layer):
 
   # ----------------------------------------------------------------------------- math
   def initial_state(self, complexity):
-    """P0 (N, C_in_max, K*K, C_out_max): exp(1 - H^-2) filled, plus the learned base."""
-    fill = complexity_lib.initial_fill(complexity)
-    state = ops.ones((1,) + self.state_shape, "float32") * ops.reshape(fill, (-1, 1, 1, 1))
+    """P0 (N, C_in_max, K*K, C_out_max) from the fill exp(1 - H^-2) and `init`.
+
+    'paper' fills the state with the constant; 'learned' multiplies a learned base by it;
+    'learned_additive' adds the two. With the constant alone (or dominating, as in the
+    additive form once kernels are pooled), every kernel entry is nearly equal and a layer's
+    output channels are copies of one box filter; see README ("Initial state").
+    """
+    fill = ops.reshape(complexity_lib.initial_fill(complexity), (-1, 1, 1, 1))
+    if self.init == "paper":
+      return ops.ones((1,) + self.state_shape, "float32") * fill
+    if self.init_rank == 0:
+      base = self.init_factors[0]
+    else:
+      a, k, o = self.init_factors
+      base = ops.einsum("ri,rk,ro->iko", a, k, o)
     if self.init == "learned":
-      if self.init_rank == 0:
-        base = self.init_factors[0]
-      else:
-        a, k, o = self.init_factors
-        base = ops.einsum("ri,rk,ro->iko", a, k, o)
-      state = state + base[None]
-    return state
+      return base[None] * fill
+    return base[None] + fill
 
   def derivative(self, state, active, training: bool, stats: list, weight=None):
     """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
@@ -201,7 +218,8 @@ class PuppeteerODE(keras.layers.Layer):
       x = x / math.sqrt(kk * c_in)
     return x
 
-  def call(self, complexity, step, depth, training=None, state_weight=None):
+  def call(self, complexity, step, depth, training=None, state_weight=None,
+           depth_sorted: bool = False):
     training = bool(training)
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
@@ -218,8 +236,16 @@ class PuppeteerODE(keras.layers.Layer):
       repeated = []
       for j in range(self.repeated_kernels_per_stage):
         unit = j // self.kernels_per_unit + 1
-        active = ops.cast(depth > unit, "float32")
-        state = self.integrate_step(state, dl, active, training, stats, weight)
+        if depth_sorted:
+          # States past their depth are a prefix: integrate only the rest (same values as
+          # masking them, without evaluating G on them).
+          done = ops.sum(ops.cast(depth <= unit, "int32"))
+          tail = self.integrate_step(state[done:], dl[done:], everyone[done:], training, stats,
+                                     None if weight is None else weight[done:])
+          state = ops.concatenate([state[:done], tail], axis=0)
+        else:
+          active = ops.cast(depth > unit, "float32")
+          state = self.integrate_step(state, dl, active, training, stats, weight)
         repeated.append(self.kernel_from_state(state, c_out, c_out))
       if repeated:
         repeated = ops.stack(repeated, axis=1)
@@ -249,7 +275,7 @@ class PuppeteerODE(keras.layers.Layer):
         stage_channels=list(self.stage_channels), input_channels=self.input_channels,
         max_depth=self.max_depth, kernels_per_unit=self.kernels_per_unit,
         kernel_size=self.kernel_size, state_channels=self.state_channels, init=self.init,
-        init_rank=self.init_rank, integrator=self.integrator,
+        init_rank=self.init_rank, init_scale=self.init_scale, integrator=self.integrator,
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
         momentum=self.momentum, epsilon=self.epsilon)
     return config
@@ -264,6 +290,15 @@ def _pool_axis(x, axis: int, n_out: int, n_in: int):
     shape[0] = -1
     shape[axis:axis + 1] = [n_out, n_in // n_out]
     return ops.mean(ops.reshape(x, shape), axis=axis + 1)
-  matrix = ops.convert_to_tensor(adaptive_pool.pooling_matrix(n_out, n_in))
-  moved = ops.moveaxis(x, axis, -1)
-  return ops.moveaxis(ops.matmul(moved, ops.transpose(matrix)), -1, axis)
+  # Windows [start, stop) from adaptive_pool; each window's mean is a difference of a prefix
+  # sum. Only 2 * n_out indices enter the graph (a dense pooling matrix would be a constant of
+  # n_out * n_in floats at every generated layer, 14 MB in the AlexNet puppet's SavedModel).
+  starts, stops = adaptive_pool.windows(n_out, n_in)
+  zero = ops.zeros_like(ops.take(x, ops.convert_to_tensor([0]), axis=axis))
+  prefix = ops.concatenate([zero, ops.cumsum(x, axis=axis)], axis=axis)
+  total = (ops.take(prefix, ops.convert_to_tensor(stops), axis=axis)
+           - ops.take(prefix, ops.convert_to_tensor(starts), axis=axis))
+  shape = [1] * 4
+  shape[axis] = n_out
+  counts = ops.reshape(ops.convert_to_tensor((stops - starts).astype("float32")), shape)
+  return total / counts
