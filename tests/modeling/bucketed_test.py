@@ -8,6 +8,7 @@ from official.puppet_cnn import PuppetClassifier
 from official.puppet_cnn import PuppetCNNConfig
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as cx
+from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 
 # bn_momentum=0: one training call sets the moving statistics to batch statistics, so that
 # inference-mode logits are of order 1 and absolute tolerances mean something.
@@ -140,10 +141,10 @@ def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
   seen = {}
   original = b.puppeteer.call
 
-  def spy(h, step, depth, training=None, state_weight=None):
+  def spy(h, step, depth, training=None, state_weight=None, **kwargs):
     seen["states"] = int(h.shape[0])
     seen["weight"] = None if state_weight is None else np.asarray(state_weight)
-    return original(h, step, depth, training=training, state_weight=state_weight)
+    return original(h, step, depth, training=training, state_weight=state_weight, **kwargs)
 
   def no_per_sample_conv(*args):
     raise AssertionError("bucketed execution must not run per-sample convolutions")
@@ -169,6 +170,27 @@ def test_bucketed_refuses_xla_and_compiles_without_it():
   before = b.evaluate(images, labels, verbose=0, batch_size=8)
   b.fit(images, labels, epochs=3, batch_size=8, verbose=0)
   assert b.evaluate(images, labels, verbose=0, batch_size=8) < before
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_puppeteer_depth_sorted_equals_masking(training):
+  kw = dict(stage_channels=(4, 6), input_channels=3, max_depth=4, init_rank=2,
+            integrator="midpoint")
+  masked, sliced = PuppeteerODE(**kw), PuppeteerODE(**kw)
+  masked.build(None)
+  sliced.build(None)
+  sliced.set_weights(masked.get_weights())
+  h = np.array([0.0, 1.5, 2.5, 3.0, 6.0], np.float32)
+  step = cx.step_size(h)
+  depth = np.array([1, 1, 2, 3, 4], np.int32)
+  weight = np.array([2, 1, 3, 1, 5], np.float32)
+  want = masked(h, step, depth, training=training, state_weight=weight)
+  got = sliced(h, step, depth, training=training, state_weight=weight, depth_sorted=True)
+  for (t0, r0), (t1, r1) in zip(want, got):
+    np.testing.assert_allclose(t1, t0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-6)
+  for w0, w1 in zip(masked.weights, sliced.weights):
+    np.testing.assert_allclose(w1.numpy(), w0.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------- kernel cache

@@ -13,21 +13,31 @@ from __future__ import annotations
 from keras import ops
 
 
-def masked_moments(x, mask):
+def masked_moments(x, mask=None):
   """Mean and variance over all axes but the last, counting only samples where mask > 0.
 
   Args:
     x: (N, ..., C) tensor.
-    mask: (N,) float tensor of 0/1 weights.
+    mask: (N,) float tensor of per-sample weights (0/1, or sample counts); None: all 1.
   Returns:
     (mean, variance), each (C,). With an all-zero mask both are 0.
   """
-  weights = ops.reshape(ops.cast(mask, x.dtype), (-1,) + (1,) * (len(x.shape) - 1))
   axes = tuple(range(len(x.shape) - 1))
   per_sample = ops.cast(ops.prod(ops.shape(x)[1:-1]), x.dtype)
+  if mask is None:
+    count = ops.maximum(ops.cast(ops.shape(x)[0], x.dtype) * per_sample, 1.0)
+    mean = ops.sum(x, axis=axes) / count
+    variance = ops.sum(ops.square(x - mean), axis=axes) / count
+    return mean, variance
+  # Reduce each sample first, then weight the (N, C) sums: no full-size multiply by the mask.
+  inner = axes[1:]
+  weights = ops.reshape(ops.cast(mask, x.dtype), (-1, 1))
   count = ops.maximum(ops.sum(weights) * per_sample, 1.0)
-  mean = ops.sum(x * weights, axis=axes) / count
-  variance = ops.sum(ops.square(x - mean) * weights, axis=axes) / count
+  per_sample_sum = ops.sum(x, axis=inner) if inner else x
+  mean = ops.sum(per_sample_sum * weights, axis=0) / count
+  squares = ops.square(x - mean)
+  per_sample_sq = ops.sum(squares, axis=inner) if inner else squares
+  variance = ops.sum(per_sample_sq * weights, axis=0) / count
   return mean, variance
 
 

@@ -177,21 +177,25 @@ class PuppeteerODE(keras.layers.Layer):
   def derivative(self, state, active, training: bool, stats: list, weight=None):
     """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
 
-    `active` (N,) 0/1 selects the states in the batch statistics; `weight` (N,) optionally
-    counts each state that many times.
+    `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
+    optionally counts each state that many times.
     """
     y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
     y = ops.matmul(y, self.pw_kernel) + self.pw_bias
     if training:
-      mask = active if weight is None else active * weight
+      mask = active if weight is None else (weight if active is None else active * weight)
       mean, variance = mbn.masked_moments(y, mask)
-      stats.append((mean, variance, ops.sum(mask) > 0))
+      seen = ops.shape(y)[0] > 0 if mask is None else ops.sum(mask) > 0
+      stats.append((mean, variance, seen))
     else:
       mean, variance = self.moving_mean, self.moving_variance
     return ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
 
   def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None):
-    """One step of the chosen integrator; samples with active == 0 keep their state."""
+    """One step of the chosen integrator; samples with active == 0 keep their state.
+
+    active: (N,) 0/1, or None when every state takes the step (no masking).
+    """
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
     g = lambda p: self.derivative(p, active, training, stats, weight)  # pylint: disable=unnecessary-lambda-assignment
     if self.integrator == "euler":
@@ -204,6 +208,8 @@ class PuppeteerODE(keras.layers.Layer):
       k3 = g(state + 0.5 * dl4 * k2)
       k4 = g(state + dl4 * k3)
       new = state + dl4 / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+    if active is None:
+      return new
     return ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, state)
 
   def kernel_from_state(self, state, c_in: int, c_out: int):
@@ -226,12 +232,11 @@ class PuppeteerODE(keras.layers.Layer):
     depth = ops.cast(depth, "int32")
     weight = None if state_weight is None else ops.cast(state_weight, "float32")
     state = self.initial_state(complexity)
-    everyone = ops.ones_like(dl)
     stats: list = []
     kernels = []
     c_prev = self.input_channels
     for c_out in self.stage_channels:
-      state = self.integrate_step(state, dl, everyone, training, stats, weight)
+      state = self.integrate_step(state, dl, None, training, stats, weight)
       transition = self.kernel_from_state(state, c_prev, c_out)
       repeated = []
       for j in range(self.repeated_kernels_per_stage):
@@ -240,7 +245,7 @@ class PuppeteerODE(keras.layers.Layer):
           # States past their depth are a prefix: integrate only the rest (same values as
           # masking them, without evaluating G on them).
           done = ops.sum(ops.cast(depth <= unit, "int32"))
-          tail = self.integrate_step(state[done:], dl[done:], everyone[done:], training, stats,
+          tail = self.integrate_step(state[done:], dl[done:], None, training, stats,
                                      None if weight is None else weight[done:])
           state = ops.concatenate([state[:done], tail], axis=0)
         else:
