@@ -57,3 +57,21 @@ def test_keras_save_reload_identical(tmp_path):
   np.testing.assert_array_equal(
       keras.ops.convert_to_numpy(restored(x, training=True)),
       keras.ops.convert_to_numpy(model(x, training=True)))
+
+
+def test_backbone_batch_norm_momentum_is_set_and_serialized(tmp_path):
+  import keras  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.baselines import mobilenet  # pylint: disable=import-outside-toplevel
+  model = mobilenet.build_mobilenet(4, version="v3_small")
+  bns = [l for l in model.get_layer("mobilenet_v3_small_backbone").layers
+         if isinstance(l, keras.layers.BatchNormalization)]
+  assert bns and all(l.momentum == 0.9 for l in bns)
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  bns = [l for l in loaded.get_layer("mobilenet_v3_small_backbone").layers
+         if isinstance(l, keras.layers.BatchNormalization)]
+  assert all(l.momentum == 0.9 for l in bns)
+  keras_default = mobilenet.build_mobilenet(4, version="v2", bn_momentum=None)
+  assert any(isinstance(l, keras.layers.BatchNormalization) and l.momentum == 0.999
+             for l in keras_default.get_layer("mobilenet_v2_backbone").layers)
