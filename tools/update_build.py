@@ -14,7 +14,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = ("official/puppet_cnn/train.py", "tools/export_saved_model.py",
-            "tools/compare_sizes.py", "tools/benchmark.py", "tools/results_table.py")
+            "tools/compare_sizes.py", "tools/benchmark.py", "tools/results_table.py",
+            "tools/train_step_timing.py")
 LARGE_TESTS = ("tests/train/", "tests/serving/export", "tests/tools/")
 REQUIREMENTS = ("tensorflow", "keras", "absl-py", "numpy", "pillow", "matplotlib",
                 "tensorboard")
