@@ -1,0 +1,152 @@
+"""The model's layers under KERAS_BACKEND=jax, in a subprocess with its own interpreter.
+
+The interpreter is $PUPPET_CNN_JAX_PYTHON when set (CI: .venv-jax/bin/python, created by
+.ci/run from requirements-jax.txt; relative paths are from the repository root), else
+.venv-jax/bin/python in the repository, else ../venv-jax/bin/python beside it. The test is
+skipped, with the reason, when there is none or `import jax` fails in it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _jax_python():
+  if os.environ.get("PUPPET_CNN_JAX_PYTHON"):
+    candidates = [os.environ["PUPPET_CNN_JAX_PYTHON"]]  # explicit: nothing else is tried
+  else:
+    candidates = [os.path.join(ROOT, ".venv-jax", "bin", "python"),
+                  os.path.join(os.path.dirname(ROOT), "venv-jax", "bin", "python")]
+  tried = []
+  for path in candidates:
+    path = path if os.path.isabs(path) else os.path.join(ROOT, path)
+    tried.append(path)
+    if os.path.exists(path):
+      return path, tried
+  return None, tried
+
+
+SCRIPT = r'''
+import json
+import numpy as np
+import jax
+import jax.numpy as jnp
+import keras
+from keras import ops
+assert keras.backend.backend() == "jax", keras.backend.backend()
+from official.puppet_cnn import PuppetClassifier
+from official.puppet_cnn.modeling import backend_ops
+from official.puppet_cnn.modeling import complexity as cx
+from tests.modeling import reference
+
+out = {"jax": jax.__version__, "keras": keras.__version__}
+rng = np.random.default_rng(0)
+
+# 1. Per-sample conv (keras.ops.conv with the batch folded into groups) against the float64
+#    loop of tests/modeling/reference.py, for K = 1, 3, 5, eagerly and under jax.jit.
+errors = []
+for k in (1, 3, 5):
+  x = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
+  kernels = rng.normal(size=(3, k, k, 4, 3)).astype(np.float32)
+  want = np.stack([reference.conv2d_same(x[b], kernels[b]) for b in range(3)])
+  for fn in (backend_ops.per_sample_conv2d, jax.jit(backend_ops.per_sample_conv2d)):
+    got = np.asarray(fn(x, kernels))
+    errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+out["conv_rel_err"] = max(errors)
+
+# 2. Its gradients against those of a per-sample loop of ordinary convs.
+x = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
+kernels = rng.normal(size=(3, 3, 3, 4, 3)).astype(np.float32)
+w = rng.normal(size=(3, 6, 5, 3)).astype(np.float32)
+folded = lambda a, k: jnp.sum(backend_ops.per_sample_conv2d(a, k) * w)
+loop = lambda a, k: jnp.sum(jnp.concatenate(
+    [ops.conv(a[b:b + 1], k[b], padding="same") for b in range(3)]) * w)
+g1 = jax.grad(folded, argnums=(0, 1))(x, kernels)
+g2 = jax.grad(loop, argnums=(0, 1))(x, kernels)
+out["conv_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                 / np.abs(np.asarray(b)).max()) for a, b in zip(g1, g2))
+
+# 3. The bounded loop (fori_loop here) is differentiable: d/dv of v * 1.5^min(n, bound).
+def looped(v, n):
+  def body(i, x):
+    return i + 1, jnp.where(i < n, x * 1.5, x)
+  _, y = backend_ops.bounded_while_loop(lambda i, x: i < n, body, (0, v), maximum_iterations=4)
+  return y
+out["loop_grad"] = float(jax.grad(looped)(2.0, 3))  # 1.5 ** 3
+
+# 4. A small PuppetClassifier: one compiled forward + backward (a stateless call under
+#    jax.jit(jax.value_and_grad)), then a few SGD steps with it.
+tiny = dict(stage_channels=(4, 8), max_depth=3, num_classes=5, input_shape=(16, 16, 3))
+model = PuppetClassifier(**tiny)
+model.build()
+images = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.float32)
+images[0] = 90.0
+labels = np.arange(6) % 5
+loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+trainable = [v.value for v in model.trainable_variables]
+non_trainable = [v.value for v in model.non_trainable_variables]
+
+def loss_of(trainable):
+  details, _ = model.stateless_call(trainable, non_trainable, images, training=True,
+                                    return_details=True)
+  return loss_fn(labels, details["logits"]), details
+
+step = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
+(loss, details), grads = step(trainable)
+h = np.asarray(cx.image_complexity(images))
+want_depth = np.clip(np.floor(1 / np.tanh(1 / np.maximum(h, 1e-6))), 1, 3)
+out["depth_ok"] = bool(np.array_equal(np.asarray(details["depth"]), want_depth))
+out["logits_finite"] = bool(np.all(np.isfinite(np.asarray(details["logits"]))))
+paths = [v.path for v in model.trainable_variables]
+out["grads_finite"] = bool(all(np.all(np.isfinite(np.asarray(g))) for g in grads))
+out["puppeteer_grads_nonzero"] = bool(all(
+    float(jnp.abs(g).max()) > 0 for p, g in zip(paths, grads)
+    if p.startswith("puppet_cnn/puppeteer/") and "bias" not in p))
+
+# 5. A few SGD steps lower the loss.
+losses = [float(loss)]
+for _ in range(4):
+  trainable = [t - 0.05 * g for t, g in zip(trainable, grads)]
+  (loss, _), grads = step(trainable)
+  losses.append(float(loss))
+out["losses"] = losses
+
+# 6. Bucketed execution says clearly that it needs TensorFlow.
+bucketed = PuppetClassifier(**tiny, complexity_bins=8, execution="bucketed")
+try:
+  bucketed(images)
+  out["bucketed_error"] = None
+except NotImplementedError as e:
+  out["bucketed_error"] = str(e)
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_model_runs_and_trains_under_jax():
+  python, tried = _jax_python()
+  if python is None:
+    pytest.skip(f"no JAX interpreter (set PUPPET_CNN_JAX_PYTHON; tried {tried})")
+  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3")
+  probe = subprocess.run([python, "-c", "import jax"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+  if probe.returncode != 0:
+    pytest.skip(f"`import jax` fails in {python}: {probe.stderr.strip().splitlines()[-1:]}")
+  proc = subprocess.run([python, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-5000:])
+  out = json.loads(lines[-1][len("RESULT "):])
+  assert out["conv_rel_err"] < 1e-5, out
+  assert out["conv_grad_err"] < 1e-4, out
+  assert abs(out["loop_grad"] - 1.5 ** 3) < 1e-5, out
+  assert out["depth_ok"] and out["logits_finite"], out
+  assert out["grads_finite"] and out["puppeteer_grads_nonzero"], out
+  losses = out["losses"]
+  assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
+  assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out
+  print(f"jax {out['jax']}: losses {losses}", file=sys.stderr)
