@@ -1,0 +1,66 @@
+"""tools/benchmark.py: the static twin, the helpers, and one tiny end-to-end run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+
+from official.puppet_cnn import PuppetClassifier  # noqa: E402
+from official.puppet_cnn import PuppetCNNConfig  # noqa: E402
+
+
+def test_static_twin_has_the_puppets_layer_shapes():
+  config = PuppetCNNConfig(stage_channels=(4, 8, 16), max_depth=4)
+  twin = benchmark.build_static_twin(config, depth=3)
+  convs = [l for l in twin.layers if l.name.startswith("stage")]
+  puppet = PuppetClassifier(config)
+  want = []
+  for shape, _ in puppet.puppet.kernel_shapes(3):
+    want.append(shape)
+    want += [(shape[0], shape[1], shape[3], shape[3])] * 2  # depth 3: two repeated units
+  assert [tuple(c.kernel.shape) for c in convs] == want
+  assert all(not c.use_bias for c in convs)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+  assert twin(images).shape == (2, 10)
+  # Conv multiply-adds by hand: 32x32, 16x16, 8x8 positions, 3x3 kernels.
+  macs = 1024 * 9 * (3 * 4 + 2 * 16) + 256 * 9 * (4 * 8 + 2 * 64) + 64 * 9 * (8 * 16 + 2 * 256)
+  assert benchmark._conv_macs(config.channels, config.pools, 3) == macs  # pylint: disable=protected-access
+
+
+def test_skip_rules():
+  assert "XLA" in benchmark._skip_reason("puppet_bucketed", True, "infer")  # pylint: disable=protected-access
+  assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached", False, "train")  # pylint: disable=protected-access
+  assert benchmark._skip_reason("puppet_exact", True, "train") is None  # pylint: disable=protected-access
+
+
+def test_tiny_run_writes_the_report(tmp_path):
+  output = os.path.join(tmp_path, "benchmarks.md")
+  raw = os.path.join(tmp_path, "raw.json")
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
+         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin",
+         "--xla=off", "--repeats=2", "--warmup=0", "--bins=4", "--no_b256=puppet_cached",
+         f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = open(output).read()
+  for needle in ("## Setup", "--stage_channels=4,8", "uniform random images", "2 CPUs"
+                 if os.cpu_count() == 2 else "CPUs", "| puppet_cached | off |",
+                 "| static_twin | off |", "Ratios against the static twin",
+                 "inference throughput >= 0.8x twin", "training regenerates kernels",
+                 "batch 256 not measured for: puppet_cached"):
+    assert needle in report, needle
+  results = json.load(open(raw))
+  rows = {r["model"]: r for r in results["sections"][0]["rows"]}
+  twin = rows["static_twin"]
+  assert len(twin["infer"]["batch_64"]["times"]) == 2 and "batch_256" in twin["infer"]
+  assert "batch_256" not in rows["puppet_cached"]["infer"]
+  assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
+  assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]

@@ -1,0 +1,659 @@
+r"""Speed and memory of Puppet-CNN's execution modes against a static twin and baselines.
+
+    python tools/benchmark.py                       # full puppet (64-128-256-512, depth <= 8)
+    python tools/benchmark.py --small               # a 16-32-64-128 puppet, every mode
+    python tools/benchmark.py --sizes=small,full --full_models=static_twin,puppet_cached
+    python tools/benchmark.py --models=static_twin,puppet_cached --xla=off --repeats=7
+
+One run measures, for every selected model and XLA setting: inference latency at batch 1,
+throughput at batch 64 and 256, the time of one training step at batch 64, and peak memory.
+Each (model, XLA, phase) job runs in a fresh Python subprocess, so that its peak resident
+memory (VmHWM of /proc/self/status, Linux; reset with /proc/self/clear_refs after imports and
+data loading) is its own; memory is reported as that peak and as its growth over the
+process's resident size after imports and data loading, before the model is built. Times are medians over --repeats timed calls (default 5) after the first call
+(tracing) and --warmup untimed calls; spreads are [min, max]. Inference is a `tf.function`
+(`jit_compile` per the XLA setting) of `model(x, training=False)`; training is
+`model.train_on_batch` (SGD) after `compile(jit_compile=...)`.
+
+Models (`--models`):
+  puppet_exact     PuppetClassifier, execution='per_sample', exact H (the paper).
+  puppet_binned    execution='per_sample', complexity_bins=--bins.
+  puppet_bucketed  execution='bucketed', complexity_bins=--bins (kernels generated per call).
+  puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
+  static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
+                   fixed depth per stage = the puppet's mean depth on the benchmark images
+                   (rounded to an int).
+  resnet, mobilenet_v2   official.puppet_cnn.baselines.build_baseline(name, 10).
+
+Images: the first 256 CIFAR-10 test images from --data_dir (default $PUPPET_CNN_DATA_DIR)
+when they load, else uniform random images (the report says which); batch 1 cycles through
+the first 64. Labels: CIFAR-10's (or random). The kernel cache holds the bins of the first
+2048 CIFAR-10 training images (or of the benchmark images).
+
+The tool writes --output (docs/benchmarks.md) with the machine, backend, the exact command,
+medians and spreads, ratios against the static twin and what was skipped and why. Jobs stop
+starting once --time_budget_s is spent; a job over --job_timeout_s or --max_rss_mb is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+PUPPET_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached")
+ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
+FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "resnet",
+                       "mobilenet_v2")
+SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64, 128)}
+PHASES = ("infer", "train")
+INFER_BATCHES = (1, 64, 256)
+TRAIN_BATCH = 64
+
+_SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
+_SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
+                           "(64-128-256-512) and/or small (16-32-64-128). Default: full, "
+                           "or small with --small.")
+_STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None, "Overrides the puppet's stage "
+                                    "channels (a custom size, e.g. for tests).")
+_MAX_DEPTH = flags.DEFINE_integer("max_depth", 8, "Puppet max_depth.")
+_MODELS = flags.DEFINE_list("models", list(ALL_MODELS), f"Models to run: {ALL_MODELS}.")
+_FULL_MODELS = flags.DEFINE_list(
+    "full_models", list(FULL_DEFAULT_MODELS), "Models for the full size (per-sample "
+    "execution of the full puppet needs minutes per batch and tens of GB for a training "
+    "step on a CPU); intersected with --models.")
+_PHASES = flags.DEFINE_list("phases", list(PHASES), "infer and/or train.")
+_XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
+_BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (>= 5 reported "
+                                "as the protocol; fewer is allowed for smoke tests).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after the first (tracing) call.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
+                                "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
+_TIME_BUDGET = flags.DEFINE_float("time_budget_s", 900.0, "No new job starts after this.")
+_JOB_TIMEOUT = flags.DEFINE_float("job_timeout_s", 600.0, "Kill a job after this.")
+_MAX_RSS_MB = flags.DEFINE_float("max_rss_mb", 16000.0, "Kill a job whose resident memory "
+                                 "exceeds this (MB).")
+_NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
+                             "measured (to fit the time budget).")
+_OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown report.")
+_JSON_OUTPUT = flags.DEFINE_string("json_output", None, "Also write the raw results here.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec file.")
+
+
+# =================================================================================== worker
+def _proc_status_kb(field: str) -> Optional[int]:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _load_images(data_dir: Optional[str], n: int = 256):
+  """(images uint8 (n, 32, 32, 3), labels, source description, calibration images)."""
+  import numpy as np
+  data_dir = data_dir or os.environ.get("PUPPET_CNN_DATA_DIR")
+  if data_dir:
+    try:
+      from official.puppet_cnn.data.cifar import load_cifar
+      x_train, _, x_test, y_test = load_cifar("cifar10", data_dir)
+      return (np.array(x_test[:n]), y_test[:n].astype(np.int64),
+              f"CIFAR-10 test images 0..{n - 1} from {data_dir}", np.array(x_train[:2048]))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f"CIFAR-10 did not load from {data_dir} ({type(e).__name__}: {e})"
+  else:
+    reason = "no --data_dir / $PUPPET_CNN_DATA_DIR"
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+  return (images, rng.integers(0, 10, n).astype(np.int64), f"uniform random images ({reason})",
+          images)
+
+
+def _puppet_config(spec: Dict[str, Any]):
+  from official.puppet_cnn import PuppetCNNConfig
+  return PuppetCNNConfig(num_classes=10, stage_channels=tuple(spec["stage_channels"]),
+                         max_depth=spec["max_depth"])
+
+
+def build_static_twin(config, depth: int):
+  """A plain Keras CNN with the puppet's layer shapes, `depth` stored convs per stage.
+
+  Same input normalization, conv (no bias) - BN - ReLU units, pools, global average pool and
+  dense head as the puppet (VGG-style 'plain' units); only the kernels are stored instead of
+  generated, and every image gets the same depth.
+  """
+  import keras
+  import numpy as np
+  inputs = keras.Input(tuple(config.input_shape))
+  mean = np.asarray(config.pixel_mean, np.float32)
+  std = np.asarray(config.pixel_std, np.float32)
+  x = keras.layers.Rescaling(1.0 / config.complexity.pixel_max)(inputs)
+  x = keras.layers.Normalization(mean=mean, variance=std ** 2)(x)
+  for s, (channels, pool) in enumerate(zip(config.channels, config.pools)):
+    for u in range(depth):
+      x = keras.layers.Conv2D(channels, config.kernel_size, padding="same", use_bias=False,
+                              name=f"stage{s}_conv{u}")(x)
+      x = keras.layers.BatchNormalization(momentum=config.bn_momentum,
+                                          epsilon=config.bn_epsilon)(x)
+      x = keras.layers.ReLU()(x)
+    if pool:
+      x = keras.layers.MaxPooling2D(2, padding="same")(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  outputs = keras.layers.Dense(config.num_classes)(x)
+  return keras.Model(inputs, outputs, name=f"static_twin_depth{depth}")
+
+
+def _build(spec, calibration):
+  """The model of a job, plus notes."""
+  from official.puppet_cnn import PuppetClassifier
+  from official.puppet_cnn.baselines import build_baseline
+  name, notes = spec["model"], {}
+  config = _puppet_config(spec)
+  if name == "static_twin":
+    return build_static_twin(config, spec["twin_depth"]), notes
+  if name in ("resnet", "mobilenet_v2"):
+    return build_baseline(name, 10), notes
+  overrides = {
+      "puppet_exact": {},
+      "puppet_binned": dict(complexity_bins=spec["bins"]),
+      "puppet_bucketed": dict(complexity_bins=spec["bins"], execution="bucketed"),
+      "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
+  }[name]
+  model = PuppetClassifier(config.replace(**overrides))
+  model.build()
+  if name == "puppet_cached":
+    start = time.perf_counter()
+    bins = model.cache_kernels(images=calibration, chunk_size=2)
+    info = model.kernel_cache_info()
+    notes.update(cached_bins=list(bins), cache_mb=info["bytes_float32"] / 1e6,
+                 cache_s=time.perf_counter() - start)
+  return model, notes
+
+
+def _time_calls(fn, repeats: int, warmup: int):
+  first = time.perf_counter()
+  fn(0)
+  first = time.perf_counter() - first
+  for i in range(warmup):
+    fn(i + 1)
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    fn(warmup + 1 + i)
+    times.append(time.perf_counter() - start)
+  return {"times": times, "first_call_s": first}
+
+
+def _reset_peak_rss() -> bool:
+  """Resets VmHWM to the current resident size (Linux >= 4.0: clear_refs 5)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """Runs one (model, XLA, phase) job; returns its measurements."""
+  import gc
+  import numpy as np
+  import tensorflow as tf
+  import keras
+  with np.load(spec["data_file"]) as data:
+    images, labels = data["images"], data["labels"]
+    calibration = data["calibration"]
+  gc.collect()
+  rss_base = _proc_status_kb("VmRSS")
+  peak_reset = _reset_peak_rss()
+  model, notes = _build(spec, calibration)
+  result: Dict[str, Any] = {"notes": notes, "rss_base_kb": rss_base, "peak_reset": peak_reset}
+  xla = spec["xla"]
+  repeats, warmup = spec["repeats"], spec["warmup"]
+  if spec["phase"] == "infer":
+    fn = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+    batches = {b: tf.constant(images[:b].astype(np.float32)) for b in (64, 256)}
+    singles = [tf.constant(images[i:i + 1].astype(np.float32)) for i in range(64)]
+    result["latency_b1"] = _time_calls(lambda i: fn(singles[i % 64]).numpy(), repeats, warmup)
+    result["batch_64"] = _time_calls(lambda i: fn(batches[64]).numpy(), repeats, warmup)
+    result["hwm_b64_kb"] = _proc_status_kb("VmHWM")
+    if 256 in spec["infer_batches"]:
+      result["batch_256"] = _time_calls(lambda i: fn(batches[256]).numpy(), repeats, warmup)
+      result["hwm_b256_kb"] = _proc_status_kb("VmHWM")
+  else:
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=xla)
+    x, y = images[:TRAIN_BATCH].astype(np.float32), labels[:TRAIN_BATCH]
+    result["train_64"] = _time_calls(lambda i: model.train_on_batch(x, y), repeats, warmup)
+    result["hwm_train_kb"] = _proc_status_kb("VmHWM")
+  return result
+
+
+# =================================================================================== parent
+def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
+  if model in ("puppet_bucketed", "puppet_cached") and xla:
+    return "not XLA-compatible (data-dependent group sizes)"
+  if model == "puppet_cached" and phase == "train":
+    return "training regenerates kernels: same as puppet_bucketed"
+  return None
+
+
+def _mean_depths(spec_base, images) -> Dict[str, float]:
+  """Mean puppet depth on the benchmark images, exact H and binned."""
+  import numpy as np
+  from official.puppet_cnn.modeling import complexity as cx
+  config = _puppet_config(spec_base)
+  h = cx.image_complexity(images, config.complexity).numpy()
+  exact = cx.depth_from_step(cx.step_size(h), config.min_depth, config.max_depth).numpy()
+  bins = cx.complexity_bin(h, spec_base["bins"], config.complexity.max_complexity).numpy()
+  _, _, depths = cx.bin_table(spec_base["bins"], config.complexity.max_complexity,
+                              config.min_depth, config.max_depth)
+  return {"exact": float(exact.mean()), "binned": float(depths[bins].mean()),
+          "h_mean": float(h.mean()), "h_min": float(h.min()), "h_max": float(h.max()),
+          "depth_histogram": {int(d): int(c) for d, c in zip(*np.unique(exact,
+                                                                        return_counts=True))},
+          "occupied_bins_b64": int(len(np.unique(bins[:64]))),
+          "occupied_bins_b256": int(len(np.unique(bins)))}
+
+
+def _conv_macs(channels, pools, depth_per_image, in_channels=3, size=32, k=3) -> float:
+  """Multiply-adds of the conv layers of one image of the given depth per stage."""
+  total, c_prev, hw = 0.0, in_channels, size * size
+  for c, pool in zip(channels, pools):
+    total += hw * k * k * (c_prev * c + (depth_per_image - 1) * c * c)
+    c_prev = c
+    if pool:
+      hw = ((int(hw ** 0.5) + 1) // 2) ** 2
+  return total
+
+
+def _run_job(spec, timeout_s: float, max_rss_mb: float) -> Dict[str, Any]:
+  """Runs one job in a fresh interpreter, watching its time and resident memory."""
+  with tempfile.TemporaryDirectory() as tmp:
+    spec_path = os.path.join(tmp, "spec.json")
+    out_path = os.path.join(tmp, "out.json")
+    spec = dict(spec, output=out_path)
+    with open(spec_path, "w") as f:
+      json.dump(spec, f)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={spec_path}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    killed: Dict[str, str] = {}
+    log: List[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+      time.sleep(0.5)
+      if time.perf_counter() - start > timeout_s:
+        killed["reason"] = f"killed after {timeout_s:.0f} s (job time limit)"
+      rss = _child_rss_mb(proc.pid)
+      if rss is not None and rss > max_rss_mb:
+        killed["reason"] = f"killed at {rss:.0f} MB resident (limit {max_rss_mb:.0f} MB)"
+      if killed:
+        proc.kill()
+        proc.wait()
+        break
+    reader.join(timeout=5)
+    wall = time.perf_counter() - start
+    if killed:
+      return {"error": killed["reason"], "wall_s": wall}
+    if proc.returncode != 0 or not os.path.exists(out_path):
+      tail = "".join(log)[-1500:]
+      return {"error": f"exit code {proc.returncode}: {tail.strip().splitlines()[-1:]}",
+              "log_tail": tail, "wall_s": wall}
+    with open(out_path) as f:
+      result = json.load(f)
+    result["wall_s"] = wall
+    return result
+
+
+def _child_rss_mb(pid: int) -> Optional[float]:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    return None
+  return None
+
+
+# ================================================================================== report
+def _stats(times: List[float]) -> Dict[str, float]:
+  import numpy as np
+  return {"median": float(np.median(times)), "min": float(np.min(times)),
+          "max": float(np.max(times))}
+
+
+def _fmt_time(entry, scale=1000.0, unit="ms") -> str:
+  if not entry:
+    return "-"
+  s = _stats(entry["times"])
+  return f"{s['median'] * scale:.1f} [{s['min'] * scale:.1f}, {s['max'] * scale:.1f}] {unit}"
+
+
+def _fmt_throughput(entry, batch: int) -> str:
+  if not entry:
+    return "-"
+  s = _stats(entry["times"])
+  return f"{batch / s['median']:.1f} [{batch / s['max']:.1f}, {batch / s['min']:.1f}]"
+
+
+def _fmt_mem(hwm_kb, base_kb) -> str:
+  if hwm_kb is None:
+    return "-"
+  growth = (hwm_kb - base_kb) / 1024.0 if base_kb else float("nan")
+  return f"{hwm_kb / 1024.0:.0f} (+{growth:.0f})"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+  if a is None or b is None or b == 0:
+    return "-"
+  return f"{a / b:.2f}x"
+
+
+def _median(result, key) -> Optional[float]:
+  entry = (result or {}).get(key)
+  return _stats(entry["times"])["median"] if entry else None
+
+
+def _growth_mb(result, key) -> Optional[float]:
+  if not result or result.get(key) is None or not result.get("rss_base_kb"):
+    return None
+  return (result[key] - result["rss_base_kb"]) / 1024.0
+
+
+def _peak_mb(result, key) -> Optional[float]:
+  if not result or result.get(key) is None:
+    return None
+  return result[key] / 1024.0
+
+
+def _target(ok: Optional[bool]) -> str:
+  return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def write_report(path: str, header: Dict[str, Any], sections: List[Dict[str, Any]]) -> None:
+  lines = ["# Benchmarks: Puppet-CNN execution modes", "",
+           "Written by `tools/benchmark.py`; rerun it to reproduce. Every number below comes "
+           "from the run described in this header.", "",
+           "## Setup", "",
+           f"- Command: `{header['command']}`",
+           f"- Date: {header['date']}; wall time of the run: {header['wall_s']:.0f} s",
+           f"- Machine: `{header['uname']}`; {header['cpus']} CPUs ({header['cpu_model']}); "
+           f"{header['mem_gb']:.0f} GB RAM; no GPU used",
+           f"- Backend: TensorFlow {header['tf']}, Keras {header['keras']} "
+           f"({header['backend']}), Python {header['python']}",
+           f"- Images: {header['images']}",
+           f"- Batch sizes: latency at 1 (cycling through 64 images), throughput at 64 and "
+           f"256, one training step (SGD, momentum 0.9) at {TRAIN_BATCH}",
+           f"- Protocol: each (model, XLA, phase) job in a fresh subprocess; first call "
+           f"(tracing) and {header['warmup']} warm-up call(s) excluded; {header['repeats']} "
+           "timed calls; **median [min, max]**",
+           "- Memory: each job reads its resident size (VmRSS) after imports and data "
+           "loading, resets the peak (`echo 5 > /proc/self/clear_refs`), builds the model and "
+           "runs; the table gives the peak resident size (VmHWM, /proc/self/status) in MB and, "
+           "in parentheses, its growth over that baseline (model, kernel cache, traced "
+           "graphs, activations, gradients). Inference peak is read after the batch-1 and "
+           "batch-64 measurements (before batch 256); training peak after the training steps.",
+           f"- Binned modes: complexity_bins = {header['bins']} (equal bins on [0, 8] bits)",
+           f"- Time budget {header['time_budget_s']:.0f} s, job limit "
+           f"{header['job_timeout_s']:.0f} s, RSS limit {header['max_rss_mb']:.0f} MB", ""]
+  for section in sections:
+    lines += _section_lines(section)
+  if header.get("notes"):
+    lines += ["## Notes", ""] + [f"- {n}" for n in header["notes"]] + [""]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def _section_lines(section) -> List[str]:
+  size, depths = section["size"], section["depths"]
+  lines = [f"## {size} puppet: stage channels {tuple(section['stage_channels'])}, "
+           f"max depth {section['max_depth']}", "",
+           f"- Puppet depth on the benchmark images: mean {depths['exact']:.2f} with exact H "
+           f"(histogram {depths['depth_histogram']}), {depths['binned']:.2f} with "
+           f"{section['bins']} bins; H in [{depths['h_min']:.2f}, {depths['h_max']:.2f}] "
+           f"bits, mean {depths['h_mean']:.2f}",
+           f"- Occupied bins: {depths['occupied_bins_b64']} in the batch of 64, "
+           f"{depths['occupied_bins_b256']} in the batch of 256",
+           f"- Static twin: depth {section['twin_depth']} per stage "
+           f"({section['twin_macs'] / 1e6:.0f} M conv multiply-adds per image; the puppet's "
+           f"mean over the images is {section['puppet_macs'] / 1e6:.0f} M with exact depths, "
+           "not counting the puppeteer)", ""]
+  lines += ["| model | XLA | latency b1 | images/s b64 | images/s b256 | train step b64 | "
+            "peak MB infer (growth) | peak MB train (growth) | notes |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for row in section["rows"]:
+    inf, tr = row.get("infer") or {}, row.get("train") or {}
+    notes = []
+    for part, res in (("infer", row.get("infer")), ("train", row.get("train"))):
+      if res and res.get("error"):
+        notes.append(f"{part}: {res['error']}")
+    for part in ("infer", "train"):
+      if row.get(f"{part}_skipped"):
+        notes.append(f"{part} skipped: {row[f'{part}_skipped']}")
+    if row.get("shared"):
+      notes.append("same measurement as in the first section (does not depend on the puppet)")
+    cache = (inf.get("notes") or {})
+    if cache.get("cached_bins") is not None:
+      notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB, "
+                   f"built in {cache['cache_s']:.1f} s")
+    lines.append(
+        f"| {row['model']} | {'on' if row['xla'] else 'off'} | {_fmt_time(inf.get('latency_b1'))} "
+        f"| {_fmt_throughput(inf.get('batch_64'), 64)} | {_fmt_throughput(inf.get('batch_256'), 256)} "
+        f"| {_fmt_time(tr.get('train_64'), 1.0, 's')} "
+        f"| {_fmt_mem(inf.get('hwm_b64_kb'), inf.get('rss_base_kb'))} "
+        f"| {_fmt_mem(tr.get('hwm_train_kb'), tr.get('rss_base_kb'))} | {'; '.join(notes)} |")
+  lines += ["", "Ratios against the static twin with the same XLA setting (throughput: model / "
+            "twin, higher is better; training time and memory: model / twin, lower is better; "
+            "memory as growth over the post-import baseline, and as total peak):", "",
+            "| model | XLA | throughput b64 | throughput b256 | latency b1 | train step b64 | "
+            "memory infer growth (peak) | memory train growth (peak) |",
+            "|---|---|---|---|---|---|---|---|"]
+  twins = {r["xla"]: r for r in section["rows"] if r["model"] == "static_twin"}
+  for row in section["rows"]:
+    twin = twins.get(row["xla"])
+    if row["model"] == "static_twin" or twin is None:
+      continue
+    inf, tr = row.get("infer"), row.get("train")
+    tinf, ttr = twin.get("infer"), twin.get("train")
+    mem = lambda r, t, k: (f"{_ratio(_growth_mb(r, k), _growth_mb(t, k))} "  # pylint: disable=unnecessary-lambda-assignment
+                           f"({_ratio(_peak_mb(r, k), _peak_mb(t, k))})")
+    lines.append(
+        f"| {row['model']} | {'on' if row['xla'] else 'off'} "
+        f"| {_ratio(_median(tinf, 'batch_64'), _median(inf, 'batch_64'))} "
+        f"| {_ratio(_median(tinf, 'batch_256'), _median(inf, 'batch_256'))} "
+        f"| {_ratio(_median(inf, 'latency_b1'), _median(tinf, 'latency_b1'))} "
+        f"| {_ratio(_median(tr, 'train_64'), _median(ttr, 'train_64'))} "
+        f"| {mem(inf, tinf, 'hwm_b64_kb')} | {mem(tr, ttr, 'hwm_train_kb')} |")
+  lines += ["", "Targets (batch 64, against the twin at the puppet's mean depth; best puppet "
+            "mode per target, XLA off):", ""]
+  for t in _targets(section):
+    lines.append(f"- {t}")
+  lines.append("")
+  return lines
+
+
+def _targets(section) -> List[str]:
+  rows = {(r["model"], r["xla"]): r for r in section["rows"]}
+  twin = rows.get(("static_twin", False))
+  out = []
+
+  def best(key, part, fn, higher):
+    values = []
+    for model in PUPPET_MODELS:
+      r = rows.get((model, False))
+      value = fn((r or {}).get(part), (twin or {}).get(part)) if r and twin else None
+      if value is not None:
+        values.append((value, model))
+    if not values:
+      return None
+    return max(values) if higher else min(values)
+
+  tp = best("batch_64", "infer",
+            lambda r, t: (_median(t, "batch_64") / _median(r, "batch_64"))
+            if _median(r, "batch_64") and _median(t, "batch_64") else None, True)
+  tr = best("train_64", "train",
+            lambda r, t: (_median(r, "train_64") / _median(t, "train_64"))
+            if _median(r, "train_64") and _median(t, "train_64") else None, False)
+  mem_inf = best("mem", "infer",
+                 lambda r, t: (_growth_mb(r, "hwm_b64_kb") / _growth_mb(t, "hwm_b64_kb"))
+                 if _growth_mb(r, "hwm_b64_kb") and _growth_mb(t, "hwm_b64_kb") else None,
+                 False)
+  mem_tr = best("mem", "train",
+                lambda r, t: (_growth_mb(r, "hwm_train_kb") / _growth_mb(t, "hwm_train_kb"))
+                if _growth_mb(r, "hwm_train_kb") and _growth_mb(t, "hwm_train_kb") else None,
+                False)
+  out.append(f"inference throughput >= 0.8x twin: "
+             + (f"{tp[0]:.2f}x ({tp[1]}) - {_target(tp[0] >= 0.8)}" if tp else "not measured"))
+  out.append(f"training step <= 2x twin: "
+             + (f"{tr[0]:.2f}x ({tr[1]}) - {_target(tr[0] <= 2.0)}" if tr else "not measured"))
+  out.append(f"peak memory <= 2x twin (growth over baseline), inference: "
+             + (f"{mem_inf[0]:.2f}x ({mem_inf[1]}) - {_target(mem_inf[0] <= 2.0)}"
+                if mem_inf else "not measured")
+             + "; training: "
+             + (f"{mem_tr[0]:.2f}x ({mem_tr[1]}) - {_target(mem_tr[0] <= 2.0)}"
+                if mem_tr else "not measured"))
+  return out
+
+
+def _machine() -> Dict[str, Any]:
+  cpu_model, mem_gb = platform.processor() or "unknown CPU", 0.0
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu_model = line.split(":", 1)[1].strip()
+          break
+    with open("/proc/meminfo") as f:
+      mem_gb = int(f.readline().split()[1]) / 1024 ** 2
+  except OSError:
+    pass
+  return {"uname": " ".join(platform.uname()), "cpus": os.cpu_count(), "cpu_model": cpu_model,
+          "mem_gb": mem_gb, "python": platform.python_version()}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKER.value:
+    with open(_WORKER.value) as f:
+      spec = json.load(f)
+    result = run_worker(spec)
+    with open(spec["output"], "w") as f:
+      json.dump(result, f)
+    return
+  unknown = sorted(set(_MODELS.value) - set(ALL_MODELS))
+  if unknown:
+    raise app.UsageError(f"unknown --models {unknown}; choose from {ALL_MODELS}")
+  if set(_PHASES.value) - set(PHASES) or set(_XLA.value) - {"on", "off"}:
+    raise app.UsageError("--phases takes infer,train and --xla takes off,on")
+  if set(_NO_B256.value) - set(ALL_MODELS):
+    raise app.UsageError(f"--no_b256 takes models from {ALL_MODELS}")
+  sizes = _SIZES.value or (["small"] if _SMALL.value else ["full"])
+  if set(sizes) - set(SIZES):
+    raise app.UsageError(f"--sizes takes {sorted(SIZES)}")
+  start = time.perf_counter()
+  import numpy as np
+  import tensorflow as tf  # the parent only measures depths; jobs run in subprocesses
+  import keras
+  images, labels, source, calibration = _load_images(_DATA_DIR.value)
+  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  header = dict(_machine(), command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"),
+                tf=tf.__version__, keras=keras.__version__, backend=keras.backend.backend(),
+                images=source, repeats=_REPEATS.value, warmup=_WARMUP.value, bins=_BINS.value,
+                time_budget_s=_TIME_BUDGET.value, job_timeout_s=_JOB_TIMEOUT.value,
+                max_rss_mb=_MAX_RSS_MB.value, notes=[])
+  sections = []
+  baseline_rows: Dict[tuple, Dict[str, Any]] = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    data_file = os.path.join(tmp, "images.npz")
+    np.savez(data_file, images=images, labels=labels, calibration=calibration)
+    for size in sizes:
+      channels = ([int(c) for c in _STAGE_CHANNELS.value] if _STAGE_CHANNELS.value
+                  else list(SIZES[size]))
+      base = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
+                  repeats=_REPEATS.value, warmup=_WARMUP.value, data_file=data_file)
+      depths = _mean_depths(base, images)
+      twin_depth = max(1, int(round(depths["exact"])))
+      config = _puppet_config(base)
+      models = [m for m in _MODELS.value if size != "full" or m in _FULL_MODELS.value
+                or m in ("resnet", "mobilenet_v2")]
+      section = dict(size=size, stage_channels=channels, max_depth=_MAX_DEPTH.value,
+                     bins=_BINS.value, depths=depths, twin_depth=twin_depth,
+                     twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
+                     puppet_macs=_mean_macs(config, images), rows=[])
+      not_run = [m for m in _MODELS.value if m not in models]
+      if not_run:
+        header["notes"].append(f"{size} puppet: not run: {', '.join(not_run)} (not in "
+                               "--full_models)")
+      for xla in [x == "on" for x in _XLA.value]:
+        for model in models:
+          if model in ("resnet", "mobilenet_v2") and (model, xla) in baseline_rows:
+            # The baselines do not depend on the puppet's size: measured once per run.
+            section["rows"].append(dict(baseline_rows[(model, xla)], shared=True))
+            continue
+          row = {"model": model, "xla": xla}
+          for phase in PHASES:
+            if phase not in _PHASES.value:
+              continue
+            reason = _skip_reason(model, xla, phase)
+            elapsed = time.perf_counter() - start
+            if reason is None and elapsed > _TIME_BUDGET.value:
+              reason = f"time budget ({_TIME_BUDGET.value:.0f} s) spent"
+            if reason:
+              row[f"{phase}_skipped"] = reason
+              continue
+            spec = dict(base, model=model, xla=xla, phase=phase, twin_depth=twin_depth,
+                        infer_batches=[1, 64] if model in _NO_B256.value else [1, 64, 256])
+            print(f"[{elapsed:6.0f} s] {size} {model} xla={'on' if xla else 'off'} {phase} ...",
+                  flush=True)
+            result = _run_job(spec, _JOB_TIMEOUT.value, _MAX_RSS_MB.value)
+            row[phase] = result
+            print(f"          done in {result['wall_s']:.0f} s"
+                  + (f": {result['error']}" if result.get("error") else ""), flush=True)
+          if model in ("resnet", "mobilenet_v2"):
+            baseline_rows[(model, xla)] = row
+          section["rows"].append(row)
+      sections.append(section)
+  if _NO_B256.value:
+    header["notes"].append(f"batch 256 not measured for: {', '.join(_NO_B256.value)} "
+                           "(--no_b256)")
+  header["wall_s"] = time.perf_counter() - start
+  write_report(_OUTPUT.value, header, sections)
+  if _JSON_OUTPUT.value:
+    with open(_JSON_OUTPUT.value, "w") as f:
+      json.dump({"header": header, "sections": sections}, f, indent=1)
+  print(f"wrote {_OUTPUT.value}")
+
+
+def _mean_macs(config, images) -> float:
+  import numpy as np
+  from official.puppet_cnn.modeling import complexity as cx
+  h = cx.image_complexity(images, config.complexity).numpy()
+  depth = cx.depth_from_step(cx.step_size(h), config.min_depth, config.max_depth).numpy()
+  return float(np.mean([_conv_macs(config.channels, config.pools, int(d)) for d in depth]))
+
+
+if __name__ == "__main__":
+  app.run(main)
