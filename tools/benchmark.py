@@ -88,6 +88,16 @@ _MAX_RSS_MB = flags.DEFINE_float("max_rss_mb", 16000.0, "Kill a job whose reside
                                  "exceeds this (MB).")
 _NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
                              "measured (to fit the time budget).")
+_STUDY = flags.DEFINE_list("study", ["speed"], "speed (latency, throughput, training step, "
+                           "memory) and/or binning (accuracy cost of complexity_bins on a "
+                           "briefly trained puppet). Each rewrites only its block of --output.")
+_BINNING_STEPS = flags.DEFINE_integer("binning_steps", 250, "Training steps of the binning "
+                                      "study's puppet.")
+_BINNING_TRAIN_BINS = flags.DEFINE_integer("binning_train_bins", 64, "complexity_bins the "
+                                           "binning study trains with (bucketed).")
+_BINNING_BINS = flags.DEFINE_list("binning_bins", ["8", "16", "32", "64"], "Bin counts the "
+                                  "binning study evaluates against exact H.")
+_BINNING_EVAL = flags.DEFINE_integer("binning_eval_images", 1000, "Test images it evaluates.")
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown report.")
 _JSON_OUTPUT = flags.DEFINE_string("json_output", None, "Also write the raw results here.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec file.")
@@ -246,6 +256,99 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   return result
 
 
+def run_binning_study(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """Trains a puppet briefly, then compares predictions with exact and binned H.
+
+  Training uses execution='bucketed' with spec['train_bins'] bins (the fast mode); the
+  evaluation runs the trained weights with exact H (per_sample, the paper) and with each bin
+  count of spec['bins_list'] (bucketed, which equals per_sample with the same bins, see
+  tests/modeling/bucketed_test.py).
+  """
+  import numpy as np
+  import keras
+  from official.puppet_cnn import PuppetClassifier
+  data_dir = spec.get("data_dir") or os.environ.get("PUPPET_CNN_DATA_DIR")
+  try:
+    from official.puppet_cnn.data.cifar import load_cifar
+    x_train, y_train, x_test, y_test = load_cifar("cifar10", data_dir)
+    source = (f"CIFAR-10 from {data_dir}: training images in a seeded random order, the "
+              "first test images for evaluation")
+  except Exception as e:  # pylint: disable=broad-except
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 256, (4096, 32, 32, 3)).astype(np.uint8)
+    y_train = rng.integers(0, 10, 4096)
+    x_test, y_test = x_train[:1024], y_train[:1024]
+    source = f"uniform random images and labels (CIFAR-10 did not load: {e})"
+  config = _puppet_config(spec)
+  model = PuppetClassifier(config.replace(complexity_bins=spec["train_bins"],
+                                          execution="bucketed"))
+  model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  rng = np.random.default_rng(1)
+  order = rng.permutation(len(x_train))
+  batch, start, losses = 64, time.perf_counter(), []
+  for step in range(spec["steps"]):
+    idx = order[(step * batch) % len(order):][:batch]
+    losses.append(float(model.train_on_batch(x_train[idx], y_train[idx])))
+  train_s = time.perf_counter() - start
+  weights = model.get_weights()
+  x_eval, y_eval = x_test[:spec["eval_images"]], y_test[:spec["eval_images"]]
+
+  def evaluate(**overrides):
+    m = PuppetClassifier(config.replace(**overrides))
+    m.build()
+    m.set_weights(weights)
+    if overrides.get("execution") == "bucketed":
+      m.cache_kernels(images=x_eval)
+    out = m.predict_details(x_eval, batch_size=100)
+    return out["logits"], out["depth"]
+
+  exact_logits, exact_depth = evaluate()
+  rows = [{"bins": 0, "top1": float(np.mean(exact_logits.argmax(1) == y_eval)),
+           "agreement": 1.0, "max_abs_logit_diff": 0.0, "mean_abs_logit_diff": 0.0,
+           "mean_depth": float(exact_depth.mean()), "depth_changed": 0.0}]
+  for bins in spec["bins_list"]:
+    logits, depth = evaluate(complexity_bins=bins, execution="bucketed")
+    diff = np.abs(logits - exact_logits)
+    rows.append({"bins": bins, "top1": float(np.mean(logits.argmax(1) == y_eval)),
+                 "agreement": float(np.mean(logits.argmax(1) == exact_logits.argmax(1))),
+                 "max_abs_logit_diff": float(diff.max()),
+                 "mean_abs_logit_diff": float(diff.mean()),
+                 "mean_depth": float(depth.mean()),
+                 "depth_changed": float(np.mean(depth != exact_depth))})
+  return {"source": source, "train_s": train_s, "losses": losses, "rows": rows,
+          "first_loss": float(np.mean(losses[:10])) if losses else None,
+          "last_loss": float(np.mean(losses[-10:])) if losses else None}
+
+
+def binning_lines(header, spec, result) -> List[str]:
+  lines = ["## Accuracy cost of complexity binning", "",
+           "Written by `tools/benchmark.py --study=binning` (block `binning`).", ""]
+  lines += _machine_lines(header)
+  if result.get("error"):
+    return lines + ["", f"The study failed: {result['error']}", ""]
+  lines += [
+      f"- Data: {result['source']}",
+      f"- Model: PuppetClassifier, stage channels {tuple(spec['stage_channels'])}, max depth "
+      f"{spec['max_depth']}, trained from scratch for {spec['steps']} steps of batch 64 "
+      f"(Adam 1e-3, no augmentation; {result['train_s']:.0f} s) with execution='bucketed' "
+      f"and {spec['train_bins']} bins; training loss {result['first_loss']:.3f} (first 10 "
+      f"steps) -> {result['last_loss']:.3f} (last 10)",
+      f"- Evaluation: the same weights on {spec['eval_images']} test images, with exact H "
+      "(per_sample, the paper's rule) and with each bin count (bucketed with a kernel cache, "
+      "which equals per_sample with the same bins within 1e-4). Agreement: fraction of "
+      "images whose predicted class equals the exact-H prediction.", "",
+      "| complexity_bins | top-1 | agreement with exact H | mean abs logit diff | "
+      "max abs logit diff | mean depth | images whose depth changed |",
+      "|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['bins'] or 'exact (0)'} | {100 * r['top1']:.1f}% "
+                 f"| {100 * r['agreement']:.1f}% | {r['mean_abs_logit_diff']:.4f} "
+                 f"| {r['max_abs_logit_diff']:.4f} | {r['mean_depth']:.2f} "
+                 f"| {100 * r['depth_changed']:.1f}% |")
+  return lines + [""]
+
+
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
   if model in ("puppet_bucketed", "puppet_cached") and xla:
@@ -294,6 +397,7 @@ def _run_job(spec, timeout_s: float, max_rss_mb: float) -> Dict[str, Any]:
       json.dump(spec, f)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={spec_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     killed: Dict[str, str] = {}
@@ -322,6 +426,7 @@ def _run_job(spec, timeout_s: float, max_rss_mb: float) -> Dict[str, Any]:
     with open(out_path) as f:
       result = json.load(f)
     result["wall_s"] = wall
+    result["load_avg_1min"] = [load_before, os.getloadavg()[0]]
     return result
 
 
@@ -391,17 +496,41 @@ def _target(ok: Optional[bool]) -> str:
   return "n/a" if ok is None else ("met" if ok else "NOT met")
 
 
+TITLE = "# Benchmarks: Puppet-CNN execution modes"
+
+
+def write_block(path: str, name: str, lines: List[str]) -> None:
+  """Writes `lines` as block `name` of the report, keeping its other blocks.
+
+  Blocks sit between `<!-- name:begin -->` and `<!-- name:end -->`; a block the tool does not
+  write (e.g. `discussion`, written by hand) is kept as it is.
+  """
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  block = "\n".join([begin] + lines + [end])
+  text = open(path).read() if os.path.exists(path) else TITLE + "\n"
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip("\n") + "\n\n" + block + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _machine_lines(header) -> List[str]:
+  return [f"- Command: `{header['command']}`",
+          f"- Date: {header['date']}; wall time of the run: {header['wall_s']:.0f} s",
+          f"- Machine: `{header['uname']}`; {header['cpus']} CPUs ({header['cpu_model']}); "
+          f"{header['mem_gb']:.0f} GB RAM; no GPU used",
+          f"- Backend: TensorFlow {header['tf']}, Keras {header['keras']} "
+          f"({header['backend']}), Python {header['python']}"]
+
+
 def write_report(path: str, header: Dict[str, Any], sections: List[Dict[str, Any]]) -> None:
-  lines = ["# Benchmarks: Puppet-CNN execution modes", "",
-           "Written by `tools/benchmark.py`; rerun it to reproduce. Every number below comes "
-           "from the run described in this header.", "",
-           "## Setup", "",
-           f"- Command: `{header['command']}`",
-           f"- Date: {header['date']}; wall time of the run: {header['wall_s']:.0f} s",
-           f"- Machine: `{header['uname']}`; {header['cpus']} CPUs ({header['cpu_model']}); "
-           f"{header['mem_gb']:.0f} GB RAM; no GPU used",
-           f"- Backend: TensorFlow {header['tf']}, Keras {header['keras']} "
-           f"({header['backend']}), Python {header['python']}",
+  lines = ["## Speed and memory", "",
+           "Written by `tools/benchmark.py` (block `speed`); every number in this block comes "
+           "from the run described here.", "",
+           "### Setup", ""] + _machine_lines(header) + [
            f"- Images: {header['images']}",
            f"- Batch sizes: latency at 1 (cycling through 64 images), throughput at 64 and "
            f"256, one training step (SGD, momentum 0.9) at {TRAIN_BATCH}",
@@ -419,16 +548,21 @@ def write_report(path: str, header: Dict[str, Any], sections: List[Dict[str, Any
            f"{header['job_timeout_s']:.0f} s, RSS limit {header['max_rss_mb']:.0f} MB", ""]
   for section in sections:
     lines += _section_lines(section)
+  loads = [v for section in sections for row in section["rows"] for part in ("infer", "train")
+           for v in ((row.get(part) or {}).get("load_avg_1min") or [])]
+  if loads:
+    header["notes"].append(
+        f"1-minute load average at the start and end of the jobs: {min(loads):.2f} to "
+        f"{max(loads):.2f} on {header['cpus']} CPUs (the machine is shared; a load above "
+        "about 1 while a job runs means another process competed for the CPUs)")
   if header.get("notes"):
-    lines += ["## Notes", ""] + [f"- {n}" for n in header["notes"]] + [""]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+    lines += ["### Notes", ""] + [f"- {n}" for n in header["notes"]] + [""]
+  write_block(path, "speed", lines)
 
 
 def _section_lines(section) -> List[str]:
   size, depths = section["size"], section["depths"]
-  lines = [f"## {size} puppet: stage channels {tuple(section['stage_channels'])}, "
+  lines = [f"### {size} puppet: stage channels {tuple(section['stage_channels'])}, "
            f"max depth {section['max_depth']}", "",
            f"- Puppet depth on the benchmark images: mean {depths['exact']:.2f} with exact H "
            f"(histogram {depths['depth_histogram']}), {depths['binned']:.2f} with "
@@ -439,7 +573,15 @@ def _section_lines(section) -> List[str]:
            f"- Static twin: depth {section['twin_depth']} per stage "
            f"({section['twin_macs'] / 1e6:.0f} M conv multiply-adds per image; the puppet's "
            f"mean over the images is {section['puppet_macs'] / 1e6:.0f} M with exact depths, "
-           "not counting the puppeteer)", ""]
+           "not counting the puppeteer)",
+           f"- Puppeteer cost model: one Euler step of G on one state is "
+           f"{section['g_step_macs'] / 1e6:.0f} M multiply-adds (9 C^3 + 81 C^2, C = "
+           f"{max(section['stage_channels'])}); a bin of depth d needs "
+           f"{len(section['stage_channels'])} d steps, i.e. "
+           f"{len(section['stage_channels']) * section['twin_depth'] * section['g_step_macs'] / 1e9:.2f} G "
+           f"for d = {section['twin_depth']}: the forward cost of "
+           f"{len(section['stage_channels']) * section['twin_depth'] * section['g_step_macs'] / section['twin_macs']:.1f} "
+           "twin images per occupied bin (training: about 3x both)", ""]
   lines += ["| model | XLA | latency b1 | images/s b64 | images/s b256 | train step b64 | "
             "peak MB infer (growth) | peak MB train (growth) | notes |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -559,7 +701,7 @@ def main(argv):
   if _WORKER.value:
     with open(_WORKER.value) as f:
       spec = json.load(f)
-    result = run_worker(spec)
+    result = run_binning_study(spec) if spec["phase"] == "binning" else run_worker(spec)
     with open(spec["output"], "w") as f:
       json.dump(result, f)
     return
@@ -584,12 +726,14 @@ def main(argv):
                 images=source, repeats=_REPEATS.value, warmup=_WARMUP.value, bins=_BINS.value,
                 time_budget_s=_TIME_BUDGET.value, job_timeout_s=_JOB_TIMEOUT.value,
                 max_rss_mb=_MAX_RSS_MB.value, notes=[])
+  if set(_STUDY.value) - {"speed", "binning"}:
+    raise app.UsageError("--study takes speed and/or binning")
   sections = []
   baseline_rows: Dict[tuple, Dict[str, Any]] = {}
   with tempfile.TemporaryDirectory() as tmp:
     data_file = os.path.join(tmp, "images.npz")
     np.savez(data_file, images=images, labels=labels, calibration=calibration)
-    for size in sizes:
+    for size in (sizes if "speed" in _STUDY.value else []):
       channels = ([int(c) for c in _STAGE_CHANNELS.value] if _STAGE_CHANNELS.value
                   else list(SIZES[size]))
       base = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
@@ -602,7 +746,9 @@ def main(argv):
       section = dict(size=size, stage_channels=channels, max_depth=_MAX_DEPTH.value,
                      bins=_BINS.value, depths=depths, twin_depth=twin_depth,
                      twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
-                     puppet_macs=_mean_macs(config, images), rows=[])
+                     puppet_macs=_mean_macs(config, images),
+                     g_step_macs=9 * config.state_width ** 3 + 81 * config.state_width ** 2,
+                     rows=[])
       not_run = [m for m in _MODELS.value if m not in models]
       if not_run:
         header["notes"].append(f"{size} puppet: not run: {', '.join(not_run)} (not in "
@@ -639,11 +785,26 @@ def main(argv):
   if _NO_B256.value:
     header["notes"].append(f"batch 256 not measured for: {', '.join(_NO_B256.value)} "
                            "(--no_b256)")
-  header["wall_s"] = time.perf_counter() - start
-  write_report(_OUTPUT.value, header, sections)
+  raw = {"header": header, "sections": sections}
+  if "speed" in _STUDY.value:
+    header["wall_s"] = time.perf_counter() - start
+    write_report(_OUTPUT.value, header, sections)
+  if "binning" in _STUDY.value:
+    study_start = time.perf_counter()
+    channels = ([int(c) for c in _STAGE_CHANNELS.value] if _STAGE_CHANNELS.value
+                else list(SIZES["small"]))
+    spec = dict(phase="binning", stage_channels=channels, max_depth=_MAX_DEPTH.value,
+                steps=_BINNING_STEPS.value, train_bins=_BINNING_TRAIN_BINS.value,
+                bins_list=[int(b) for b in _BINNING_BINS.value],
+                eval_images=_BINNING_EVAL.value, data_dir=_DATA_DIR.value)
+    print(f"binning study: {spec}", flush=True)
+    result = _run_job(spec, _JOB_TIMEOUT.value, _MAX_RSS_MB.value)
+    header["wall_s"] = time.perf_counter() - study_start
+    write_block(_OUTPUT.value, "binning", binning_lines(header, spec, result))
+    raw["binning"] = {"spec": spec, "result": result}
   if _JSON_OUTPUT.value:
     with open(_JSON_OUTPUT.value, "w") as f:
-      json.dump({"header": header, "sections": sections}, f, indent=1)
+      json.dump(raw, f, indent=1)
   print(f"wrote {_OUTPUT.value}")
 
 

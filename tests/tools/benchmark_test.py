@@ -64,3 +64,17 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert "batch_256" not in rows["puppet_cached"]["infer"]
   assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
   assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]
+
+
+def test_write_block_keeps_the_other_blocks(tmp_path):
+  path = os.path.join(tmp_path, "report.md")
+  benchmark.write_block(path, "speed", ["speed v1"])
+  benchmark.write_block(path, "binning", ["binning v1"])
+  with open(path, "a") as f:
+    f.write("<!-- discussion:begin -->\nby hand\n<!-- discussion:end -->\n")
+  benchmark.write_block(path, "speed", ["speed v2"])
+  text = open(path).read()
+  assert text.startswith(benchmark.TITLE)
+  assert "speed v2" in text and "speed v1" not in text
+  assert "binning v1" in text and "by hand" in text
+  assert text.index("speed v2") < text.index("binning v1") < text.index("by hand")
