@@ -32,10 +32,15 @@ PAPER_CIFAR10 = {
     "puppet_resnet": (66.69, 95.46, 1.08),
 }
 
-_GLOB = flags.DEFINE_string("results_glob", "runs/*/results.json", "results.json files.")
-_OUTPUT = flags.DEFINE_string("output", "docs/results.md", "Markdown file to write.")
-_TITLE = flags.DEFINE_string("title", "CIFAR-10 results", "Heading of the table.")
-_NOTE = flags.DEFINE_string("note", "", "Paragraph under the heading (what was run).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when run as a binary, so tests can import this module beside others."""
+  flags.DEFINE_string("results_glob", "runs/*/results.json", "results.json files.")
+  flags.DEFINE_string("output", "docs/results.md", "Markdown file to write.")
+  flags.DEFINE_string("title", "CIFAR-10 results", "Heading of the table.")
+  flags.DEFINE_string("note", "", "Paragraph under the heading (what was run).")
 
 
 def load_results(pattern: str) -> List[Dict]:
@@ -80,12 +85,13 @@ def markdown(rows: List[Dict], title: str, note: str) -> str:
 
 def main(argv):
   del argv
-  text = markdown(load_results(_GLOB.value), _TITLE.value, _NOTE.value)
-  os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
+  text = markdown(load_results(FLAGS.results_glob), FLAGS.title, FLAGS.note)
+  os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
+  with open(FLAGS.output, "w") as f:
     f.write(text)
   print(text)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -16,10 +16,15 @@ from absl import flags
 
 from official.puppet_cnn import PuppetClassifier
 
-_CHANNELS = flags.DEFINE_list("stage_channels", ["16", "32", "64"], "Puppet widths.")
-_MAX_DEPTH = flags.DEFINE_integer("max_depth", 4, "Maximum depth per stage.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls after the first.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when run as a binary, so tests can import this module beside others."""
+  flags.DEFINE_list("stage_channels", ["16", "32", "64"], "Puppet widths.")
+  flags.DEFINE_integer("max_depth", 4, "Maximum depth per stage.")
+  flags.DEFINE_integer("batch_size", 64, "Batch size.")
+  flags.DEFINE_integer("repeats", 5, "Timed calls after the first.")
 
 
 def _time(fn, repeats):
@@ -49,18 +54,19 @@ def measure(channels, max_depth, batch, jit, repeats):
 
 def main(argv):
   del argv
-  channels = tuple(int(c) for c in _CHANNELS.value)
+  channels = tuple(int(c) for c in FLAGS.stage_channels)
   rows = {}
   for jit in (True, False):
-    rows[jit] = measure(channels, _MAX_DEPTH.value, _BATCH.value, jit, _REPEATS.value)
+    rows[jit] = measure(channels, FLAGS.max_depth, FLAGS.batch_size, jit, FLAGS.repeats)
     (t_first, t_med, t_spread), (p_first, p_med, p_spread) = rows[jit]
     print(f"jit_compile={jit}: train step first {t_first:.1f} s, median {t_med:.3f} s "
           f"(spread {t_spread:.3f}); predict first {p_first:.1f} s, median {p_med:.3f} s "
           f"(spread {p_spread:.3f})")
   print(f"XLA / no-XLA: train step {rows[True][0][1] / rows[False][0][1]:.2f}x, "
         f"predict {rows[True][1][1] / rows[False][1][1]:.2f}x "
-        f"(channels {channels}, max_depth {_MAX_DEPTH.value}, batch {_BATCH.value})")
+        f"(channels {channels}, max_depth {FLAGS.max_depth}, batch {FLAGS.batch_size})")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
