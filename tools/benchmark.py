@@ -1,7 +1,7 @@
 r"""Speed and memory of Puppet-CNN's execution modes against a static twin and baselines.
 
     python tools/benchmark.py                       # full puppet (64-128-256-512, depth <= 8)
-    python tools/benchmark.py --small               # a 16-32-64-128 puppet, every mode
+    python tools/benchmark.py --small               # a 16-32-64 puppet, every mode
     python tools/benchmark.py --sizes=small,full --full_models=static_twin,puppet_cached
     python tools/benchmark.py --models=static_twin,puppet_cached --xla=off --repeats=7
 
@@ -57,14 +57,14 @@ PUPPET_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cac
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "resnet",
                        "mobilenet_v2")
-SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64, 128)}
+SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64)}
 PHASES = ("infer", "train")
 INFER_BATCHES = (1, 64, 256)
 TRAIN_BATCH = 64
 
 _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
 _SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
-                           "(64-128-256-512) and/or small (16-32-64-128). Default: full, "
+                           "(64-128-256-512) and/or small (16-32-64). Default: full, "
                            "or small with --small.")
 _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None, "Overrides the puppet's stage "
                                     "channels (a custom size, e.g. for tests).")
@@ -189,7 +189,7 @@ def _build(spec, calibration):
   model.build()
   if name == "puppet_cached":
     start = time.perf_counter()
-    bins = model.cache_kernels(images=calibration, chunk_size=2)
+    bins = model.cache_kernels(images=calibration)
     info = model.kernel_cache_info()
     notes.update(cached_bins=list(bins), cache_mb=info["bytes_float32"] / 1e6,
                  cache_s=time.perf_counter() - start)

@@ -245,3 +245,17 @@ def split_rows(x, sizes):
   _require_tensorflow("execution='bucketed'")
   import tensorflow as tf
   return tf.split(x, tf.stack([tf.cast(n, tf.int32) for n in sizes]), num=len(sizes), axis=0)
+
+
+def release_free_heap_memory() -> None:
+  """Best effort: returns freed heap memory to the OS (glibc `malloc_trim`); else nothing.
+
+  Filling the kernel cache frees many large temporaries between the kernels it keeps; glibc
+  keeps such freed blocks resident, so without this the process's resident size grows by
+  about half the cache again. Not backend-specific, but platform-specific, hence here.
+  """
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass

@@ -250,7 +250,6 @@ class PuppetClassifier(keras.Model):
     tensors); only call it for a bin that is in `mask`.
     """
     c = self.config
-    n = c.complexity_bins
     centres, steps, depths = self.bin_table()
     ids = backend_ops.nonzero(mask)
     h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
@@ -262,33 +261,29 @@ class PuppetClassifier(keras.Model):
     depth_sorted = bool(np.all(np.diff(depths) >= 0))
     if training:
       kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight,
-                               depth_sorted=depth_sorted)
+                               depth_sorted=depth_sorted, stack_repeated=False)
     else:
       def generate():
-        return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted)
+        return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted,
+                              stack_repeated=False)
 
       def nothing():
         out, c_prev = [], c.input_shape[-1]
         for ch in c.channels:
           out.append((ops.zeros((0, k, k, c_prev, ch)),
-                      ops.zeros((0, self.puppeteer.repeated_kernels_per_stage, k, k, ch, ch))))
+                      [ops.zeros((0, k, k, ch, ch))] * self.puppeteer.repeated_kernels_per_stage))
           c_prev = ch
         return out
       kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
     # Position of bin b among the generated states (clamped: unused for bins not in `mask`).
     position = ops.maximum(ops.cumsum(ops.cast(mask, "int32")) - 1, 0)
-    rows = self.puppeteer.repeated_kernels_per_stage
     kpu = self.puppet.kernels_per_unit
-
-    flats = [ops.reshape(repeated, (-1, k, k, ch, ch))
-             for (_, repeated), ch in zip(kernels, c.channels)]
 
     def kernels_for(b, eager=False):
       p = position[b]
-      base = p * rows
       out = []
-      for (transition, _), flat in zip(kernels, flats):
-        take = lambda j, flat=flat: backend_ops.gather(flat, base + j)  # pylint: disable=unnecessary-lambda-assignment
+      for transition, repeated in kernels:
+        take = lambda j, repeated=repeated: backend_ops.gather(repeated[j], p)  # pylint: disable=unnecessary-lambda-assignment
         if eager:
           take = [take(j) for j in range((depths[b] - 1) * kpu)]
         out.append((backend_ops.gather(transition, p), take))
@@ -296,7 +291,7 @@ class PuppetClassifier(keras.Model):
     return kernels_for
 
   # ------------------------------------------------------------------ inference kernel cache
-  def cache_kernels(self, bins=None, images=None, chunk_size: int = 8):
+  def cache_kernels(self, bins=None, images=None):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
@@ -315,7 +310,6 @@ class PuppetClassifier(keras.Model):
     Args:
       bins: bin indices to cache; None: every bin (or the bins of `images`).
       images: optional raw images; caches only the bins they fall into.
-      chunk_size: bins per puppeteer call while filling the cache (bounds the memory).
     Returns:
       The sorted tuple of cached bins.
     """
@@ -343,17 +337,18 @@ class PuppetClassifier(keras.Model):
     centres, steps, depths = self.bin_table()
     kpu = self.puppet.kernels_per_unit
     stored = {}
-    for start in range(0, len(wanted), max(1, int(chunk_size))):
-      chunk = np.asarray(wanted[start:start + chunk_size], np.int32)
-      h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[chunk]),
-                                      ops.convert_to_tensor(steps[chunk]))
-      kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[chunk]), training=False)
-      for i, b in enumerate(chunk):
-        used = (int(depths[b]) - 1) * kpu
-        stored[int(b)] = [(ops.convert_to_tensor(np.array(ops.convert_to_numpy(t[i]))),
-                           [ops.convert_to_tensor(np.array(ops.convert_to_numpy(r[i, j])))
-                            for j in range(used)])
-                          for t, r in kernels]
+    for b in wanted:
+      # One bin per puppeteer call: each cached kernel is then a view of a buffer that holds
+      # exactly that kernel (no copies, and no larger buffer kept alive).
+      index = np.asarray([b], np.int32)
+      h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
+                                      ops.convert_to_tensor(steps[index]))
+      kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
+                               stack_repeated=False)
+      used = (int(depths[b]) - 1) * kpu
+      stored[int(b)] = [(t[0], [r[j][0] for j in range(used)]) for t, r in kernels]
+      del kernels
+      backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot)
     self._reset_compiled_functions()
     return self._kernel_cache.bins

@@ -66,6 +66,8 @@ class PuppeteerODE(keras.layers.Layer):
     depth_sorted: the states come sorted by depth (non-decreasing); a repeated step then runs
       G only on the states still below their depth (a dynamic slice: not for XLA or
       `jax.jit`) instead of masking the finished ones. Same values, less work.
+    stack_repeated: False returns each stage's repeated kernels as a list of
+      (N, K, K, C_s, C_s) tensors instead of one stacked tensor (no stacking copy).
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
@@ -225,7 +227,7 @@ class PuppeteerODE(keras.layers.Layer):
     return x
 
   def call(self, complexity, step, depth, training=None, state_weight=None,
-           depth_sorted: bool = False):
+           depth_sorted: bool = False, stack_repeated: bool = True):
     training = bool(training)
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
@@ -252,7 +254,9 @@ class PuppeteerODE(keras.layers.Layer):
           active = ops.cast(depth > unit, "float32")
           state = self.integrate_step(state, dl, active, training, stats, weight)
         repeated.append(self.kernel_from_state(state, c_out, c_out))
-      if repeated:
+      if not stack_repeated:
+        pass
+      elif repeated:
         repeated = ops.stack(repeated, axis=1)
       else:
         repeated = ops.zeros((ops.shape(dl)[0], 0, self.kernel_size, self.kernel_size,
