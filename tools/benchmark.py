@@ -62,45 +62,52 @@ PHASES = ("infer", "train")
 INFER_BATCHES = (1, 64, 256)
 TRAIN_BATCH = 64
 
-_SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
-_SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
-                           "(64-128-256-512) and/or small (16-32-64). Default: full, "
-                           "or small with --small.")
-_STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None, "Overrides the puppet's stage "
-                                    "channels (a custom size, e.g. for tests).")
-_MAX_DEPTH = flags.DEFINE_integer("max_depth", 8, "Puppet max_depth.")
-_MODELS = flags.DEFINE_list("models", list(ALL_MODELS), f"Models to run: {ALL_MODELS}.")
-_FULL_MODELS = flags.DEFINE_list(
-    "full_models", list(FULL_DEFAULT_MODELS), "Models for the full size (per-sample "
-    "execution of the full puppet needs minutes per batch and tens of GB for a training "
-    "step on a CPU); intersected with --models.")
-_PHASES = flags.DEFINE_list("phases", list(PHASES), "infer and/or train.")
-_XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
-_BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (>= 5 reported "
-                                "as the protocol; fewer is allowed for smoke tests).")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after the first (tracing) call.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
-                                "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
-_TIME_BUDGET = flags.DEFINE_float("time_budget_s", 900.0, "No new job starts after this.")
-_JOB_TIMEOUT = flags.DEFINE_float("job_timeout_s", 600.0, "Kill a job after this.")
-_MAX_RSS_MB = flags.DEFINE_float("max_rss_mb", 16000.0, "Kill a job whose resident memory "
-                                 "exceeds this (MB).")
-_NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
-                             "measured (to fit the time budget).")
-_STUDY = flags.DEFINE_list("study", ["speed"], "speed (latency, throughput, training step, "
-                           "memory) and/or binning (accuracy cost of complexity_bins on a "
-                           "briefly trained puppet). Each rewrites only its block of --output.")
-_BINNING_STEPS = flags.DEFINE_integer("binning_steps", 250, "Training steps of the binning "
-                                      "study's puppet.")
-_BINNING_TRAIN_BINS = flags.DEFINE_integer("binning_train_bins", 64, "complexity_bins the "
-                                           "binning study trains with (bucketed).")
-_BINNING_BINS = flags.DEFINE_list("binning_bins", ["8", "16", "32", "64"], "Bin counts the "
-                                  "binning study evaluates against exact H.")
-_BINNING_EVAL = flags.DEFINE_integer("binning_eval_images", 1000, "Test images it evaluates.")
-_OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown report.")
-_JSON_OUTPUT = flags.DEFINE_string("json_output", None, "Also write the raw results here.")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec file.")
+def define_flags():
+  """Defines the flags; called only when run as a binary, so tests can import this module
+  beside other binaries (train.py also has --data_dir, --stage_channels, --max_depth)."""
+  global _SMALL, _SIZES, _STAGE_CHANNELS, _MAX_DEPTH, _MODELS, _FULL_MODELS, _PHASES, _XLA
+  global _BINS, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET, _JOB_TIMEOUT, _MAX_RSS_MB
+  global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
+  global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER
+  _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
+  _SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
+                             "(64-128-256-512) and/or small (16-32-64). Default: full, "
+                             "or small with --small.")
+  _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None, "Overrides the puppet's stage "
+                                      "channels (a custom size, e.g. for tests).")
+  _MAX_DEPTH = flags.DEFINE_integer("max_depth", 8, "Puppet max_depth.")
+  _MODELS = flags.DEFINE_list("models", list(ALL_MODELS), f"Models to run: {ALL_MODELS}.")
+  _FULL_MODELS = flags.DEFINE_list(
+      "full_models", list(FULL_DEFAULT_MODELS), "Models for the full size (per-sample "
+      "execution of the full puppet needs minutes per batch and tens of GB for a training "
+      "step on a CPU); intersected with --models.")
+  _PHASES = flags.DEFINE_list("phases", list(PHASES), "infer and/or train.")
+  _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
+  _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (>= 5 reported "
+                                  "as the protocol; fewer is allowed for smoke tests).")
+  _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after the first (tracing) call.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
+                                  "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
+  _TIME_BUDGET = flags.DEFINE_float("time_budget_s", 900.0, "No new job starts after this.")
+  _JOB_TIMEOUT = flags.DEFINE_float("job_timeout_s", 600.0, "Kill a job after this.")
+  _MAX_RSS_MB = flags.DEFINE_float("max_rss_mb", 16000.0, "Kill a job whose resident memory "
+                                   "exceeds this (MB).")
+  _NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
+                               "measured (to fit the time budget).")
+  _STUDY = flags.DEFINE_list("study", ["speed"], "speed (latency, throughput, training step, "
+                             "memory) and/or binning (accuracy cost of complexity_bins on a "
+                             "briefly trained puppet). Each rewrites only its block of --output.")
+  _BINNING_STEPS = flags.DEFINE_integer("binning_steps", 250, "Training steps of the binning "
+                                        "study's puppet.")
+  _BINNING_TRAIN_BINS = flags.DEFINE_integer("binning_train_bins", 64, "complexity_bins the "
+                                             "binning study trains with (bucketed).")
+  _BINNING_BINS = flags.DEFINE_list("binning_bins", ["8", "16", "32", "64"], "Bin counts the "
+                                    "binning study evaluates against exact H.")
+  _BINNING_EVAL = flags.DEFINE_integer("binning_eval_images", 1000, "Test images it evaluates.")
+  _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown report.")
+  _JSON_OUTPUT = flags.DEFINE_string("json_output", None, "Also write the raw results here.")
+  _WORKER = flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec file.")
 
 
 # =================================================================================== worker
@@ -743,6 +750,8 @@ def main(argv):
       config = _puppet_config(base)
       models = [m for m in _MODELS.value if size != "full" or m in _FULL_MODELS.value
                 or m in ("resnet", "mobilenet_v2")]
+      # The reference first, so that a time budget never leaves a section without its twin.
+      models = sorted(models, key=lambda m: (m != "static_twin", ALL_MODELS.index(m)))
       section = dict(size=size, stage_channels=channels, max_depth=_MAX_DEPTH.value,
                      bins=_BINS.value, depths=depths, twin_depth=twin_depth,
                      twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
@@ -817,4 +826,5 @@ def _mean_macs(config, images) -> float:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
