@@ -32,7 +32,7 @@ def test_dict_round_trip_including_nested_complexity():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kernel_size=2), "kernel_size"),
-    (dict(state_channels=8), "state_channels"),
+    (dict(state_channels=-1), "state_channels"),
     (dict(init="zeros"), "init"),
     (dict(fixed_depth=9), "fixed_depth"),
     (dict(pixel_mean=(0.5,)), "pixel_mean"),

@@ -603,6 +603,9 @@ def _section_lines(section) -> List[str]:
         notes.append(f"{part} skipped: {row[f'{part}_skipped']}")
     if row.get("shared"):
       notes.append("same measurement as in the first section (does not depend on the puppet)")
+    for part, res in (("infer", row.get("infer")), ("train", row.get("train"))):
+      if res and res.get("load_avg_1min"):
+        notes.append(f"load {part} {res['load_avg_1min'][0]:.1f}->{res['load_avg_1min'][1]:.1f}")
     cache = (inf.get("notes") or {})
     if cache.get("cached_bins") is not None:
       notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB, "

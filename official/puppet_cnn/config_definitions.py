@@ -36,6 +36,9 @@ BLOCK_TYPES = ("plain", "residual")
 EXECUTIONS = ("per_sample", "bucketed")
 # `execution='bucketed'` builds one branch per complexity bin, so its bin count is bounded.
 MAX_BUCKETED_BINS = 1024
+# Bound on the layers per stage that a `depth_scale` may ask for (the loops are unrolled or
+# bounded at build time).
+MAX_SCALED_DEPTH = 64
 
 # CIFAR-10 training-set statistics (pixels scaled to [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -119,7 +122,8 @@ class PuppetCNNConfig:
       compile-time bound of the per-sample loops.
     kernel_size: K of every generated kernel (paper: 3).
     state_channels: C_max of the puppeteer state (C_out_max, C_in_max, K*K); None: the
-      largest stage width (paper).
+      largest stage width (paper). A state narrower than a stage is resized up to it
+      (`PuppetClassifier.at_width` with a multiplier above 1 does this).
     init: initial puppeteer state. 'paper': a constant fill exp(1 - H^-2) (eq. 11);
       'learned' (default): a learned rank-`init_rank` base state multiplied by that fill;
       'learned_additive': the base plus the fill. The constant fill makes nearly all kernel
@@ -161,6 +165,21 @@ class PuppetCNNConfig:
       group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
       `tf.function(jit_compile=True)` raise a ValueError. In inference the kernels depend
       only on the weights: `PuppetClassifier.cache_kernels()` stores them (see there).
+    depth_scale: s, the resolution in depth (default 1.0: as trained, the paper). A sample
+      of depth D and step dl runs round(s * D) layers per stage (at least 1, at most
+      round(s * max_depth)) with the step scaled so that it covers the same stretch of the
+      puppeteer's trajectory; scaled layers use the batch norm of the trained layer at the
+      same time (`modeling/scaling.py`). Set it on a trained model to evaluate it coarser or
+      finer (`PuppetClassifier.depth_scale = 2.0`, `tools/convergence_table.py`);
+      incremental-in-depth training (`TrainConfig.depth_refinements`) trains at 2^-k and
+      doubles it during training.
+    train_widths: width multipliers sampled in training (default (): train at width 1, the
+      paper). Each training step draws one width uniformly; the puppeteer's kernels, the
+      puppet's batch-norm parameters and the classifier's weights are resized to it from the
+      full-width weights (so all widths share one set of weights, as in universally slimmable
+      networks), and batch-norm moving statistics are updated only at width 1.0, which must be
+      in the list. `PuppetClassifier.at_width(w)` then generates a model of any width, with its
+      batch-norm statistics recalibrated on a few images. TensorFlow backend.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -189,6 +208,8 @@ class PuppetCNNConfig:
   complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)
   complexity_bins: int = 0
   execution: str = "per_sample"
+  depth_scale: float = 1.0
+  train_widths: Tuple[float, ...] = ()
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -219,9 +240,7 @@ class PuppetCNNConfig:
            f"max_depth={self.max_depth}")
     _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
            f"kernel_size must be a positive odd int, got {self.kernel_size}")
-    _check(self.state_width >= max(channels),
-           f"state_channels ({self.state_width}) must be >= the widest stage "
-           f"({max(channels)}): kernels are pooled out of the state")
+    _check(self.state_width >= 1, f"state_channels must be >= 1, got {self.state_channels}")
     _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
     _check(self.init_rank >= 0, f"init_rank must be >= 0, got {self.init_rank}")
     _check(self.init_scale > 0, f"init_scale must be > 0, got {self.init_scale}")
@@ -249,6 +268,21 @@ class PuppetCNNConfig:
     self.complexity_bins = int(bins)
     _check(self.execution in EXECUTIONS,
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+    _check(isinstance(self.depth_scale, (int, float)) and not isinstance(self.depth_scale, bool)
+           and math.isfinite(self.depth_scale) and self.depth_scale > 0,
+           f"depth_scale must be a finite number > 0, got {self.depth_scale!r}")
+    self.depth_scale = float(self.depth_scale)
+    _check(self.depth_scale * self.max_depth <= MAX_SCALED_DEPTH,
+           f"depth_scale={self.depth_scale} gives up to {self.depth_scale * self.max_depth:g} "
+           f"layers per stage; at most {MAX_SCALED_DEPTH} are supported")
+    self.train_widths = tuple(float(w) for w in self.train_widths)
+    _check(all(math.isfinite(w) and w > 0 for w in self.train_widths),
+           f"train_widths must be positive width multipliers, got {self.train_widths}")
+    _check(not self.train_widths or 1.0 in self.train_widths,
+           f"train_widths must include 1.0 (batch-norm moving statistics are learned at full "
+           f"width), got {self.train_widths}")
+    _check(len(set(self.train_widths)) == len(self.train_widths),
+           f"train_widths has repeated values: {self.train_widths}")
     if self.execution == "bucketed":
       _check(1 <= self.complexity_bins <= MAX_BUCKETED_BINS,
              f"execution='bucketed' needs 1 <= complexity_bins <= {MAX_BUCKETED_BINS} (samples "

@@ -21,5 +21,15 @@ def test_exact_blocks_and_row_sums():
 
 
 def test_bad_sizes():
-  with pytest.raises(ValueError, match="n_out <= n_in"):
-    adaptive_pool.pooling_matrix(5, 3)
+  with pytest.raises(ValueError, match="n_out >= 1"):
+    adaptive_pool.pooling_matrix(0, 3)
+
+
+def test_upsampling_windows_are_neighbours():
+  # 5 outputs from 3 inputs (a puppet wider than the state): PyTorch's AdaptiveAvgPool1d
+  # windows, worked out by hand: [0,1) [0,2) [1,2) [1,3) [2,3).
+  starts, stops = adaptive_pool.windows(5, 3)
+  np.testing.assert_array_equal(starts, [0, 0, 1, 1, 2])
+  np.testing.assert_array_equal(stops, [1, 2, 2, 3, 3])
+  m = adaptive_pool.pooling_matrix(5, 3)
+  np.testing.assert_allclose(m @ np.array([1.0, 3.0, 5.0]), [1, 2, 3, 4, 5])

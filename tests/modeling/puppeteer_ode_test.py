@@ -148,7 +148,7 @@ def test_config_round_trip_and_errors():
   with pytest.raises(ValueError, match="integrator"):
     PuppeteerODE(stage_channels=(8,), integrator="leapfrog")
   with pytest.raises(ValueError, match="state_channels"):
-    PuppeteerODE(stage_channels=(8,), state_channels=4)
+    PuppeteerODE(stage_channels=(8,), state_channels=-1)
 
 
 def test_gradients_reach_every_generator_weight():

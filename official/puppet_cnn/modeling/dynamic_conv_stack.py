@@ -21,11 +21,13 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from official.puppet_cnn.config_definitions import BLOCK_TYPES
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
+from official.puppet_cnn.modeling import scaling
 
 KERNELS_PER_UNIT = {"plain": 1, "residual": 2}
 
@@ -47,8 +49,16 @@ class DynamicConvStack(keras.layers.Layer):
     features: (B, H, W, C_in) input features.
     kernels: what `PuppeteerODE` returns: per stage `(transition, repeated)` with transition
       (B, K, K, C_prev, C_s) and repeated (B, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
-    depth: (B,) int32 units per stage, in [1, max_depth].
+    depth: (B,) int32 units per stage, in [1, max_depth] (or [1, units + 1]).
     training: batch statistics (True) or moving statistics (False).
+    units: repeated units per stage (None: max_depth - 1); with scaled steps
+      (`scaling.py`) the puppet may run more or fewer than it was trained with.
+    bn_rows: per repeated layer (units * kernels_per_unit), the index of the trained
+      batch-norm row it uses (None: layer j uses row j). Rows shared by several layers get
+      the mean of their batch statistics as the moving-average update.
+    channels: stage widths to run at (None: `stage_channels`). At another width the batch-norm
+      parameters are resized along channels (`scaling.resize_channels`), and in training the
+      moving statistics are left alone (they are learned at full width).
 
   Returns:
     (B, H', W', stage_channels[-1]) features.
@@ -115,12 +125,41 @@ class DynamicConvStack(keras.layers.Layer):
                             initializer="ones", trainable=False, aggregation="mean")]
       self.bn_weights.append(stage)
 
-  def _check_kernels(self, features, kernels):
+  def _resolve(self, units, bn_rows, channels):
+    """(units, bn_rows as NumPy, channels, at_trained_width) with the defaults filled in."""
+    units = self.max_depth - 1 if units is None else int(units)
+    layers = units * self.kernels_per_unit
+    rows = (np.arange(layers, dtype=np.int32) if bn_rows is None
+            else np.asarray(bn_rows, np.int32).reshape(-1))
+    if units < 0 or len(rows) != layers or (layers and (
+        rows.min() < 0 or rows.max() >= self.repeated_kernels_per_stage)):
+      raise ValueError(f"DynamicConvStack: need units >= 0 and {layers} batch-norm rows in "
+                       f"[0, {self.repeated_kernels_per_stage}), got units={units}, "
+                       f"bn_rows={rows.tolist()}")
+    channels = self.stage_channels if channels is None else tuple(int(c) for c in channels)
+    if len(channels) != len(self.stage_channels) or min(channels) < 1:
+      raise ValueError(f"DynamicConvStack has {len(self.stage_channels)} stages; channels must "
+                       f"give a positive width for each, got {channels}")
+    return units, rows, channels, channels == self.stage_channels
+
+  def _stage_bn(self, s, width):
+    """Stage s's batch-norm weights at `width` channels: the variables, or resized tensors."""
+    stage = self.bn_weights[s]
+    if width == self.stage_channels[s]:
+      return stage
+    return {prefix: [scaling.resize_channels(ops.convert_to_tensor(w), width) for w in ws]
+            for prefix, ws in stage.items()}
+
+  def _check_kernels(self, features, kernels, units=None, channels=None):
     if len(kernels) != len(self.stage_channels):
       raise ValueError(f"DynamicConvStack has {len(self.stage_channels)} stages but got "
                        f"kernels for {len(kernels)}")
-    for s, ((shape, repeated), (transition, rep)) in enumerate(
-        zip(self.kernel_shapes(features.shape[-1]), kernels)):
+    units = self.max_depth - 1 if units is None else units
+    k, c_prev, shapes = self.kernel_size, features.shape[-1], []
+    for c in (channels or self.stage_channels):
+      shapes.append(((k, k, c_prev, c), units * self.kernels_per_unit))
+      c_prev = c
+    for s, ((shape, repeated), (transition, rep)) in enumerate(zip(shapes, kernels)):
       if tuple(transition.shape[1:]) != shape:
         raise ValueError(f"stage {s}: transition kernel must be (batch,) + {shape}, "
                          f"got {tuple(transition.shape)}")
@@ -140,28 +179,32 @@ class DynamicConvStack(keras.layers.Layer):
       mean, var = moving_mean, moving_var
     return mbn.normalize(y, mean, var, gamma, beta, self.epsilon), (mean, var)
 
-  def call(self, features, kernels, depth, training=None):
+  def call(self, features, kernels, depth, training=None, units=None, bn_rows=None,
+           channels=None):
     training = bool(training)
-    self._check_kernels(features, kernels)
+    units, rows, channels, trained_width = self._resolve(units, bn_rows, channels)
+    self._check_kernels(features, kernels, units, channels)
+    update = training and trained_width
     depth = ops.cast(depth, "int32")
     x = ops.cast(features, "float32")
     everyone = ops.ones_like(ops.cast(depth, "float32"))
     for s, (transition, repeated) in enumerate(kernels):
-      bn = self.bn_weights[s]
+      bn = self._stage_bn(s, channels[s])
       y, stats = self._conv_bn(x, transition, bn["transition"], None, everyone, training)
-      if training:
+      if update:
         self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
       x = ops.relu(y)
-      if self.repeated_kernels_per_stage:
-        x = self._repeated_units(x, repeated, bn["repeated"], depth, training)
+      if units:
+        x = self._repeated_units(x, repeated, bn["repeated"], depth, training, units, rows,
+                                 update)
       if self.pool_after[s]:
         x = ops.max_pool(x, pool_size=2, strides=2, padding="same")
     return x
 
-  def _repeated_units(self, x, kernels, bn, depth, training):
-    n_units = self.max_depth - 1
+  def _repeated_units(self, x, kernels, bn, depth, training, n_units, bn_rows, update):
     kpu = self.kernels_per_unit
     rows = self.repeated_kernels_per_stage
+    row_of = ops.convert_to_tensor(bn_rows)
     channels = x.shape[-1]
     max_depth_in_batch = ops.max(depth)
 
@@ -171,18 +214,20 @@ class DynamicConvStack(keras.layers.Layer):
     def body(i, x, acc_mean, acc_var, acc_seen):
       active = ops.cast(depth > i + 1, "float32")
       if self.block_type == "plain":
-        y, (m, v) = self._conv_bn(x, ops.take(kernels, i, axis=1), bn, i, active, training)
+        b = ops.take(row_of, i)
+        y, (m, v) = self._conv_bn(x, ops.take(kernels, i, axis=1), bn, b, active, training)
         new_x = ops.relu(y)
-        layer_stats = [(i, m, v)]
+        layer_stats = [(b, m, v)]
       else:
         r0, r1 = kpu * i, kpu * i + 1
-        y, (m0, v0) = self._conv_bn(x, ops.take(kernels, r0, axis=1), bn, r0, active, training)
-        y, (m1, v1) = self._conv_bn(ops.relu(y), ops.take(kernels, r1, axis=1), bn, r1,
+        b0, b1 = ops.take(row_of, r0), ops.take(row_of, r1)
+        y, (m0, v0) = self._conv_bn(x, ops.take(kernels, r0, axis=1), bn, b0, active, training)
+        y, (m1, v1) = self._conv_bn(ops.relu(y), ops.take(kernels, r1, axis=1), bn, b1,
                                     active, training)
         new_x = ops.relu(y + x)
-        layer_stats = [(r0, m0, v0), (r1, m1, v1)]
+        layer_stats = [(b0, m0, v0), (b1, m1, v1)]
       x = ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new_x, x)
-      if training:
+      if update:
         any_active = ops.cast(ops.sum(active) > 0, "float32")
         for row, m, v in layer_stats:
           onehot = ops.one_hot(row, rows, dtype="float32") * any_active
@@ -195,12 +240,14 @@ class DynamicConvStack(keras.layers.Layer):
     _, x, acc_mean, acc_var, acc_seen = backend_ops.bounded_while_loop(
         cond, body, (ops.convert_to_tensor(0, "int32"), x, zeros, zeros,
                      ops.zeros((rows,), "float32")), maximum_iterations=n_units)
-    if training:
-      self._assign_moving(bn, acc_mean, acc_var, (acc_seen > 0)[:, None])
+    if update:
+      count = ops.maximum(acc_seen, 1.0)[:, None]
+      self._assign_moving(bn, acc_mean / count, acc_var / count, (acc_seen > 0)[:, None])
     return x
 
   # ------------------------------------------------------------------ bucketed execution
-  def call_groups(self, groups, group_kernels, group_depths, training=None):
+  def call_groups(self, groups, group_kernels, group_depths, training=None, units=None,
+                  bn_rows=None, channels=None):
     """Runs groups of samples that share their kernels and depth (bucketed execution).
 
     Each group runs an ordinary convolution with its own kernels for exactly its depth (a
@@ -215,20 +262,23 @@ class DynamicConvStack(keras.layers.Layer):
       group_kernels: per group, a list over stages of `(transition, repeated)`: transition
         (K, K, C_prev, C_s) and `repeated` a sequence of at least (depth_g - 1) *
         kernels_per_unit kernels (K, K, C_s, C_s) (or a callable j -> kernel j).
-      group_depths: per group, its depth as a Python int in [1, max_depth].
+      group_depths: per group, its depth as a Python int in [1, units + 1].
       training: joint batch statistics (True) or moving statistics (False).
+      units, bn_rows, channels: as in `call`.
 
     Returns:
       list of (n_g, H', W', stage_channels[-1]) features.
     """
     training = bool(training)
+    units, rows, channels, trained_width = self._resolve(units, bn_rows, channels)
+    update = training and trained_width
     depths = [int(d) for d in group_depths]
     if not len(groups) == len(group_kernels) == len(depths):
       raise ValueError("call_groups needs one kernel set and one depth per group, got "
                        f"{len(groups)} groups, {len(group_kernels)} kernel sets and "
                        f"{len(depths)} depths")
-    if any(not 1 <= d <= self.max_depth for d in depths):
-      raise ValueError(f"group depths must be in [1, {self.max_depth}], got {depths}")
+    if any(not 1 <= d <= units + 1 for d in depths):
+      raise ValueError(f"group depths must be in [1, {units + 1}], got {depths}")
     xs = [ops.cast(g, "float32") for g in groups]
     sizes = [ops.shape(x)[0] for x in xs]
     kpu = self.kernels_per_unit
@@ -238,15 +288,15 @@ class DynamicConvStack(keras.layers.Layer):
       return repeated(j) if callable(repeated) else repeated[j]
 
     for s in range(len(self.stage_channels)):
-      bn = self.bn_weights[s]
+      bn = self._stage_bn(s, channels[s])
       everyone = list(range(len(xs)))
       out, stats = self._group_layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
                                      sizes, bn["transition"], None, training)
-      if training:
+      if update:
         self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
       xs = [out[g] for g in everyone]
       row_stats = {}
-      for unit in range(1, self.max_depth):
+      for unit in range(1, units + 1):
         active = [g for g in everyone if depths[g] > unit]
         if not active:
           break
@@ -254,20 +304,20 @@ class DynamicConvStack(keras.layers.Layer):
         r0 = kpu * (unit - 1)
         if self.block_type == "plain":
           out, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                                         sizes, bn["repeated"], r0, training)
-          row_stats[r0] = (stats, any_seen)
+                                         sizes, bn["repeated"], int(rows[r0]), training)
+          row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
         else:
           r1 = r0 + 1
           mid, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                                         sizes, bn["repeated"], r0, training)
-          row_stats[r0] = (stats, any_seen)
+                                         sizes, bn["repeated"], int(rows[r0]), training)
+          row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
           out, stats = self._group_layer({g: (mid[g], kernel(g, s, r1)) for g in active},
-                                         sizes, bn["repeated"], r1, training,
+                                         sizes, bn["repeated"], int(rows[r1]), training,
                                          skip={g: xs[g] for g in active})
-          row_stats[r1] = (stats, any_seen)
+          row_stats.setdefault(int(rows[r1]), []).append((stats, any_seen))
         for g in active:
           xs[g] = out[g]
-      if training and row_stats:
+      if update and row_stats:
         self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
       if self.pool_after[s]:
         xs = [ops.max_pool(x, pool_size=2, strides=2, padding="same") for x in xs]
@@ -310,10 +360,10 @@ class DynamicConvStack(keras.layers.Layer):
     means, variances, seen = [], [], []
     for r in range(rows):
       if r in row_stats:
-        (m, v), any_seen = row_stats[r]
-        means.append(m)
-        variances.append(v)
-        seen.append(any_seen)
+        entries = row_stats[r]  # several scaled layers may share a row: their mean
+        means.append(ops.mean(ops.stack([m for (m, _), _ in entries]), axis=0))
+        variances.append(ops.mean(ops.stack([v for (_, v), _ in entries]), axis=0))
+        seen.append(ops.any(ops.stack([a for _, a in entries])))
       else:
         means.append(zeros)
         variances.append(zeros)

@@ -34,6 +34,7 @@ from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling.dynamic_conv_stack import DynamicConvStack
 from official.puppet_cnn.modeling.dynamic_conv_stack import KERNELS_PER_UNIT
+from official.puppet_cnn.modeling import scaling
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
@@ -46,9 +47,10 @@ class _KernelCache:
   change the model's weights or parameter counts.
   """
 
-  def __init__(self, n_bins, integrator, kernels, snapshot):
+  def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale):
     self.n_bins = n_bins
     self.integrator = integrator
+    self.depth_scale = depth_scale
     self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}
     self.snapshot = snapshot  # copies of puppeteer.weights at generation time
 
@@ -157,17 +159,34 @@ class PuppetClassifier(keras.Model):
         depth = complexity_lib.depth_from_step(dl, c.min_depth, c.max_depth)
       else:
         depth = ops.full(ops.shape(h), c.depth_when_fixed, "int32")
+      depth, dl = scaling.scaled_depth_and_step(depth, dl, c.depth_scale, c.max_depth)
     mean = ops.convert_to_tensor(np.asarray(c.pixel_mean, np.float32))
     std = ops.convert_to_tensor(np.asarray(c.pixel_std, np.float32))
     features = (x / c.complexity.pixel_max - mean) / std
-    if c.execution == "bucketed":
-      pooled = self._call_bucketed(features, bins, training)
-    else:
-      h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
-      kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training)
-      features = self.puppet(features, kernels, depth, training=training)
-      pooled = ops.mean(features, axis=(1, 2))
-    logits = self.head(self.head_dropout(pooled, training=training))
+
+    def forward(width):
+      channels = scaling.scaled_channels(c.channels, width)
+      if c.execution == "bucketed":
+        pooled = self._call_bucketed(features, bins, training, channels)
+      else:
+        h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
+        kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
+                                 channels=channels, **self._puppeteer_scaling())
+        pooled = ops.mean(self.puppet(features, kernels, depth, training=training,
+                                      channels=channels, **self._puppet_scaling()), axis=(1, 2))
+      return self._head(pooled, training, channels[-1])
+
+    logits = forward(1.0)
+    if training and c.train_widths:
+      # In-place distillation (universally slimmable networks): every other width learns to
+      # predict what the full width predicts. All widths run every step: a per-step random
+      # choice would need a switch over branches that update variables, which XLA rejects.
+      target = ops.softmax(ops.stop_gradient(ops.cast(logits, "float32")))
+      for width in c.train_widths:
+        if width != 1.0:
+          narrow = ops.log_softmax(ops.cast(forward(width), "float32"))
+          kl = ops.sum(target * (ops.log(ops.maximum(target, 1e-12)) - narrow), axis=-1)
+          self.add_loss(ops.mean(kl) / (len(c.train_widths) - 1))
     if return_details:
       details = {"logits": logits, "complexity": h, "step": dl, "depth": depth}
       if bins is not None:
@@ -176,12 +195,40 @@ class PuppetClassifier(keras.Model):
     return logits
 
   def _kernel_complexity(self, h, dl):
-    """The H and step the puppeteer integrates with (a fixed H without parameter adaptation)."""
+    """The H and step the puppeteer integrates with (a fixed H without parameter adaptation).
+
+    `dl` is the step the sample runs with (scaled by `depth_scale`); without parameter
+    adaptation the reference step is scaled by the same factor.
+    """
     c = self.config
     if c.parameter_adaptation:
       return h, dl
     h_kernels = ops.full(ops.shape(h), c.reference_complexity, "float32")
-    return h_kernels, complexity_lib.step_size(h_kernels)
+    dl_kernels = complexity_lib.step_size(h_kernels)
+    if c.depth_scale != 1.0:
+      dl_kernels = dl_kernels * ops.cast(dl, "float32") / complexity_lib.step_size(h)
+    return h_kernels, dl_kernels
+
+  def _head(self, pooled, training, width):
+    """Dropout + the linear classifier; at another width its input weights are resized."""
+    x = self.head_dropout(pooled, training=training)
+    if width == self.config.channels[-1]:
+      return self.head(x)
+    kernel = scaling.resize_channels(ops.convert_to_tensor(self.head.kernel), width, axis=0,
+                                     preserve_sum=True)
+    return ops.matmul(ops.cast(x, kernel.dtype), kernel) + self.head.bias
+
+  def _puppeteer_scaling(self) -> Dict[str, Any]:
+    """Keyword arguments of the puppeteer for this model's `depth_scale`."""
+    c = self.config
+    return {"units": scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1}
+
+  def _puppet_scaling(self) -> Dict[str, Any]:
+    """Keyword arguments of the puppet for this model's `depth_scale`."""
+    c = self.config
+    return {"units": scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1,
+            "bn_rows": tuple(int(r) for r in scaling.bn_rows(  # a tuple: Keras would make an
+                c.depth_scale, c.max_depth, self.puppet.kernels_per_unit))}  # array a tensor
 
   def bin_table(self):
     """NumPy (centres, steps, depths) of the `complexity_bins` bins (depth: as this model
@@ -193,10 +240,11 @@ class PuppetClassifier(keras.Model):
         c.complexity_bins, c.complexity.max_complexity, c.min_depth, c.max_depth)
     if not c.depth_adaptation:
       depths = np.full_like(depths, c.depth_when_fixed)
+    steps, depths = scaling.scaled_bin_table(steps, depths, c.depth_scale, c.max_depth)
     return centres, steps, depths
 
   # --------------------------------------------------------------------- bucketed execution
-  def _call_bucketed(self, features, bins, training):
+  def _call_bucketed(self, features, bins, training, channels):
     """Partitions the batch by bin, runs each bin's group, returns pooled (B, C) in order."""
     if backend_ops.in_xla_context():
       raise ValueError(
@@ -211,15 +259,17 @@ class PuppetClassifier(keras.Model):
     occupied = counts > 0
     parts = backend_ops.partition(features, bins, n)
     rows = backend_ops.partition(ops.arange(batch, dtype="int32"), bins, n)
-    channels = c.channels[-1]
+    width = channels[-1]
+    puppet_kwargs = dict(self._puppet_scaling(), channels=channels)
     if training:
-      kernels_for = self._generate_bin_kernels(occupied, counts, training=True)
+      kernels_for = self._generate_bin_kernels(occupied, counts, training=True,
+                                               channels=channels)
       outputs = self.puppet.call_groups(parts, [kernels_for(b) for b in range(n)], depths,
-                                        training=True)
+                                        training=True, **puppet_kwargs)
       pooled = [ops.mean(o, axis=(1, 2)) for o in outputs]
       return backend_ops.stitch(rows, pooled)
 
-    cache = self._usable_kernel_cache()
+    cache = self._usable_kernel_cache() if channels == c.channels else None
     if cache is not None:
       valid = self._kernel_cache_matches(cache)
       cached = np.zeros((n,), bool)
@@ -228,7 +278,7 @@ class PuppetClassifier(keras.Model):
                                                       ops.logical_not(valid)))
     else:
       need = occupied
-    kernels_for = self._generate_bin_kernels(need, counts, training=False)
+    kernels_for = self._generate_bin_kernels(need, counts, training=False, channels=channels)
     pooled = []
     for b in range(n):
       def run(b=b):
@@ -236,12 +286,13 @@ class PuppetClassifier(keras.Model):
           kernels = ops.cond(valid, lambda: cache.kernels[b], lambda: kernels_for(b, eager=True))
         else:
           kernels = kernels_for(b, eager=True)
-        out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False)[0]
+        out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False,
+                                      **puppet_kwargs)[0]
         return ops.mean(out, axis=(1, 2))
-      pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, channels), "float32")))
+      pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, width), "float32")))
     return backend_ops.stitch(rows, pooled)
 
-  def _generate_bin_kernels(self, mask, counts, training: bool):
+  def _generate_bin_kernels(self, mask, counts, training: bool, channels=None):
     """Runs the puppeteer once per bin where `mask` is true (weighted by `counts`).
 
     Returns `kernels_for(b)`: bin b's kernels as `call_groups` takes them, per stage
@@ -259,19 +310,22 @@ class PuppetClassifier(keras.Model):
     k = c.kernel_size
     # Bins come in increasing order, and depth never decreases with H: sorted by depth.
     depth_sorted = bool(np.all(np.diff(depths) >= 0))
+    channels = tuple(channels or c.channels)
+    scaled = self._puppeteer_scaling()
     if training:
       kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight,
-                               depth_sorted=depth_sorted, stack_repeated=False)
+                               depth_sorted=depth_sorted, stack_repeated=False,
+                               channels=channels, **scaled)
     else:
       def generate():
         return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted,
-                              stack_repeated=False)
+                              stack_repeated=False, channels=channels, **scaled)
 
       def nothing():
         out, c_prev = [], c.input_shape[-1]
-        for ch in c.channels:
-          out.append((ops.zeros((0, k, k, c_prev, ch)),
-                      [ops.zeros((0, k, k, ch, ch))] * self.puppeteer.repeated_kernels_per_stage))
+        layers = scaled["units"] * self.puppet.kernels_per_unit
+        for ch in channels:
+          out.append((ops.zeros((0, k, k, c_prev, ch)), [ops.zeros((0, k, k, ch, ch))] * layers))
           c_prev = ch
         return out
       kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
@@ -344,12 +398,13 @@ class PuppetClassifier(keras.Model):
       h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
                                       ops.convert_to_tensor(steps[index]))
       kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
-                               stack_repeated=False)
+                               stack_repeated=False, **self._puppeteer_scaling())
       used = (int(depths[b]) - 1) * kpu
       stored[int(b)] = [(t[0], [r[j][0] for j in range(used)]) for t, r in kernels]
       del kernels
       backend_ops.release_free_heap_memory()
-    self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot)
+    self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
+                                      c.depth_scale)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -371,7 +426,8 @@ class PuppetClassifier(keras.Model):
   def _usable_kernel_cache(self):
     cache = self._kernel_cache
     if (cache is None or cache.n_bins != self.config.complexity_bins
-        or cache.integrator != self.puppeteer.integrator):
+        or cache.integrator != self.puppeteer.integrator
+        or cache.depth_scale != self.config.depth_scale):
       return None
     return cache
 
@@ -381,8 +437,8 @@ class PuppetClassifier(keras.Model):
             for w, snap in zip(self.puppeteer.weights, cache.snapshot)]
     return ops.all(ops.stack(same))
 
-  def _reset_compiled_functions(self):
-    for name in ("predict_function", "test_function"):
+  def _reset_compiled_functions(self, train: bool = False):
+    for name in ("predict_function", "test_function") + (("train_function",) if train else ()):
       if hasattr(self, name):
         setattr(self, name, None)
 
@@ -444,6 +500,104 @@ class PuppetClassifier(keras.Model):
     self.config = self.config.replace(integrator=name)
     self.puppeteer.integrator = self.config.integrator
     self.clear_kernel_cache()
+
+  @property
+  def depth_scale(self) -> float:
+    return self.config.depth_scale
+
+  @depth_scale.setter
+  def depth_scale(self, scale: float) -> None:
+    """Evaluates (or trains) with steps scaled by `scale` (see `PuppetCNNConfig.depth_scale`).
+
+    No weights change; compiled Keras functions are reset and the kernel cache is dropped.
+    """
+    self.config = self.config.replace(depth_scale=scale)
+    self.clear_kernel_cache()
+    self._reset_compiled_functions(train=True)
+
+  def refine_depth(self, scale: float) -> Dict[int, int]:
+    """Moves to a finer `depth_scale` during incremental-in-depth training.
+
+    Batch-norm rows of the puppet that the new scale uses and the current one does not (they
+    were never trained) start from the nearest trained row (`scaling.refinement_sources`);
+    every other weight is unchanged. Returns {new row: source row} (unit indices).
+    """
+    c = self.config
+    if not self.built:
+      self.build()
+    sources = scaling.refinement_sources(c.depth_scale, float(scale), c.max_depth)
+    kpu = self.puppet.kernels_per_unit
+    for stage in self.puppet.bn_weights:
+      for variable in stage.get("repeated", []):
+        values = np.array(ops.convert_to_numpy(variable))
+        for row, source in sources.items():
+          values[row * kpu:(row + 1) * kpu] = values[source * kpu:(source + 1) * kpu]
+        variable.assign(values)
+    self.depth_scale = scale
+    return sources
+
+  def at_width(self, width_multiplier: float, calibration_images=None,
+               batch_size: int = 64) -> "PuppetClassifier":
+    """A new model whose puppet is `width_multiplier` times as wide, from these weights.
+
+    The puppeteer is shared as is (the state keeps its width; kernels are pooled out of it at
+    the new layer shapes), the puppet's batch-norm parameters and the classifier's input
+    weights are resized along channels (`scaling.py`). `at_width(1.0)` reproduces this model
+    exactly. Batch-norm moving statistics resized from another width describe that width's
+    activations only roughly; pass `calibration_images` (a few hundred training images) to
+    re-estimate them (`recalibrate_batch_norm`). The result is an ordinary PuppetClassifier
+    (save it, export it, count its MACs); it does not sample widths in training.
+    """
+    c = self.config
+    if not self.built:
+      self.build()
+    if not (isinstance(width_multiplier, (int, float)) and np.isfinite(width_multiplier)
+            and width_multiplier > 0):
+      raise ValueError(f"width_multiplier must be a number > 0, got {width_multiplier!r}")
+    channels = scaling.scaled_channels(c.channels, float(width_multiplier))
+    config = c.replace(stage_channels=channels, state_channels=c.state_width, train_widths=())
+    model = PuppetClassifier(config, name=f"{self.name}_w{width_multiplier:g}")
+    model.build((None,) + tuple(c.input_shape))
+    for dst, src in zip(model.puppeteer.weights, self.puppeteer.weights):
+      dst.assign(src)
+    for s, stage in enumerate(self.puppet.bn_weights):
+      for prefix, variables in stage.items():
+        for dst, src in zip(model.puppet.bn_weights[s][prefix], variables):
+          dst.assign(scaling.resize_channels(ops.convert_to_tensor(src), channels[s]))
+    model.head.kernel.assign(scaling.resize_channels(
+        ops.convert_to_tensor(self.head.kernel), channels[-1], axis=0, preserve_sum=True))
+    model.head.bias.assign(self.head.bias)
+    if calibration_images is not None:
+      model.recalibrate_batch_norm(calibration_images, batch_size=batch_size)
+    return model
+
+  def recalibrate_batch_norm(self, images, batch_size: int = 64) -> int:
+    """Re-estimates the puppet's batch-norm moving statistics on `images`; returns batches used.
+
+    Each layer's moving mean and variance become the mean of its batch statistics over the
+    batches (layers a batch does not reach keep their values). Nothing else changes: the
+    puppeteer's and the head's weights are restored afterwards. Use it after `at_width`, or
+    after changing `depth_scale`, with a few hundred training images.
+    """
+    images = np.asarray(images)
+    if len(images) == 0:
+      raise ValueError("recalibrate_batch_norm needs at least one image")
+    if not self.built:
+      self.build()
+    keep = [np.array(ops.convert_to_numpy(w)) for w in self.puppeteer.weights]
+    momentum = self.puppet.momentum
+    batches = 0
+    try:
+      for start in range(0, len(images), batch_size):
+        self.puppet.momentum = batches / (batches + 1.0)  # running mean of the batch stats
+        self(images[start:start + batch_size], training=True)
+        batches += 1
+    finally:
+      self.puppet.momentum = momentum
+      for w, value in zip(self.puppeteer.weights, keep):
+        w.assign(value)
+    self.clear_kernel_cache()
+    return batches
 
   # --------------------------------------------------------------------------- config
   def get_config(self):

@@ -43,7 +43,9 @@ class PuppeteerODE(keras.layers.Layer):
     max_depth: bound on the units per stage (unit 0 is the stage's transition layer).
     kernels_per_unit: generated kernels per repeated unit (1 plain, 2 residual).
     kernel_size: K of the generated kernels.
-    state_channels: C_max of the square state; None: max(stage_channels).
+    state_channels: C_max of the square state; None: max(stage_channels). A smaller state
+      is resized up to wider layers (adaptive pooling with windows of 1-2 entries), which is
+      what a puppet generated at a width multiplier above 1 does.
     init: 'paper': the constant fill exp(1 - H^-2) (eq. 11); 'learned' (default): a learned
       base state scaled by that fill, base * exp(1 - H^-2); 'learned_additive': base + fill.
     init_rank: rank of the learned base (CP factors); 0: a full learned tensor.
@@ -68,6 +70,10 @@ class PuppeteerODE(keras.layers.Layer):
       `jax.jit`) instead of masking the finished ones. Same values, less work.
     stack_repeated: False returns each stage's repeated kernels as a list of
       (N, K, K, C_s, C_s) tensors instead of one stacked tensor (no stacking copy).
+    units: repeated units per stage to generate (None: max_depth - 1); a model evaluated
+      with scaled steps (`scaling.scaled_max_depth`) generates more or fewer.
+    channels: stage widths to pool the kernels to (None: `stage_channels`); a narrower or
+      wider puppet from the same state (`PuppetClassifier.at_width`, width-sampled training).
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
@@ -102,10 +108,8 @@ class PuppeteerODE(keras.layers.Layer):
       raise ValueError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
     if kernel_scaling not in KERNEL_SCALINGS:
       raise ValueError(f"kernel_scaling must be one of {KERNEL_SCALINGS}, got {kernel_scaling!r}")
-    if self.state_channels < max(self.stage_channels + (self.input_channels,)):
-      raise ValueError(
-          f"state_channels={self.state_channels} is smaller than the widest layer "
-          f"({max(self.stage_channels + (self.input_channels,))})")
+    if self.state_channels < 1:
+      raise ValueError(f"state_channels must be >= 1, got {self.state_channels}")
     if self.max_depth < 1 or self.kernels_per_unit < 1:
       raise ValueError("max_depth and kernels_per_unit must be >= 1")
 
@@ -227,8 +231,14 @@ class PuppeteerODE(keras.layers.Layer):
     return x
 
   def call(self, complexity, step, depth, training=None, state_weight=None,
-           depth_sorted: bool = False, stack_repeated: bool = True):
+           depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
+           channels: Sequence[int] | None = None):
     training = bool(training)
+    units = self.max_depth - 1 if units is None else int(units)
+    channels = self.stage_channels if channels is None else tuple(int(c) for c in channels)
+    if units < 0 or len(channels) != len(self.stage_channels) or min(channels) < 1:
+      raise ValueError(f"PuppeteerODE: need units >= 0 and {len(self.stage_channels)} positive "
+                       f"stage widths, got units={units}, channels={channels}")
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
     depth = ops.cast(depth, "int32")
@@ -237,11 +247,11 @@ class PuppeteerODE(keras.layers.Layer):
     stats: list = []
     kernels = []
     c_prev = self.input_channels
-    for c_out in self.stage_channels:
+    for c_out in channels:
       state = self.integrate_step(state, dl, None, training, stats, weight)
       transition = self.kernel_from_state(state, c_prev, c_out)
       repeated = []
-      for j in range(self.repeated_kernels_per_stage):
+      for j in range(units * self.kernels_per_unit):
         unit = j // self.kernels_per_unit + 1
         if depth_sorted:
           # States past their depth are a prefix: integrate only the rest (same values as
