@@ -152,3 +152,88 @@ def test_config_round_trip():
   stack = DynamicConvStack(stage_channels=(8, 16, 32), block_type="residual", max_depth=6,
                            pool_after=(True, False, True))
   assert DynamicConvStack.from_config(stack.get_config()).get_config() == stack.get_config()
+
+
+def _np_forward_mapped(stack, x, kernels, depth, rows, channels):
+  """Float64 reference with a batch-norm row per repeated layer and resized BN parameters."""
+  def bn(y, s, prefix, row=None):
+    params = [np.asarray(w.numpy(), np.float64) for w in stack.weights
+              if w.name.startswith(f"stage{s}_{prefix}_")]
+    if row is not None:
+      params = [p[row] for p in params]
+    gamma, beta, mean, var = [reference.adaptive_avg_pool_1d(p[:, None], channels[s])[:, 0]
+                              for p in params]
+    return (y - mean) / np.sqrt(var + stack.epsilon) * gamma + beta
+
+  outs = []
+  for b in range(len(x)):
+    h = x[b].astype(np.float64)
+    for s, (transition, repeated) in enumerate(kernels):
+      h = np.maximum(bn(reference.conv2d_same(h, transition[b]), s, "transition"), 0)
+      for u in range(1, depth[b]):
+        y = bn(reference.conv2d_same(h, repeated[b, u - 1]), s, "repeated", rows[u - 1])
+        h = np.maximum(y, 0)
+      if stack.pool_after[s]:
+        h = reference.max_pool_2x2_same(h)
+    outs.append(h)
+  return np.stack(outs)
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_more_units_with_mapped_rows_and_narrower_width_match_reference(bucketed):
+  # Trained for 3 units per stage (2 BN rows); run with 5 repeated units mapped to rows
+  # [0, 0, 1, 1, 1] at widths (2, 3) instead of (4, 6).
+  stack = _stack("plain", max_depth=3)
+  rows, channels, units = [0, 0, 1, 1, 1], (2, 3), 5
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+  kernels, c_prev = [], 3
+  for c in channels:
+    kernels.append((rng.normal(size=(3, 3, 3, c_prev, c)).astype(np.float32),
+                    rng.normal(size=(3, units, 3, 3, c, c)).astype(np.float32)))
+    c_prev = c
+  depth = np.array([1, 4, 6], np.int32)
+  want = _np_forward_mapped(stack, x, kernels, depth, rows, channels)
+  kwargs = dict(units=units, bn_rows=rows, channels=channels)
+  if bucketed:
+    got = np.concatenate([stack.call_groups(
+        [x[b:b + 1]], [[(t[b], [r[b, j] for j in range(units)]) for t, r in kernels]],
+        [int(depth[b])], **kwargs)[0].numpy() for b in range(3)])
+  else:
+    got = stack(x, kernels, depth, **kwargs).numpy()
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_other_width_in_training_leaves_moving_statistics_alone():
+  stack = _stack("plain", max_depth=3)
+  before = [w.numpy().copy() for w in stack.non_trainable_weights]
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  kernels = [(rng.normal(size=(2, 3, 3, 3, 2)).astype(np.float32),
+              rng.normal(size=(2, 2, 3, 3, 2, 2)).astype(np.float32)),
+             (rng.normal(size=(2, 3, 3, 2, 3)).astype(np.float32),
+              rng.normal(size=(2, 2, 3, 3, 3, 3)).astype(np.float32))]
+  stack(x, kernels, np.array([3, 3], np.int32), training=True, channels=(2, 3))
+  for w, old in zip(stack.non_trainable_weights, before):
+    np.testing.assert_array_equal(w.numpy(), old)
+
+
+def test_shared_rows_get_the_mean_of_their_batch_statistics():
+  # momentum 0 and two repeated layers sharing row 0: its moving mean is the mean of both.
+  stack = DynamicConvStack(stage_channels=(2,), max_depth=2, momentum=0.0, pool_after=(False,))
+  stack.build((None, 4, 4, 1))
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(1, 4, 4, 1)).astype(np.float32)
+  k_t = rng.normal(size=(1, 3, 3, 1, 2)).astype(np.float32)
+  k_r = rng.normal(size=(1, 2, 3, 3, 2, 2)).astype(np.float32)
+  stack(x, [(k_t, k_r)], np.array([3], np.int32), training=True, units=2, bn_rows=[0, 0])
+  t = reference.conv2d_same(x[0], k_t[0])
+  norm = lambda y: (y - y.mean(axis=(0, 1))) / np.sqrt(y.var(axis=(0, 1)) + 1e-3)  # gamma 1
+  h1 = np.maximum(norm(t), 0)
+  r1 = reference.conv2d_same(h1, k_r[0, 0])
+  r2 = reference.conv2d_same(np.maximum(norm(r1), 0), k_r[0, 1])
+  np.testing.assert_allclose(_moving(stack, "stage0_repeated_moving_mean")[0],
+                             (r1.mean(axis=(0, 1)) + r2.mean(axis=(0, 1))) / 2,
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="batch-norm rows"):
+    stack(x, [(k_t, k_r)], np.array([3], np.int32), units=2, bn_rows=[0, 1])

@@ -136,9 +136,9 @@ def test_adaptation_switches():
   kernels = {}
   original = shared.puppeteer.call
 
-  def spy(h, step, depth, training=None):
+  def spy(h, step, depth, training=None, **kwargs):
     kernels["h"] = h
-    return original(h, step, depth, training=training)
+    return original(h, step, depth, training=training, **kwargs)
 
   shared.puppeteer.call = spy
   shared(images)
@@ -183,3 +183,121 @@ def test_impossible_configs_are_rejected():
     PuppetClassifier(num_classes=1)
   with pytest.raises(ValueError, match="unknown PuppetCNNConfig fields"):
     PuppetCNNConfig.from_dict({"depth": 3})
+
+
+# ------------------------------------------------------------- depth and width at inference
+WIDE = dict(stage_channels=(4, 8), max_depth=8, num_classes=5, input_shape=(16, 16, 3))
+
+
+def test_depth_scale_one_is_exact_and_other_scales_follow_the_rule():
+  model = PuppetClassifier(**WIDE)
+  images = _images()
+  base = model(images, return_details=True)
+  d, dl = base["depth"].numpy(), base["step"].numpy().astype(np.float64)
+  for scale in (0.5, 2.0):
+    model.depth_scale = scale
+    out = model(images, return_details=True)
+    want = np.clip(np.floor(scale * d + 0.5), 1, np.floor(scale * 8 + 0.5))
+    np.testing.assert_array_equal(out["depth"].numpy(), want)
+    np.testing.assert_allclose(out["step"].numpy(), dl * d / want, rtol=1e-6)
+    assert np.abs(out["logits"].numpy() - base["logits"].numpy()).max() > 0
+  model.depth_scale = 1.0
+  np.testing.assert_array_equal(model(images).numpy(), base["logits"].numpy())
+  with pytest.raises(ValueError, match="depth_scale"):
+    model.depth_scale = 0.0
+  with pytest.raises(ValueError, match="at most 64"):
+    PuppetCNNConfig(max_depth=8, depth_scale=9.0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_bucketed_matches_per_sample_at_scaled_depth(scale):
+  images = _images()
+  per_sample = PuppetClassifier(**WIDE, complexity_bins=8, depth_scale=scale)
+  bucketed = PuppetClassifier(**WIDE, complexity_bins=8, depth_scale=scale,
+                              execution="bucketed")
+  per_sample.build((None, 16, 16, 3))
+  bucketed.build((None, 16, 16, 3))
+  bucketed.set_weights(per_sample.get_weights())
+  want = per_sample(images, training=False).numpy()
+  np.testing.assert_allclose(bucketed(images, training=False).numpy(), want, atol=1e-4,
+                             rtol=1e-4)
+  bucketed.cache_kernels()
+  np.testing.assert_allclose(bucketed(images, training=False).numpy(), want, atol=1e-4,
+                             rtol=1e-4)
+
+
+def test_refine_depth_starts_new_rows_from_the_nearest_trained_row():
+  model = PuppetClassifier(**WIDE, depth_scale=0.5)
+  model.build((None, 16, 16, 3))
+  gamma = model.puppet.bn_weights[0]["repeated"][0]
+  gamma.assign(np.arange(7, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32))
+  assert model.refine_depth(1.0) == {0: 1, 2: 1, 4: 3, 6: 5}
+  np.testing.assert_array_equal(gamma.numpy()[:, 0], [1, 1, 1, 3, 3, 5, 5])
+  assert model.depth_scale == 1.0 and model.config.depth_scale == 1.0
+
+
+def test_at_width_one_reproduces_the_model_and_other_widths_resize_by_hand():
+  model = PuppetClassifier(**TINY)
+  images = _images()
+  model.build((None, 16, 16, 3))
+  rng = np.random.default_rng(3)
+  for w in model.puppet.weights + model.head.weights:
+    w.assign(rng.uniform(0.5, 1.5, w.shape).astype(np.float32))
+  np.testing.assert_array_equal(model.at_width(1.0)(images).numpy(), model(images).numpy())
+  half = model.at_width(0.5)
+  assert half.config.channels == (2, 4) and half.config.state_width == 8
+  head = model.head.kernel.numpy()
+  np.testing.assert_allclose(half.head.kernel.numpy(), head[0::2] + head[1::2], rtol=1e-6)
+  gamma = model.puppet.bn_weights[1]["transition"][0].numpy()
+  np.testing.assert_allclose(half.puppet.bn_weights[1]["transition"][0].numpy(),
+                             (gamma[0::2] + gamma[1::2]) / 2, rtol=1e-6)
+  for a, b in zip(half.puppeteer.weights, model.puppeteer.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  wide = model.at_width(1.5)
+  assert wide.config.channels == (6, 12) and wide(images).shape == (6, 5)
+  with pytest.raises(ValueError, match="width_multiplier"):
+    model.at_width(0)
+
+
+def test_recalibration_sets_moving_statistics_to_the_batch_statistics():
+  model = PuppetClassifier(**TINY)
+  images = _images(8, seed=4)
+  model.build((None, 16, 16, 3))
+  puppeteer_before = [w.numpy().copy() for w in model.puppeteer.weights]
+  assert model.recalibrate_batch_norm(images, batch_size=8) == 1
+  for w, old in zip(model.puppeteer.weights, puppeteer_before):
+    np.testing.assert_array_equal(w.numpy(), old)
+  # Stage 0's transition conv in float64: the normalized pixels convolved with the kernels the
+  # puppeteer generates (in training mode, as during recalibration).
+  c = model.config
+  x = (images / 255.0 - np.asarray(c.pixel_mean)) / np.asarray(c.pixel_std)
+  h = cx.image_complexity(images)
+  kernels = model.puppeteer(h, cx.step_size(h), np.full(8, 3, np.int32), training=True)
+  transition = kernels[0][0].numpy()
+  from tests.modeling import reference  # pylint: disable=import-outside-toplevel
+  y = np.stack([reference.conv2d_same(x[b], transition[b]) for b in range(8)])
+  np.testing.assert_allclose(model.puppet.bn_weights[0]["transition"][2].numpy(),
+                             y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(model.puppet.bn_weights[0]["transition"][3].numpy(),
+                             y.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+
+
+def test_train_widths_adds_the_distillation_loss_and_fits_under_xla():
+  model = PuppetClassifier(**TINY, train_widths=(0.5, 1.0))
+  images, labels = _images(), np.arange(6) % 5
+  model.build((None, 16, 16, 3))
+  full = model(images, training=True).numpy().astype(np.float64)
+  (loss,) = model.losses
+  narrow = model.at_width(0.5)(images, training=True).numpy().astype(np.float64)
+  p = np.exp(full - full.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  log_q = narrow - narrow.max(1, keepdims=True)
+  log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+  want = np.mean(np.sum(p * (np.log(p) - log_q), axis=1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4, atol=1e-6)
+  assert model(images, training=False) is not None and not model.losses
+  model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=_loss(), jit_compile=True)
+  history = model.fit(images, labels, epochs=3, batch_size=6, verbose=0).history["loss"]
+  assert history[-1] < history[0]
+  with pytest.raises(ValueError, match="include 1.0"):
+    PuppetCNNConfig(train_widths=(0.5, 0.75))

@@ -159,3 +159,42 @@ def test_gradients_reach_every_generator_weight():
     loss = sum(tf.reduce_sum(tf.square(t)) + tf.reduce_sum(tf.square(r)) for t, r in kernels)
   grads = tape.gradient(loss, layer.trainable_weights)
   assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+def _end_with_units(integrator, steps, horizon=1.0):
+  """State at l = horizon from one layer trained for 3 steps, run with `units` = steps - 1."""
+  layer = PuppeteerODE(stage_channels=(4,), max_depth=3, init="paper", integrator=integrator,
+                       kernel_scaling="none")
+  layer.build(None)
+  for i, w in enumerate(layer.generator_weights()[:4]):
+    w.assign(np.random.default_rng(i).normal(scale=0.5, size=w.shape).astype(np.float32))
+  kernels = layer(np.array([3.0], np.float32), np.array([horizon / steps], np.float32),
+                  np.array([steps], np.int32), units=steps - 1)
+  return kernels[0][1][0, -1].numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("integrator, order", [("euler", 1), ("midpoint", 2)])
+def test_more_units_converge_at_the_integrators_order(integrator, order):
+  # A layer built for 3 steps, evaluated with 4, 8 and 16 (`units`, as depth_scale does):
+  # the error against a 256-step RK4 solution must shrink by about 2^order per doubling.
+  exact = _end_with_units("rk4", 256)
+  errors = [np.abs(_end_with_units(integrator, n) - exact).max() for n in (4, 8, 16)]
+  ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+  assert all(0.75 * 2 ** order < r < 1.4 * 2 ** order for r in ratios), (errors, ratios)
+
+
+def test_kernels_at_other_widths_are_pooled_from_the_same_state():
+  layer = PuppeteerODE(stage_channels=(4, 8), input_channels=3, max_depth=2, init_rank=2)
+  h, dl, d = np.array([5.0], np.float32), np.array([0.2], np.float32), np.array([2], np.int32)
+  full = layer(h, dl, d)
+  half = layer(h, dl, d, channels=(2, 4))
+  wide = layer(h, dl, d, channels=(6, 12))
+  assert tuple(half[1][1].shape) == (1, 1, 3, 3, 4, 4)
+  assert tuple(wide[1][1].shape) == (1, 1, 3, 3, 12, 12)
+  # The fan-in-scaled 8x8 kernel averaged over 2x2 channel blocks (then rescaled to the
+  # 4-channel fan-in) is the 4x4 kernel: both come from the same state.
+  k8 = full[1][1][0, 0].numpy().astype(np.float64) * math.sqrt(9 * 8)
+  blocks = k8.reshape(3, 3, 4, 2, 4, 2).mean(axis=(3, 5)) / math.sqrt(9 * 4)
+  np.testing.assert_allclose(half[1][1][0, 0].numpy(), blocks, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="stage widths"):
+    layer(h, dl, d, channels=(2,))
