@@ -38,6 +38,12 @@ class TrainConfig:
     steps_per_execution: train steps per compiled call.
     verbose: Keras progress output (1: progress bar, 2: one line per epoch, 0: silent).
     entropy_bucket_edges: edges (bits) of the complexity buckets of the accuracy report.
+    depth_refinements: incremental-in-depth training (Puppet-CNN only; 0: off, the paper).
+      k > 0 starts at depth_scale 2^-k (fewer, coarser steps) and doubles it every
+      `refine_every_epochs` epochs until it is 1; each refinement starts the newly used
+      batch-norm rows from the nearest trained ones (`PuppetClassifier.refine_depth`). The
+      best checkpoint is chosen among epochs at full depth only.
+    refine_every_epochs: epochs between refinements; 0: epochs // (depth_refinements + 1).
   """
   model: str = "puppet_cnn"
   epochs: int = 800
@@ -50,6 +56,8 @@ class TrainConfig:
   steps_per_execution: int = 1
   verbose: int = 1
   entropy_bucket_edges: Tuple[float, ...] = (0.0, 5.0, 6.0, 6.5, 7.0, 7.5, 8.0)
+  depth_refinements: int = 0
+  refine_every_epochs: int = 0
 
   def __post_init__(self):
     from official.puppet_cnn import models  # pylint: disable=import-outside-toplevel
@@ -64,10 +72,32 @@ class TrainConfig:
                        f"got {self.distribution_strategy!r}")
     if self.steps_per_execution < 1:
       raise ValueError("steps_per_execution must be >= 1")
+    if self.depth_refinements < 0 or self.refine_every_epochs < 0:
+      raise ValueError("--depth_refinements and --refine_every_epochs must be >= 0, got "
+                       f"{self.depth_refinements} and {self.refine_every_epochs}")
+    if self.depth_refinements:
+      if not models.is_puppet(self.model):
+        raise ValueError(f"--depth_refinements needs a Puppet-CNN model, got {self.model!r}")
+      if self.depth_refinements * self.refinement_interval >= self.epochs:
+        raise ValueError(
+            f"--depth_refinements={self.depth_refinements} with a refinement every "
+            f"{self.refinement_interval} epoch(s) needs more than "
+            f"{self.depth_refinements * self.refinement_interval} epochs to end at full "
+            f"depth; got --epochs={self.epochs}")
     self.entropy_bucket_edges = tuple(float(e) for e in self.entropy_bucket_edges)
     if list(self.entropy_bucket_edges) != sorted(self.entropy_bucket_edges) or len(
         self.entropy_bucket_edges) < 2:
       raise ValueError("entropy_bucket_edges must be >= 2 increasing values")
+
+  @property
+  def refinement_interval(self) -> int:
+    """Epochs between depth refinements (refine_every_epochs, or spread evenly)."""
+    return self.refine_every_epochs or max(1, self.epochs // (self.depth_refinements + 1))
+
+  def depth_scale_at(self, epoch: int) -> float:
+    """The depth_scale of 0-based `epoch` under incremental-in-depth training (1.0 without)."""
+    done = min(self.depth_refinements, max(epoch, 0) // self.refinement_interval)
+    return 2.0 ** -(self.depth_refinements - done)
 
 
 @dataclasses.dataclass

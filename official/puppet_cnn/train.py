@@ -69,7 +69,8 @@ _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", None,
                                     "Puppet stage widths (paper: 64,128,256,512).")
 _MIN_DEPTH = flags.DEFINE_integer("min_depth", None, "Minimum depth per stage.")
 _MAX_DEPTH = flags.DEFINE_integer("max_depth", None, "Maximum depth per stage (bound).")
-_INIT = flags.DEFINE_enum("init", None, ["paper", "learned"], "Puppeteer initial state.")
+_INIT = flags.DEFINE_enum("init", None, ["paper", "learned", "learned_additive"],
+                          "Puppeteer initial state (paper: the constant fill).")
 _INIT_RANK = flags.DEFINE_integer("init_rank", None, "Rank of the learned initial state.")
 _INTEGRATOR = flags.DEFINE_enum("integrator", None, ["euler", "midpoint", "rk4"],
                                 "Puppeteer ODE integrator.")
@@ -78,6 +79,23 @@ _FIXED_DEPTH = flags.DEFINE_integer("fixed_depth", None,
                                     "Depth when --nodepth_adaptation.")
 _PARAMETER_ADAPTATION = flags.DEFINE_bool("parameter_adaptation", None,
                                           "Per-sample kernels (from each input's H).")
+_COMPLEXITY_BINS = flags.DEFINE_integer(
+    "complexity_bins", None, "0: exact H (paper); n: H quantized to n bins, samples of a bin "
+    "share kernels and depth.")
+_EXECUTION = flags.DEFINE_enum("execution", None, ["per_sample", "bucketed"],
+                               "per_sample (XLA-compatible) or bucketed (needs "
+                               "--complexity_bins; no XLA).")
+_DEPTH_SCALE = flags.DEFINE_float(
+    "depth_scale", None, "Steps per stage scaled by this (1: as the paper); see README "
+    "'Depth and width at inference'.")
+_TRAIN_WIDTHS = flags.DEFINE_list(
+    "train_widths", None, "Width multipliers trained together (must include 1.0), e.g. "
+    "0.25,0.5,1.0; narrower widths learn from the full width (in-place distillation).")
+_DEPTH_REFINEMENTS = flags.DEFINE_integer(
+    "depth_refinements", None, "Incremental-in-depth training: start at depth_scale 2^-k and "
+    "double it k times (0: off).")
+_REFINE_EVERY_EPOCHS = flags.DEFINE_integer(
+    "refine_every_epochs", None, "Epochs between depth refinements (0: spread evenly).")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -101,14 +119,20 @@ def config_from_flags() -> ExperimentConfig:
                learning_rate=_LEARNING_RATE.value, weight_decay=_WEIGHT_DECAY.value,
                seed=_SEED.value, jit_compile=_JIT_COMPILE.value,
                mixed_precision=_MIXED_PRECISION.value,
-               distribution_strategy=_STRATEGY.value, verbose=_VERBOSE.value)
+               distribution_strategy=_STRATEGY.value, verbose=_VERBOSE.value,
+               depth_refinements=_DEPTH_REFINEMENTS.value,
+               refine_every_epochs=_REFINE_EVERY_EPOCHS.value)
   stage_channels = (tuple(int(c) for c in _STAGE_CHANNELS.value)
                     if _STAGE_CHANNELS.value else None)
   model = _set(PuppetCNNConfig(), stage_channels=stage_channels, min_depth=_MIN_DEPTH.value,
                max_depth=_MAX_DEPTH.value, init=_INIT.value, init_rank=_INIT_RANK.value,
                integrator=_INTEGRATOR.value, depth_adaptation=_DEPTH_ADAPTATION.value,
                fixed_depth=_FIXED_DEPTH.value,
-               parameter_adaptation=_PARAMETER_ADAPTATION.value)
+               parameter_adaptation=_PARAMETER_ADAPTATION.value,
+               complexity_bins=_COMPLEXITY_BINS.value, execution=_EXECUTION.value,
+               depth_scale=_DEPTH_SCALE.value,
+               train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
+                             if _TRAIN_WIDTHS.value else None))
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))

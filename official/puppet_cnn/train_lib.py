@@ -104,6 +104,40 @@ class _RunState(keras.callbacks.Callback):
     _write_json(self.path, self.state)
 
 
+class DepthSchedule(keras.callbacks.Callback):
+  """Incremental-in-depth training: the model's depth_scale per epoch (TrainConfig).
+
+  At the start (or on resumption) the model is put at the scale of the last finished epoch;
+  at each epoch whose scale is finer, `PuppetClassifier.refine_depth` copies the trained
+  batch-norm rows into the new ones and the train step is traced again. When the final scale
+  is reached, the best-checkpoint tracking starts over, so that the best checkpoint is a
+  full-depth model.
+  """
+
+  def __init__(self, train_config, best_checkpoint, run_state):
+    super().__init__()
+    self.train_config = train_config
+    self.best_checkpoint = best_checkpoint
+    self.run_state = run_state
+
+  def on_train_begin(self, logs=None):
+    start = getattr(self.model, "_initial_epoch", None) or 0
+    self.model.depth_scale = self.train_config.depth_scale_at(start - 1 if start else 0)
+    self.model.make_train_function(force=True)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    scale = self.train_config.depth_scale_at(epoch)
+    if scale == self.model.depth_scale:
+      return
+    sources = self.model.refine_depth(scale)
+    logging.info("epoch %d: depth_scale %.4g (new batch-norm rows from %s)", epoch + 1, scale,
+                 sources)
+    self.model.make_train_function(force=True)
+    if scale == 1.0:
+      self.best_checkpoint.best = -float("inf")
+      self.run_state.state.pop("best", None)
+
+
 def _compile(model: keras.Model, config: ExperimentConfig) -> None:
   t = config.train
   if t.weight_decay > 0:
@@ -141,15 +175,21 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
   monitor = "val_accuracy" if splits.val is not None else "accuracy"
   ckpt_dir = os.path.join(write_dir, "checkpoints")
   tf.io.gfile.makedirs(ckpt_dir)
+  best = keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "best.keras"), monitor=monitor,
+                                         mode="max", save_best_only=True,
+                                         initial_value_threshold=state.get("best"))
+  run_state = _RunState(state_path, monitor, state)
   callbacks = [
       keras.callbacks.BackupAndRestore(os.path.join(write_dir, "backup"),
                                        delete_checkpoint=False),
+  ]
+  if t.depth_refinements:  # before the checkpoints: they must see the refined model
+    callbacks.append(DepthSchedule(t, best, run_state))
+  callbacks += [
       keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "latest.weights.h5"),
                                       save_weights_only=True),
-      keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "best.keras"), monitor=monitor,
-                                      mode="max", save_best_only=True,
-                                      initial_value_threshold=state.get("best")),
-      _RunState(state_path, monitor, state),
+      best,
+      run_state,
       keras.callbacks.CSVLogger(os.path.join(write_dir, "training_log.csv"), append=True),
       keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard")),
   ] + list(extra_callbacks)
@@ -260,6 +300,7 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
         machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
         command=" ".join(sys.argv))
     if models.is_puppet(t.model):
+      results["depth_scale"] = model.depth_scale
       results["parameter_breakdown"] = {
           k: v for k, v in model.parameter_breakdown().items()
           if k != "generated_kernel_params_by_depth"}

@@ -138,3 +138,43 @@ def test_bad_mode_and_config():
     TrainConfig(model="lenet")
   with pytest.raises(ValueError, match="--epochs"):
     TrainConfig(epochs=0)
+
+
+class _Scales(keras.callbacks.Callback):
+
+  def __init__(self):
+    super().__init__()
+    self.seen = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.seen.append((epoch, self.model.depth_scale))
+
+
+def test_incremental_depth_refines_on_schedule_and_resumes(tmp_path):
+  model_dir = str(tmp_path / "run")
+  config = _config(epochs=3, depth_refinements=1, refine_every_epochs=2)
+  assert [config.train.depth_scale_at(e) for e in range(3)] == [0.5, 0.5, 1.0]
+  seen = _Scales()
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.run(config, "train", model_dir, callbacks=[seen, _Interrupt(after=2)])
+  assert seen.seen == [(0, 0.5), (1, 0.5)]
+  # Resumed after epoch 2: the model restarts at 0.5 and is refined to full depth.
+  seen = _Scales()
+  results = train_lib.run(config, "train_and_eval", model_dir, callbacks=[seen])
+  assert seen.seen == [(2, 1.0)]
+  state = json.load(open(os.path.join(model_dir, "training_state.json")))
+  assert state["best_epoch"] == 3  # the best checkpoint is chosen among full-depth epochs
+  assert results["depth_scale"] == 1.0
+  best = keras.models.load_model(os.path.join(model_dir, "checkpoints", "best.keras"))
+  assert best.depth_scale == 1.0
+  # Row 0 is used only at full depth: it was copied from row 1 and then trained on its own.
+  gamma = best.puppet.bn_weights[0]["repeated"][0].numpy()
+  assert np.abs(gamma[0] - 1.0).max() > 1e-4 and np.abs(gamma[0] - gamma[1]).max() > 1e-6
+
+
+def test_incremental_depth_needs_enough_epochs():
+  with pytest.raises(ValueError, match="needs more than 4 epochs"):
+    TrainConfig(epochs=4, depth_refinements=2, refine_every_epochs=2)
+  with pytest.raises(ValueError, match="Puppet-CNN"):
+    TrainConfig(model="resnet", epochs=4, depth_refinements=1)
+  assert TrainConfig(epochs=9, depth_refinements=2).refinement_interval == 3

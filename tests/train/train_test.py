@@ -57,7 +57,21 @@ def test_flags_override_the_flagfile():
   assert not config.model.depth_adaptation and config.model.integrator == "rk4"
 
 
+def test_beyond_the_paper_flags():
+  config = _config("--model_dir=/tmp/x", "--train_widths=0.5,1.0", "--depth_refinements=2",
+                   "--epochs=9", "--complexity_bins=16", "--execution=bucketed",
+                   "--depth_scale=2", "--init=learned_additive")
+  assert config.model.train_widths == (0.5, 1.0) and config.model.depth_scale == 2.0
+  assert config.model.execution == "bucketed" and config.model.complexity_bins == 16
+  assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
+  assert config.model.init == "learned_additive"
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--train_widths=0.5,0.75"], "include 1.0"),
+    (["--depth_refinements=2", "--epochs=2"], "needs more than"),
+    (["--execution=bucketed"], "complexity_bins"),
+    (["--depth_scale=-1"], "depth_scale"),
     (["--model=lenet"], "--model must be one of"),
     (["--epochs=0"], "--epochs"),
     (["--min_depth=5", "--max_depth=3"], "min_depth"),
