@@ -48,6 +48,17 @@ def test_all_equal_logits_are_never_correct():
   assert results["top1"] == 0.0 and results["top3"] == 0.0
 
 
+def test_nan_logits_are_wrong_and_counted():
+  logits = np.array([[np.nan, 1, 0, 0], [9, 1, 0, 0], [np.inf, 1, 2, 3]], np.float32)
+  images = np.zeros((3, 8, 8, 1), np.float32)
+  images[:, 0, 0:4, 0] = logits
+  results = evaluation.evaluate_model(FixedLogits(), _dataset(images, np.array([1, 0, 3]), 3),
+                                      3, top_k=2, verbose=0)
+  # Only image 1 counts: the NaN row would otherwise rank its label at -1, "inside" the top 2.
+  assert results["top1"] == pytest.approx(1 / 3) and results["top2"] == pytest.approx(1 / 3)
+  assert results["nonfinite_logits"] == 2
+
+
 def test_puppet_depth_histogram_and_buckets():
   model = PuppetClassifier(stage_channels=(4,), max_depth=3, num_classes=3,
                            input_shape=(8, 8, 3))

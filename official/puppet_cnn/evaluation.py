@@ -36,8 +36,9 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, num_examples: i
                    top_k: int = 5, verbose: int = 1) -> Dict[str, Any]:
   """Evaluates `model` on every example of `dataset` ((images, labels) batches).
 
-  Returns a JSON-ready dict with top1, top5, loss, num_test_images, depth_histogram (Puppet-CNN
-  only), mean_depth, and accuracy_by_entropy_bucket.
+  Returns a JSON-ready dict with top1, top5, loss, num_test_images, nonfinite_logits (images
+  whose logits hold a NaN or an infinity: counted as wrong), depth_histogram (Puppet-CNN only),
+  mean_depth, and accuracy_by_entropy_bucket.
   """
   predict = _predict_fn(model)
   logits_all, labels_all, h_all, depth_all = [], [], [], []
@@ -64,8 +65,11 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, num_examples: i
   # Rank of the true class = other classes scoring at least as high: a tie counts against
   # the model (an all-equal row is never "in the top 5"; e.g. SqueezeNet's ReLU'd logits).
   ranks = (logits >= logits[np.arange(n), labels][:, None]).sum(axis=1) - 1
-  correct1 = ranks == 0
-  correct_k = ranks < top_k
+  # A row with a NaN or infinite logit is wrong (NaN compares false everywhere, which would
+  # otherwise put the true class at "rank -1", inside the top 5).
+  finite = np.isfinite(logits).all(axis=1)
+  correct1 = (ranks == 0) & finite
+  correct_k = (ranks < top_k) & (ranks >= 0) & finite
   results: Dict[str, Any] = {
       "num_test_images": int(n),
       "top1": float(correct1.mean()),
@@ -73,6 +77,7 @@ def evaluate_model(model: keras.Model, dataset: tf.data.Dataset, num_examples: i
       "loss": loss,
       "seconds": seconds,
       "mean_complexity": float(h.mean()),
+      "nonfinite_logits": int((~finite).sum()),
   }
   if isinstance(model, PuppetClassifier):
     values, counts = np.unique(depth, return_counts=True)

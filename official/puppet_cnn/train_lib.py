@@ -301,6 +301,10 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
         command=" ".join(sys.argv))
     if models.is_puppet(t.model):
       results["depth_scale"] = model.depth_scale
+      from official.puppet_cnn.serving import macs  # pylint: disable=import-outside-toplevel
+      if all(d is not None for d in model.config.input_shape[:2]):
+        results["macs_at_mean_depth"] = macs.puppet_cnn_macs(model, results["mean_depth"])[
+            "total"]
       results["parameter_breakdown"] = {
           k: v for k, v in model.parameter_breakdown().items()
           if k != "generated_kernel_params_by_depth"}

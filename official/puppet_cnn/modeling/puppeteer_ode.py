@@ -255,11 +255,20 @@ class PuppeteerODE(keras.layers.Layer):
         unit = j // self.kernels_per_unit + 1
         if depth_sorted:
           # States past their depth are a prefix: integrate only the rest (same values as
-          # masking them, without evaluating G on them).
+          # masking them, without evaluating G on them). The slice always keeps at least one
+          # state: when every state is done, the last one is integrated with weight 0 (out of
+          # the batch statistics) and its result dropped. G on an empty batch is not an
+          # option: TensorFlow's depthwise-conv filter gradient of an empty batch is
+          # uninitialized memory (measured: values up to 1e29), which turned bucketed
+          # training into NaN whenever the deepest bin of a batch was below max_depth.
+          n = ops.shape(state)[0]
           done = ops.sum(ops.cast(depth <= unit, "int32"))
-          tail = self.integrate_step(state[done:], dl[done:], None, training, stats,
-                                     None if weight is None else weight[done:])
-          state = ops.concatenate([state[:done], tail], axis=0)
+          start = ops.maximum(ops.minimum(done, n - 1), 0)
+          keep = ops.cast(ops.arange(start, n) >= done, "float32")
+          tail_weight = keep if weight is None else weight[start:] * keep
+          tail = self.integrate_step(state[start:], dl[start:], None, training, stats,
+                                     tail_weight)
+          state = ops.concatenate([state[:done], tail[done - start:]], axis=0)
         else:
           active = ops.cast(depth > unit, "float32")
           state = self.integrate_step(state, dl, active, training, stats, weight)

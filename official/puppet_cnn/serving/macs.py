@@ -38,6 +38,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import keras
 import numpy as np
 
+from official.puppet_cnn.modeling import scaling
+
 _EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 
 
@@ -112,7 +114,8 @@ def puppet_cnn_macs(model, depth: float,
 
   Args:
     model: a PuppetClassifier.
-    depth: units per stage, in [min_depth, max_depth]; may be fractional (a mean).
+    depth: units per stage, in [1, max_depth] (or the scaled bound of the model's
+      depth_scale); may be fractional (a mean).
     input_size: (H, W); default: the model's input shape.
 
   Returns:
@@ -121,8 +124,10 @@ def puppet_cnn_macs(model, depth: float,
     max_depth) and `total` = puppet + head + puppeteer.
   """
   c = model.config
-  if not c.min_depth <= depth <= c.max_depth:
-    raise ValueError(f"depth must be in [{c.min_depth}, {c.max_depth}], got {depth}")
+  # With scaled steps (config.depth_scale) a sample may run up to round(s * max_depth) units.
+  bound = max(c.max_depth, scaling.scaled_max_depth(c.max_depth, c.depth_scale))
+  if not 1 <= depth <= bound:
+    raise ValueError(f"depth must be in [1, {bound}], got {depth}")
   height, width = input_size or c.input_shape[:2]
   if height is None or width is None:
     raise ValueError("the model takes any image size; pass input_size=(H, W)")
@@ -138,6 +143,7 @@ def puppet_cnn_macs(model, depth: float,
                              puppeteer.generator_kernel_size, puppeteer.integrator)
   n_stages = len(stack.stage_channels)
   needed = n_stages * (1 + (depth - 1) * kpu) * step
-  executed = n_stages * (1 + (c.max_depth - 1) * kpu) * step
+  executed = n_stages * (1 + (scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1)
+                         * kpu) * step
   return {"puppet": puppet, "head": float(head), "puppeteer": float(needed),
           "puppeteer_executed": float(executed), "total": puppet + head + needed}

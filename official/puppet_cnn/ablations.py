@@ -1,0 +1,111 @@
+"""The ablation study of `tools/ablations.py`: named variants of one training protocol.
+
+Each variant is the base flagfile plus a few flags of the training binary, so every run is an
+ordinary `python -m official.puppet_cnn.train` run in its own model_dir (resumable, and
+re-evaluated rather than retrained when it is already finished). The table collects each run's
+results.json and training_state.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the study: a name, what it tests, and the flags that differ from the base."""
+  name: str
+  question: str
+  flags: Tuple[str, ...] = ()
+
+
+VARIANTS: Tuple[Variant, ...] = (
+    Variant("baseline", "Default: learned initial state (base x fill), depth and parameter "
+            "adaptation, VGG-style puppet, Euler"),
+    Variant("paper_init", "The paper's constant initial state exp(1 - H^-2) (eq. 11)",
+            ("--init=paper",)),
+    Variant("learned_additive", "Learned base + constant fill (instead of base x fill)",
+            ("--init=learned_additive",)),
+    Variant("no_parameter_adaptation", "Kernels from one reference H for every image "
+            "(paper Table 3)", ("--noparameter_adaptation",)),
+    Variant("no_depth_adaptation", "Depth 6 for every image (about the adaptive mean; paper "
+            "Table 4)", ("--nodepth_adaptation", "--fixed_depth=6")),
+    Variant("puppet_resnet", "Same puppeteer driving a ResNet-style puppet (2 kernels per "
+            "unit)", ("--model=puppet_resnet",)),
+    Variant("puppet_alexnet", "Same puppeteer driving an AlexNet-style puppet (1/8 of "
+            "64-192-384-256-256)", ("--model=puppet_alexnet", "--stage_channels=8,24,48,32,32")),
+    Variant("midpoint", "Midpoint integrator in training (2 G evaluations per step)",
+            ("--integrator=midpoint",)),
+    Variant("incremental_depth", "Incremental in depth: depth_scale 0.25, 0.5, then 1 "
+            "(epochs 1, 2, 3-4)", ("--depth_refinements=2", "--refine_every_epochs=1")),
+    Variant("width_sampled", "Widths 0.25, 0.5, 0.75 trained beside 1.0 (in-place "
+            "distillation)", ("--train_widths=0.25,0.5,0.75,1.0",)),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+def select(names: Optional[Sequence[str]]) -> List[Variant]:
+  """The variants named (all for None or ['all']), in the study's order."""
+  if not names or list(names) == ["all"]:
+    return list(VARIANTS)
+  unknown = sorted(set(names) - set(VARIANT_NAMES))
+  if unknown:
+    raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANT_NAMES)}")
+  return [v for v in VARIANTS if v.name in set(names)]
+
+
+def train_argv(variant: Variant, base_flagfile: str, model_dir: str,
+               extra_flags: Sequence[str] = ()) -> List[str]:
+  """The training binary's arguments for a variant (later flags override earlier ones)."""
+  return ([f"--flagfile={base_flagfile}"] + list(variant.flags) + list(extra_flags)
+          + [f"--model_dir={model_dir}"])
+
+
+def _read(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def collect(variant: Variant, model_dir: str) -> Dict[str, Any]:
+  """A table row from a finished run's files (None values where the run has no results)."""
+  results = _read(os.path.join(model_dir, "results.json")) or {}
+  state = _read(os.path.join(model_dir, "training_state.json")) or {}
+  breakdown = results.get("parameter_breakdown") or {}
+  return {
+      "name": variant.name, "question": variant.question, "flags": " ".join(variant.flags),
+      "top1": results.get("top1"), "top5": results.get("top5"),
+      "num_test_images": results.get("num_test_images"),
+      "mean_depth": results.get("mean_depth"),
+      "stored_params": breakdown.get("total_stored", results.get("stored_params")),
+      "train_seconds": state.get("train_seconds"), "epochs": state.get("epochs_done"),
+      "macs": results.get("macs_at_mean_depth"),
+  }
+
+
+def _pct(value) -> str:
+  return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown(rows: Sequence[Dict[str, Any]], header: str) -> str:
+  """The study as Markdown: one row per variant, with its difference to the baseline."""
+  base = next((r["top1"] for r in rows if r["name"] == "baseline"), None)
+  lines = [header, "",
+           "| variant | what it tests | flags | top-1 | top-5 | vs baseline | mean depth | "
+           "stored params | train time | MMACs/image |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    delta = ("-" if base is None or r["top1"] is None or r["name"] == "baseline"
+             else f"{100 * (r['top1'] - base):+.2f} pt")
+    depth = "-" if r["mean_depth"] is None else f"{r['mean_depth']:.2f}"
+    params = "-" if r["stored_params"] is None else f"{r['stored_params']:,}"
+    secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+    macs = "-" if r["macs"] is None else f"{r['macs'] / 1e6:.2f}"
+    flags = f"`{r['flags']}`" if r["flags"] else "(base)"
+    lines.append(f"| {r['name']} | {r['question']} | {flags} | {_pct(r['top1'])} | "
+                 f"{_pct(r['top5'])} | {delta} | {depth} | {params} | {secs} | {macs} |")
+  return "\n".join(lines) + "\n"
