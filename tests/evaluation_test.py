@@ -48,11 +48,22 @@ def test_all_equal_logits_are_never_correct():
   assert results["top1"] == 0.0 and results["top3"] == 0.0
 
 
+class BrokenLogits(FixedLogits):
+  """FixedLogits, with logit 0 made NaN where pixel [0, 4] is 1 and +inf where it is 2."""
+
+  def call(self, images, training=None):
+    logits = super().call(images)
+    flag = tf.cast(images[:, 0, 4, 0], tf.float32)[:, None]
+    bad = tf.where(flag == 1.0, np.nan, tf.where(flag == 2.0, np.inf, logits))
+    return tf.concat([bad[:, :1], logits[:, 1:]], axis=1)
+
+
 def test_nan_logits_are_wrong_and_counted():
-  logits = np.array([[np.nan, 1, 0, 0], [9, 1, 0, 0], [np.inf, 1, 2, 3]], np.float32)
+  logits = np.array([[0, 1, 0, 0], [9, 1, 0, 0], [0, 1, 2, 3]], np.float32)
   images = np.zeros((3, 8, 8, 1), np.float32)
   images[:, 0, 0:4, 0] = logits
-  results = evaluation.evaluate_model(FixedLogits(), _dataset(images, np.array([1, 0, 3]), 3),
+  images[0, 0, 4, 0], images[2, 0, 4, 0] = 1.0, 2.0  # image 0: NaN logit, image 2: +inf
+  results = evaluation.evaluate_model(BrokenLogits(), _dataset(images, np.array([1, 0, 3]), 3),
                                       3, top_k=2, verbose=0)
   # Only image 1 counts: the NaN row would otherwise rank its label at -1, "inside" the top 2.
   assert results["top1"] == pytest.approx(1 / 3) and results["top2"] == pytest.approx(1 / 3)
