@@ -1,0 +1,154 @@
+"""Evaluating one trained Puppet-CNN at other depths, integrators and widths.
+
+The library behind `tools/convergence_table.py` (step scale x integrator, the continuous-in-
+depth view) and `tools/width_sweep.py` (width multipliers, the metamorphic view). Nothing here
+retrains: the model's own weights are evaluated at another resolution, optionally after
+re-estimating the puppet's batch-norm statistics on a few training images (which changes only
+those statistics; the model is restored afterwards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from official.puppet_cnn import evaluation
+from official.puppet_cnn.data.datasets import Splits
+from official.puppet_cnn.data.datasets import build_datasets
+from official.puppet_cnn.experiment_config import ExperimentConfig
+from official.puppet_cnn.modeling.puppet_classifier import PuppetClassifier
+from official.puppet_cnn.serving import macs as macs_lib
+from official.puppet_cnn.serving import model_loading
+
+
+def load_run(model_dir: str, data_dir: Optional[str] = None,
+             limit: Optional[int] = None) -> Tuple[PuppetClassifier, Splits]:
+  """The best checkpoint of a training run and its data splits (from its config.json).
+
+  Args:
+    model_dir: a training run's model_dir (config.json + checkpoints/).
+    data_dir: overrides the run's data_dir (the data may have moved).
+    limit: keep only the first `limit` examples of each split (quick looks).
+  """
+  config_path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{model_dir} is not a training run: no config.json there")
+  with open(config_path) as f:
+    config = ExperimentConfig.from_dict(json.load(f))
+  model = model_loading.load_keras_model(model_dir)
+  if not isinstance(model, PuppetClassifier):
+    raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a PuppetClassifier")
+  data = dataclasses.replace(config.data, **({"data_dir": data_dir} if data_dir else {}),
+                             **({"limit": limit} if limit else {}))
+  return model, build_datasets(data)
+
+
+def calibration_images(splits: Splits, count: int) -> Optional[np.ndarray]:
+  """The first `count` training images (None for count 0)."""
+  if not count:
+    return None
+  images = []
+  for batch, _ in splits.train:
+    images.append(np.asarray(batch))
+    if sum(len(b) for b in images) >= count:
+      break
+  return np.concatenate(images)[:count]
+
+
+def _row(model: PuppetClassifier, dataset: tf.data.Dataset, num: int) -> Dict[str, Any]:
+  results = evaluation.evaluate_model(model, dataset, num, verbose=0)
+  total = macs_lib.puppet_cnn_macs(model, results["mean_depth"])["total"]
+  return {"top1": results["top1"], "top5": results["top5"], "loss": results["loss"],
+          "mean_depth": results["mean_depth"], "macs": total,
+          "nonfinite_logits": results["nonfinite_logits"], "seconds": results["seconds"]}
+
+
+def depth_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
+                scales: Sequence[float], integrators: Sequence[str],
+                calibration: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+  """Accuracy, mean depth and MACs per (integrator, depth_scale); the model is restored.
+
+  With `calibration` images, each setting is evaluated twice: as is, and after
+  `recalibrate_batch_norm` on those images (then the weights are put back).
+  """
+  original = (model.integrator, model.depth_scale)
+  weights = model.get_weights()
+  rows = []
+  try:
+    for integrator in integrators:
+      for scale in scales:
+        model.integrator = integrator
+        model.depth_scale = float(scale)
+        row = {"integrator": integrator, "depth_scale": float(scale)}
+        row.update(_row(model, dataset, num))
+        if calibration is not None:
+          model.recalibrate_batch_norm(calibration)
+          recal = _row(model, dataset, num)
+          row.update({f"recalibrated_{k}": v for k, v in recal.items()})
+          model.set_weights(weights)
+        rows.append(row)
+  finally:
+    model.set_weights(weights)
+    model.integrator, model.depth_scale = original
+  return rows
+
+
+def width_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
+                widths: Sequence[float],
+                calibration: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+  """Accuracy, MACs and stored parameters per width multiplier (`PuppetClassifier.at_width`).
+
+  With `calibration` images each width is evaluated as generated and after recalibrating its
+  batch-norm statistics.
+  """
+  rows = []
+  for width in widths:
+    narrow = model.at_width(float(width))
+    row = {"width": float(width), "stage_channels": list(narrow.config.channels),
+           "stored_params": narrow.parameter_breakdown()["total_stored"]}
+    row.update(_row(narrow, dataset, num))
+    if calibration is not None:
+      narrow.recalibrate_batch_norm(calibration)
+      row.update({f"recalibrated_{k}": v for k, v in _row(narrow, dataset, num).items()})
+    rows.append(row)
+  return rows
+
+
+def _pct(value) -> str:
+  return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def depth_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+  """A convergence table: one row per (integrator, scale)."""
+  recal = any("recalibrated_top1" in r for r in rows)
+  head = ("| integrator | depth scale | mean depth | top-1 | top-5 | MMACs/image |"
+          + (" top-1 recalibrated |" if recal else ""))
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    line = (f"| {r['integrator']} | {r['depth_scale']:g}x | {r['mean_depth']:.2f} | "
+            f"{_pct(r['top1'])} | {_pct(r['top5'])} | {r['macs'] / 1e6:.2f} |")
+    if recal:
+      line += f" {_pct(r.get('recalibrated_top1'))} |"
+    lines.append(line)
+  return "\n".join(lines) + "\n"
+
+
+def width_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+  """One row per width."""
+  recal = any("recalibrated_top1" in r for r in rows)
+  head = ("| width | stage channels | stored params | MMACs/image | top-1 | top-5 |"
+          + (" top-1 recalibrated | top-5 recalibrated |" if recal else ""))
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    line = (f"| {r['width']:g}x | {'-'.join(str(c) for c in r['stage_channels'])} | "
+            f"{r['stored_params']:,} | {r['macs'] / 1e6:.2f} | {_pct(r['top1'])} | "
+            f"{_pct(r['top5'])} |")
+    if recal:
+      line += f" {_pct(r.get('recalibrated_top1'))} | {_pct(r.get('recalibrated_top5'))} |"
+    lines.append(line)
+  return "\n".join(lines) + "\n"

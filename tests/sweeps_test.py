@@ -1,0 +1,59 @@
+"""sweeps: a trained run evaluated at other depths, integrators and widths."""
+import numpy as np
+import pytest
+
+from official.puppet_cnn import sweeps
+from tests import tiny_run
+
+pytestmark = pytest.mark.skipif(tiny_run.DATA_DIR is None, reason="real CIFAR-10 not found")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return tiny_run.train_tiny_run(str(tmp_path_factory.mktemp("sweeps") / "run"))
+
+
+def _accuracy(model, splits):
+  """Top-1 from predict() and the labels, independently of evaluation.py."""
+  correct = total = 0
+  for images, labels in splits.test:
+    logits = model.predict(np.asarray(images), verbose=0)
+    correct += int((logits.argmax(axis=1) == np.asarray(labels)).sum())
+    total += len(labels)
+  return correct / total
+
+
+def test_depth_sweep_rows_and_model_restored(run_dir):
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  x = np.asarray(next(iter(splits.test))[0])
+  before = model.predict(x, verbose=0)
+  rows = sweeps.depth_sweep(model, splits.test, splits.num_test, [0.5, 1.0],
+                            ["euler", "rk4"], calibration=sweeps.calibration_images(splits, 32))
+  assert [(r["integrator"], r["depth_scale"]) for r in rows] == [
+      ("euler", 0.5), ("euler", 1.0), ("rk4", 0.5), ("rk4", 1.0)]
+  assert rows[1]["top1"] == pytest.approx(_accuracy(model, splits))
+  # Scale 0.5 of max_depth 3: at most round(1.5) = 2 layers per stage.
+  assert rows[0]["mean_depth"] <= 2 < rows[1]["mean_depth"] + 1
+  assert all(0 <= r["recalibrated_top1"] <= 1 for r in rows)
+  assert model.integrator == "euler" and model.depth_scale == 1.0
+  np.testing.assert_array_equal(model.predict(x, verbose=0), before)
+  text = sweeps.depth_markdown(rows)
+  assert f"| euler | 1x | {rows[1]['mean_depth']:.2f} | {100 * rows[1]['top1']:.2f}% |" in text
+
+
+def test_width_sweep_rows_by_hand(run_dir):
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  rows = sweeps.width_sweep(model, splits.test, splits.num_test, [0.5, 1.0])
+  assert rows[0]["stage_channels"] == [2, 4] and rows[1]["stage_channels"] == [4, 8]
+  # Width 0.5 stores: G on the unchanged 8-channel state (8^2 + 15 * 8 = 184), the rank-16
+  # initial state (16 * (8 + 9 + 8) = 400), the puppet's BN (4 vectors x (2 + 2 rows x 2) +
+  # 4 x (4 + 2 x 4) = 72) and the head (4 x 10 + 10 = 50).
+  assert rows[0]["stored_params"] == 184 + 400 + 72 + 50
+  assert rows[1]["top1"] == pytest.approx(_accuracy(model, splits))
+  assert rows[0]["macs"] < rows[1]["macs"]
+  assert "| 0.5x | 2-4 | 706 |" in sweeps.width_markdown(rows)
+
+
+def test_load_run_errors(tmp_path, run_dir):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    sweeps.load_run(str(tmp_path))
