@@ -173,13 +173,17 @@ class PuppetCNNConfig:
       finer (`PuppetClassifier.depth_scale = 2.0`, `tools/convergence_table.py`);
       incremental-in-depth training (`TrainConfig.depth_refinements`) trains at 2^-k and
       doubles it during training.
-    train_widths: width multipliers sampled in training (default (): train at width 1, the
-      paper). Each training step draws one width uniformly; the puppeteer's kernels, the
-      puppet's batch-norm parameters and the classifier's weights are resized to it from the
-      full-width weights (so all widths share one set of weights, as in universally slimmable
-      networks), and batch-norm moving statistics are updated only at width 1.0, which must be
-      in the list. `PuppetClassifier.at_width(w)` then generates a model of any width, with its
-      batch-norm statistics recalibrated on a few images. TensorFlow backend.
+    train_widths: widths trained beside the full model (default (): width 1 only, the paper).
+      Must include 1.0. Every training step runs the full width (cross-entropy) and each
+      other listed width, whose kernels are pooled out of the same puppeteer state and whose
+      batch-norm parameters and classifier weights are resized from the full-width ones
+      (`modeling/scaling.py`); each narrower or wider model learns to predict what the full
+      model predicts (in-place distillation as in universally slimmable networks: a KL loss,
+      averaged over the extra widths). All widths run every step, because a per-step random
+      choice would need a switch over branches that update variables, which XLA rejects; a
+      step costs about the sum of the widths' costs. Batch-norm moving statistics are updated
+      only at width 1.0. `PuppetClassifier.at_width(w, calibration_images)` then generates a
+      model of any width with its batch-norm statistics recalibrated.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
