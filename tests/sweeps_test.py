@@ -57,3 +57,24 @@ def test_width_sweep_rows_by_hand(run_dir):
 def test_load_run_errors(tmp_path, run_dir):
   with pytest.raises(FileNotFoundError, match="config.json"):
     sweeps.load_run(str(tmp_path))
+
+
+def test_binning_sweep_depths_by_hand_and_exact_row(run_dir):
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  rows = sweeps.binning_sweep(model, splits.test, splits.num_test, [0, 2, 8])
+  assert [(r["bins"], r["execution"]) for r in rows] == [
+      (0, "per_sample"), (2, "bucketed"), (8, "bucketed")]
+  assert rows[0]["agreement"] == 1.0
+  assert rows[0]["top1"] == pytest.approx(_accuracy(model, splits))
+  # Mean depth from each test image's H by eq. 10 on its bin centre, in float64.
+  h = np.concatenate([model.predict_details(np.asarray(x))["complexity"]
+                      for x, _ in splits.test]).astype(np.float64)
+  for row in rows[1:]:
+    n = row["bins"]
+    centre = (np.clip(np.floor(h * n / 8), 0, n - 1) + 0.5) * 8 / n
+    depth = np.clip(np.floor(1 / np.tanh(1 / centre)), 1, 3)
+    assert row["mean_depth"] == pytest.approx(depth.mean())
+    assert 0 <= row["agreement"] <= 1
+  # The model is back at its trained binning (exact H), unchanged.
+  assert model.complexity_bins == 0 and model.config.execution == "per_sample"
+  assert "| exact H | per_sample |" in sweeps.binning_markdown(rows)

@@ -1,7 +1,8 @@
-"""Evaluating one trained Puppet-CNN at other depths, integrators and widths.
+"""Evaluating one trained Puppet-CNN at other depths, integrators, widths and binnings.
 
 The library behind `tools/convergence_table.py` (step scale x integrator, the continuous-in-
-depth view) and `tools/width_sweep.py` (width multipliers, the metamorphic view). Nothing here
+depth view), `tools/width_sweep.py` (width multipliers, the metamorphic view) and
+`tools/binning_sweep.py` (complexity bins: what the fast bucketed execution costs). Nothing here
 retrains: the model's own weights are evaluated at another resolution, optionally after
 re-estimating the puppet's batch-norm statistics on a few training images (which changes only
 those statistics; the model is restored afterwards).
@@ -117,6 +118,50 @@ def width_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
       row.update({f"recalibrated_{k}": v for k, v in _row(narrow, dataset, num).items()})
     rows.append(row)
   return rows
+
+
+def _predicted_classes(model: PuppetClassifier, dataset: tf.data.Dataset) -> np.ndarray:
+  predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1))
+  return np.concatenate([predict(images).numpy() for images, _ in dataset])
+
+
+def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
+                  bins: Sequence[int], execution: str = "bucketed") -> List[Dict[str, Any]]:
+  """Accuracy, mean depth and agreement with exact H per number of complexity bins.
+
+  Bins 0 is exact H (the paper, per-sample execution); n > 0 quantizes H to n bins on
+  [0, max H] and runs with `execution` ('bucketed', with cached kernels: the fast path, or
+  'per_sample'). `agreement` is the fraction of images whose predicted class equals the
+  exact-H prediction. The model's binning is restored afterwards.
+  """
+  original = (model.config.complexity_bins, model.config.execution)
+  rows = []
+  try:
+    model.set_binning(0, "per_sample")
+    exact = _predicted_classes(model, dataset)
+    for n in bins:
+      model.set_binning(int(n), execution if n else "per_sample")
+      if n and execution == "bucketed":
+        model.cache_kernels()
+      row = {"bins": int(n), "execution": model.config.execution}
+      row.update(_row(model, dataset, num))
+      row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
+      rows.append(row)
+  finally:
+    model.set_binning(*original)
+  return rows
+
+
+def binning_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+  """One row per number of bins."""
+  head = ("| complexity bins | execution | mean depth | top-1 | top-5 | same class as exact H |"
+          " MMACs/image |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    lines.append(f"| {r['bins'] or 'exact H'} | {r['execution']} | {r['mean_depth']:.2f} | "
+                 f"{_pct(r['top1'])} | {_pct(r['top5'])} | {_pct(r['agreement'])} | "
+                 f"{r['macs'] / 1e6:.2f} |")
+  return "\n".join(lines) + "\n"
 
 
 def _pct(value) -> str:

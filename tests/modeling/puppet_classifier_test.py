@@ -301,3 +301,27 @@ def test_train_widths_adds_the_distillation_loss_and_fits_under_xla():
   assert history[-1] < history[0]
   with pytest.raises(ValueError, match="include 1.0"):
     PuppetCNNConfig(train_widths=(0.5, 0.75))
+
+
+def test_set_binning_quantizes_h_by_hand_and_restores_exact():
+  model = PuppetClassifier(**TINY)
+  images = _images(8, seed=3)
+  for i, levels in ((2, 10), (3, 14)):  # stripes: H about 1.87 and 2.12 bits, exact depth 2,
+    images[i] = (np.arange(16) % levels * 255 // (levels - 1))[None, :, None]  # 4 bins: 1, 3
+  exact = model(images, training=False).numpy()
+  h = cx.image_complexity(images).numpy().astype(np.float64)
+  assert list(model(images, return_details=True)["depth"].numpy()[2:4]) == [2, 2]
+  for n, execution in ((4, "per_sample"), (4, "bucketed"), (16, "bucketed")):
+    model.set_binning(n, execution)
+    out = model(images, training=False, return_details=True)
+    # Eq. 10 on each image's bin centre (n equal bins on [0, 8] bits), in float64.
+    centre = (np.clip(np.floor(h * n / 8), 0, n - 1) + 0.5) * 8 / n
+    want_depth = np.clip(np.floor(1 / np.tanh(1 / centre)), 1, 3)
+    np.testing.assert_array_equal(out["depth"].numpy(), want_depth)
+    assert model.complexity_bins == n and model.config.execution == execution
+  # The weights never changed: back to exact H gives the original logits bit for bit.
+  model.set_binning(0)
+  assert model.config.execution == "per_sample"
+  np.testing.assert_array_equal(model(images, training=False).numpy(), exact)
+  with pytest.raises(ValueError, match="bucketed"):
+    model.set_binning(0, "bucketed")

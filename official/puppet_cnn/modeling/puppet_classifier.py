@@ -515,6 +515,28 @@ class PuppetClassifier(keras.Model):
     self.clear_kernel_cache()
     self._reset_compiled_functions(train=True)
 
+  @property
+  def complexity_bins(self) -> int:
+    return self.config.complexity_bins
+
+  def set_binning(self, complexity_bins: int, execution: str | None = None) -> None:
+    """Evaluates (or trains) with H quantized to `complexity_bins` bins (0: exact H).
+
+    The weights do not depend on the binning, so a model trained with exact H can be run
+    with bins (fast bucketed inference) and the reverse; `tools/binning_sweep.py` measures
+    what that costs. `execution` defaults to the current one when it is valid for the new
+    binning, else 'per_sample' for 0 bins. Compiled Keras functions and the kernel cache are
+    reset; compile again (without XLA for 'bucketed') before `fit`/`evaluate`/`predict` if
+    the model was compiled with jit_compile=True.
+    """
+    if execution is None:
+      execution = self.config.execution
+      if execution == "bucketed" and not complexity_bins:
+        execution = "per_sample"
+    self.config = self.config.replace(complexity_bins=complexity_bins, execution=execution)
+    self.clear_kernel_cache()
+    self._reset_compiled_functions(train=True)
+
   def refine_depth(self, scale: float) -> Dict[int, int]:
     """Moves to a finer `depth_scale` during incremental-in-depth training.
 

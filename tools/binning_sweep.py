@@ -1,0 +1,89 @@
+r"""What quantizing the complexity H costs: one trained run evaluated with exact H and n bins.
+
+  python tools/binning_sweep.py --model_dir=runs/ablations/baseline --bins=0,64,32,16,8,4 \
+      --output=docs/binning.md
+
+With `complexity_bins = n` every image uses the centre of its H bin (n equal bins on [0, 8]
+bits), so the images of a bin share kernels and depth and bucketed execution can run the
+puppeteer once per bin and cache its kernels (README, "Options"; docs/benchmarks.md for the
+speed). The weights do not depend on the binning, so the same trained model is evaluated at
+each setting; rows give mean depth, test accuracy and the fraction of test images whose
+predicted class is the one exact H gives (`PuppetClassifier.set_binning`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+
+from absl import app
+from absl import flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from official.puppet_cnn import sweeps  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when run as a binary, so tests can import this module beside others."""
+  flags.DEFINE_multi_string("model_dir", None, "Training run(s) to evaluate (repeatable).")
+  flags.DEFINE_list("bins", ["0", "64", "32", "16", "8", "4"],
+                    "Numbers of complexity bins (0: exact H).")
+  flags.DEFINE_enum("execution", "bucketed", ["bucketed", "per_sample"],
+                    "Execution of the binned rows (bucketed: cached kernels, the fast path).")
+  flags.DEFINE_string("data_dir", None, "Overrides the runs' data_dir.")
+  flags.DEFINE_integer("limit", None, "Evaluate on the first N test images only.")
+  flags.DEFINE_string("output", "docs/binning.md", "Markdown file to write.")
+  flags.mark_flag_as_required("model_dir")
+
+
+def parse_bins(values) -> list:
+  bins = []
+  for value in values:
+    try:
+      n = int(value)
+    except ValueError:
+      raise ValueError(f"--bins takes integers >= 0, got {value!r}") from None
+    if n < 0:
+      raise ValueError(f"--bins takes integers >= 0, got {n}")
+    bins.append(n)
+  return bins
+
+
+def report(model_dirs, bins, execution, data_dir, limit, command) -> str:
+  """The Markdown report for each run."""
+  parts = ["# Complexity binning", "", "Written by `tools/binning_sweep.py`.", "",
+           f"- Command: `{command}`",
+           f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+           f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
+           "TensorFlow backend", ""]
+  for model_dir in model_dirs:
+    model, splits = sweeps.load_run(model_dir, data_dir, limit)
+    trained = model.config.complexity_bins
+    rows = sweeps.binning_sweep(model, splits.test, splits.num_test, parse_bins(bins),
+                                execution)
+    parts += [f"## `{model_dir}`", "",
+              f"Trained with {f'{trained} complexity bins' if trained else 'exact H'}; "
+              f"{splits.num_test} test images.", "", sweeps.binning_markdown(rows)]
+  return "\n".join(parts)
+
+
+def main(argv):
+  del argv
+  command = "python tools/binning_sweep.py " + " ".join(sys.argv[1:])
+  text = report(FLAGS.model_dir, FLAGS.bins, FLAGS.execution, FLAGS.data_dir, FLAGS.limit,
+                command)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  with open(FLAGS.output, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
