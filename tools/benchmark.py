@@ -20,6 +20,8 @@ Models (`--models`):
   puppet_binned    execution='per_sample', complexity_bins=--bins.
   puppet_bucketed  execution='bucketed', complexity_bins=--bins (kernels generated per call).
   puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
+  puppet_remat     puppet_bucketed with generator_remat=True: G's activations are recomputed
+                   in the backward pass (training only; its inference is bucketed's).
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -53,7 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-PUPPET_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached")
+PUPPET_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
+                 "puppet_remat")
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "resnet",
                        "mobilenet_v2")
@@ -191,6 +194,8 @@ def _build(spec, calibration):
       "puppet_binned": dict(complexity_bins=spec["bins"]),
       "puppet_bucketed": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
+      "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
+                           generator_remat=True),
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -358,8 +363,10 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_cached") and xla:
+  if model in ("puppet_bucketed", "puppet_cached", "puppet_remat") and xla:
     return "not XLA-compatible (data-dependent group sizes)"
+  if model == "puppet_remat" and phase == "infer":
+    return "inference does not store activations: same as puppet_bucketed"
   if model == "puppet_cached" and phase == "train":
     return "training regenerates kernels: same as puppet_bucketed"
   return None

@@ -184,6 +184,12 @@ class PuppetCNNConfig:
       step costs about the sum of the widths' costs. Batch-norm moving statistics are updated
       only at width 1.0. `PuppetClassifier.at_width(w, calibration_images)` then generates a
       model of any width with its batch-norm statistics recalibrated.
+    generator_remat: False (default): the backward pass keeps every activation of G (its
+      convolutions, batch norm and tanh: four state-sized tensors per evaluation of G, per
+      trajectory, per step). True: only each evaluation's input state is kept and the rest is
+      recomputed in the backward pass (`keras.remat`, gradient checkpointing): less training
+      memory for one more forward pass of G. Same values and gradients either way; inference
+      is unaffected. docs/benchmarks.md measures both.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -214,6 +220,7 @@ class PuppetCNNConfig:
   execution: str = "per_sample"
   depth_scale: float = 1.0
   train_widths: Tuple[float, ...] = ()
+  generator_remat: bool = False
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -272,6 +279,8 @@ class PuppetCNNConfig:
     self.complexity_bins = int(bins)
     _check(self.execution in EXECUTIONS,
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+    _check(isinstance(self.generator_remat, bool),
+           f"generator_remat must be True or False, got {self.generator_remat!r}")
     _check(isinstance(self.depth_scale, (int, float)) and not isinstance(self.depth_scale, bool)
            and math.isfinite(self.depth_scale) and self.depth_scale > 0,
            f"depth_scale must be a finite number > 0, got {self.depth_scale!r}")

@@ -91,6 +91,9 @@ _DEPTH_SCALE = flags.DEFINE_float(
 _TRAIN_WIDTHS = flags.DEFINE_list(
     "train_widths", None, "Width multipliers trained together (must include 1.0), e.g. "
     "0.25,0.5,1.0; narrower widths learn from the full width (in-place distillation).")
+_GENERATOR_REMAT = flags.DEFINE_bool(
+    "generator_remat", None, "Recompute the puppeteer's G activations in the backward pass "
+    "(less training memory, one more forward of G; same results).")
 _DEPTH_REFINEMENTS = flags.DEFINE_integer(
     "depth_refinements", None, "Incremental-in-depth training: start at depth_scale 2^-k and "
     "double it k times (0: off).")
@@ -132,7 +135,8 @@ def config_from_flags() -> ExperimentConfig:
                complexity_bins=_COMPLEXITY_BINS.value, execution=_EXECUTION.value,
                depth_scale=_DEPTH_SCALE.value,
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
-                             if _TRAIN_WIDTHS.value else None))
+                             if _TRAIN_WIDTHS.value else None),
+               generator_remat=_GENERATOR_REMAT.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))

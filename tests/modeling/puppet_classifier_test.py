@@ -325,3 +325,23 @@ def test_set_binning_quantizes_h_by_hand_and_restores_exact():
   np.testing.assert_array_equal(model(images, training=False).numpy(), exact)
   with pytest.raises(ValueError, match="bucketed"):
     model.set_binning(0, "bucketed")
+
+
+def test_generator_remat_trains_the_bucketed_model_identically():
+  images, labels = _images(8, seed=5), np.arange(8) % 5
+  results = []
+  for remat in (False, True):
+    model = PuppetClassifier(**TINY, complexity_bins=8, execution="bucketed",
+                             generator_remat=remat)
+    model.build((None, 16, 16, 3))
+    if results:
+      model.set_weights(results[0][0])
+    start = model.get_weights()
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(_loss()(labels, model(images, training=True)))
+    grads = tape.gradient(loss, model.trainable_weights)
+    results.append((start, float(loss), [g.numpy() for g in grads]))
+  assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
+  for got, want in zip(results[1][2], results[0][2]):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+  assert PuppetClassifier.from_config(model.get_config()).config.generator_remat

@@ -37,6 +37,9 @@ def test_skip_rules():
   assert "XLA" in benchmark._skip_reason("puppet_bucketed", True, "infer")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached", False, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_exact", True, "train") is None  # pylint: disable=protected-access
+  assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_remat", False, "infer")  # pylint: disable=protected-access
+  assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
+  assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
 
 
 def test_tiny_run_writes_the_report(tmp_path):

@@ -93,7 +93,7 @@ class PuppetClassifier(keras.Model):
         kernels_per_unit=KERNELS_PER_UNIT[c.block], kernel_size=c.kernel_size,
         state_channels=c.state_width, init=c.init, init_rank=c.init_rank, init_scale=c.init_scale,
         integrator=c.integrator, kernel_scaling=c.kernel_scaling, momentum=c.bn_momentum,
-        epsilon=c.bn_epsilon, name="puppeteer")
+        epsilon=c.bn_epsilon, remat=c.generator_remat, name="puppeteer")
     self.puppet = DynamicConvStack(
         stage_channels=c.channels, block_type=c.block, max_depth=c.max_depth,
         pool_after=c.pools, kernel_size=c.kernel_size, momentum=c.bn_momentum,

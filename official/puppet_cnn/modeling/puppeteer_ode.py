@@ -86,7 +86,7 @@ class PuppeteerODE(keras.layers.Layer):
                init_scale: float = 0.5,
                integrator: str = "euler", kernel_scaling: str = "fan_in",
                generator_kernel_size: int = 3, momentum: float = 0.99,
-               epsilon: float = 1e-3, **kwargs):
+               epsilon: float = 1e-3, remat: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -102,6 +102,7 @@ class PuppeteerODE(keras.layers.Layer):
     self.generator_kernel_size = int(generator_kernel_size)
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
+    self.remat = bool(remat)
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if integrator not in INTEGRATORS:
@@ -186,16 +187,31 @@ class PuppeteerODE(keras.layers.Layer):
     `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
     optionally counts each state that many times.
     """
-    y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
-    y = ops.matmul(y, self.pw_kernel) + self.pw_bias
     if training:
       mask = active if weight is None else (weight if active is None else active * weight)
-      mean, variance = mbn.masked_moments(y, mask)
-      seen = ops.shape(y)[0] > 0 if mask is None else ops.sum(mask) > 0
+      # With `remat`, only G's input is kept for the backward pass: its convolution, batch
+      # norm and tanh activations (four state-sized tensors per evaluation) are recomputed.
+      g = keras.remat(self._train_derivative) if self.remat else self._train_derivative
+      out, mean, variance = g(state, mask) if mask is not None else g(state)
+      seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
       stats.append((mean, variance, seen))
-    else:
-      mean, variance = self.moving_mean, self.moving_variance
-    return ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
+      return out
+    y = self._pointwise(self._depthwise(state))
+    return ops.tanh(mbn.normalize(y, self.moving_mean, self.moving_variance, self.gamma,
+                                  self.beta, self.epsilon))
+
+  def _depthwise(self, state):
+    return ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
+
+  def _pointwise(self, y):
+    return ops.matmul(y, self.pw_kernel) + self.pw_bias
+
+  def _train_derivative(self, state, mask=None):
+    """G in training: (G(P), batch mean, batch variance) over the states `mask` selects."""
+    y = self._pointwise(self._depthwise(state))
+    mean, variance = mbn.masked_moments(y, mask)
+    out = ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
+    return out, mean, variance
 
   def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None):
     """One step of the chosen integrator; samples with active == 0 keep their state.
@@ -305,7 +321,7 @@ class PuppeteerODE(keras.layers.Layer):
         kernel_size=self.kernel_size, state_channels=self.state_channels, init=self.init,
         init_rank=self.init_rank, init_scale=self.init_scale, integrator=self.integrator,
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
-        momentum=self.momentum, epsilon=self.epsilon)
+        momentum=self.momentum, epsilon=self.epsilon, remat=self.remat)
     return config
 
 
