@@ -12,9 +12,7 @@ every row is filled. A failed run is reported in the table and the others still 
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from official.puppet_cnn import ablations  # noqa: E402  pylint: disable=wrong-import-position
+from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +80,7 @@ def main(argv):
       if error:
         errors[variant.name] = error
   rows = [ablations.collect(v, os.path.join(runs_dir, v.name)) for v in variants]
-  command = "python tools/ablations.py " + " ".join(sys.argv[1:])
+  command = reports.command_line()
   header = "\n".join([
       "# Ablations", "",
       "Written by `tools/ablations.py`; the variants are defined in "
@@ -89,10 +88,9 @@ def main(argv):
       f"- Command: `{command}`",
       f"- Base protocol: `{os.path.relpath(FLAGS.base_flagfile, REPO)}`"
       + (f" plus `{' '.join(FLAGS.extra_flag)}`" if FLAGS.extra_flag else ""),
-      f"- Date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; wall time "
-      f"{time.time() - start:.0f} s",
-      f"- Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
-      "TensorFlow backend",
+      f"- Date: {reports.machine_line()}",
+      f"- Wall time of this command: {time.time() - start:.0f} s (runs finished earlier are "
+      "only re-evaluated)",
       "- Accuracy: the best-validation checkpoint on every test image; mean depth: layers per "
       "stage over the test images; MMACs: multiply-adds per image at that mean depth "
       "(serving/macs.py: puppet + head + the puppeteer steps the image needs); train time: "
@@ -101,10 +99,7 @@ def main(argv):
   text = ablations.markdown(rows, header)
   if errors:
     text += "\nFailed runs:\n\n" + "".join(f"- {k}: {v}\n" for k, v in errors.items())
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    f.write(text)
-  print(text)
+  reports.write(FLAGS.output, text)
   if errors:
     sys.exit(f"{len(errors)} run(s) failed: {', '.join(errors)}")
 

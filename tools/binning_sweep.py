@@ -13,9 +13,7 @@ predicted class is the one exact H gives (`PuppetClassifier.set_binning`).
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
 
 from absl import app
@@ -24,6 +22,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 from official.puppet_cnn import sweeps  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -57,11 +56,7 @@ def parse_bins(values) -> list:
 
 def report(model_dirs, bins, execution, data_dir, limit, command) -> str:
   """The Markdown report for each run."""
-  parts = ["# Complexity binning", "", "Written by `tools/binning_sweep.py`.", "",
-           f"- Command: `{command}`",
-           f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-           f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
-           "TensorFlow backend", ""]
+  parts = reports.header("Complexity binning", "tools/binning_sweep.py", command) + [""]
   for model_dir in model_dirs:
     model, splits = sweeps.load_run(model_dir, data_dir, limit)
     trained = model.config.complexity_bins
@@ -75,13 +70,10 @@ def report(model_dirs, bins, execution, data_dir, limit, command) -> str:
 
 def main(argv):
   del argv
-  command = "python tools/binning_sweep.py " + " ".join(sys.argv[1:])
+  command = reports.command_line()
   text = report(FLAGS.model_dir, FLAGS.bins, FLAGS.execution, FLAGS.data_dir, FLAGS.limit,
                 command)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    f.write(text)
-  print(text)
+  reports.write(FLAGS.output, text)
 
 
 if __name__ == "__main__":

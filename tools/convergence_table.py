@@ -11,9 +11,7 @@ evaluated after re-estimating the puppet's batch-norm statistics on N training i
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
 
 from absl import app
@@ -22,6 +20,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 from official.puppet_cnn import sweeps  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -42,14 +41,10 @@ def define_flags():
 
 def report(model_dirs, scales, integrators, data_dir, limit, calibration, command) -> str:
   """The Markdown report for each run."""
-  parts = ["# Depth and integrator at inference (convergence table)", "",
-           "Written by `tools/convergence_table.py`.", "",
-           f"- Command: `{command}`",
-           f"- Date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; machine: "
-           f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
-           "TensorFlow backend",
-           "- Each model was trained once (Euler, depth scale 1 unless its run says "
-           "otherwise) and is evaluated here without retraining.", ""]
+  parts = reports.header("Depth and integrator at inference (convergence table)",
+                         "tools/convergence_table.py", command) + [
+      "- Each model was trained once (Euler, depth scale 1 unless its run says "
+      "otherwise) and is evaluated here without retraining.", ""]
   for model_dir in model_dirs:
     model, splits = sweeps.load_run(model_dir, data_dir, limit)
     images = sweeps.calibration_images(splits, calibration)
@@ -64,13 +59,10 @@ def report(model_dirs, scales, integrators, data_dir, limit, calibration, comman
 
 def main(argv):
   del argv
-  command = "python tools/convergence_table.py " + " ".join(sys.argv[1:])
+  command = reports.command_line()
   text = report(FLAGS.model_dir, FLAGS.scales, FLAGS.integrators, FLAGS.data_dir, FLAGS.limit,
                 FLAGS.calibration_images, command)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    f.write(text)
-  print(text)
+  reports.write(FLAGS.output, text)
 
 
 if __name__ == "__main__":

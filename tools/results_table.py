@@ -13,10 +13,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from typing import Dict, List
 
 from absl import app
 from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 
 # Paper (arXiv 2411.12876) Tables 1-3, CIFAR-10: top-1, top-5, param size (MB).
 PAPER_CIFAR10 = {
@@ -86,10 +91,7 @@ def markdown(rows: List[Dict], title: str, note: str) -> str:
 def main(argv):
   del argv
   text = markdown(load_results(FLAGS.results_glob), FLAGS.title, FLAGS.note)
-  os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    f.write(text)
-  print(text)
+  reports.write(FLAGS.output, text)
 
 
 if __name__ == "__main__":

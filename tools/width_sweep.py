@@ -13,9 +13,7 @@ and test accuracy as generated and after re-estimating batch-norm statistics on
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import sys
 
 from absl import app
@@ -24,6 +22,7 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 from official.puppet_cnn import sweeps  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -43,11 +42,7 @@ def define_flags():
 
 def report(model_dirs, widths, data_dir, limit, calibration, command) -> str:
   """The Markdown report for each run."""
-  parts = ["# Width at inference", "", "Written by `tools/width_sweep.py`.", "",
-           f"- Command: `{command}`",
-           f"- Date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; machine: "
-           f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
-           "TensorFlow backend", ""]
+  parts = reports.header("Width at inference", "tools/width_sweep.py", command) + [""]
   for model_dir in model_dirs:
     model, splits = sweeps.load_run(model_dir, data_dir, limit)
     images = sweeps.calibration_images(splits, calibration)
@@ -64,13 +59,10 @@ def report(model_dirs, widths, data_dir, limit, calibration, command) -> str:
 
 def main(argv):
   del argv
-  command = "python tools/width_sweep.py " + " ".join(sys.argv[1:])
+  command = reports.command_line()
   text = report(FLAGS.model_dir, FLAGS.widths, FLAGS.data_dir, FLAGS.limit,
                 FLAGS.calibration_images, command)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-  with open(FLAGS.output, "w") as f:
-    f.write(text)
-  print(text)
+  reports.write(FLAGS.output, text)
 
 
 if __name__ == "__main__":
