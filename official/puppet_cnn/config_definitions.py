@@ -189,7 +189,7 @@ class PuppetCNNConfig:
       trajectory, per step). True: only each evaluation's input state is kept and the rest is
       recomputed in the backward pass (`keras.remat`, gradient checkpointing): less training
       memory for one more forward pass of G. Same values and gradients either way; inference
-      is unaffected. docs/benchmarks.md measures both.
+      is unaffected. docs/benchmarks_remat.md measures both.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)

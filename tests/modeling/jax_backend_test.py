@@ -115,7 +115,29 @@ for _ in range(4):
   losses.append(float(loss))
 out["losses"] = losses
 
-# 6. Bucketed execution says clearly that it needs TensorFlow.
+# 6. generator_remat (jax.checkpoint under keras.remat): a model with the same weights gives
+#    the same loss and gradients as the stored-activation path above.
+remat_model = PuppetClassifier(**tiny, generator_remat=True)
+remat_model.build()
+remat_model.set_weights(model.get_weights())
+rm_trainable = [v.value for v in remat_model.trainable_variables]
+rm_non_trainable = [v.value for v in remat_model.non_trainable_variables]
+def remat_loss(trainable):
+  details, _ = remat_model.stateless_call(trainable, rm_non_trainable, images, training=True,
+                                          return_details=True)
+  return loss_fn(labels, details["logits"])
+plain_loss = lambda t: loss_of(t)[0]
+t0 = [v.value for v in model.trainable_variables]
+l1, g1 = jax.jit(jax.value_and_grad(plain_loss))(t0)
+l2, g2 = jax.jit(jax.value_and_grad(remat_loss))(rm_trainable)
+out["remat_loss_err"] = abs(float(l1) - float(l2))
+# Relative to the largest gradient entry of the model: biases that feed a batch norm have
+# gradients that are zero up to rounding (~1e-8), so a per-tensor ratio would compare noise.
+scale = max(float(np.abs(np.asarray(a)).max()) for a in g1)
+out["remat_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                            for a, b in zip(g1, g2)) / scale
+
+# 7. Bucketed execution says clearly that it needs TensorFlow.
 bucketed = PuppetClassifier(**tiny, complexity_bins=8, execution="bucketed")
 try:
   bucketed(images)
@@ -148,5 +170,6 @@ def test_model_runs_and_trains_under_jax():
   assert out["grads_finite"] and out["puppeteer_grads_nonzero"], out
   losses = out["losses"]
   assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
+  assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out
   print(f"jax {out['jax']}: losses {losses}", file=sys.stderr)
