@@ -95,3 +95,43 @@ def test_check_images_in_graph_raises_with_message():
   fn = tf.function(lambda x: backend_ops.check_images(x, 255.0))
   with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
     fn(tf.constant([[np.inf]], tf.float32))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_group_ops_with_empty_and_nonempty_groups(compiled):
+  """Bucketed groups may be empty. oneDNN's Conv2D returns (0, H, W, C_in) for an empty batch
+  and its max-pool gradient aborts; the group ops must give (0, H', W', C_out), the float64
+  references for the non-empty group, and the gradients of the non-empty group alone."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  w_conv = rng.normal(size=(2, 6, 5, 4)).astype(np.float32)
+  w_pool = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+
+  def run(empty, full, k):
+    with tf.GradientTape() as tape:
+      tape.watch([full, k])
+      convs = [backend_ops.group_conv2d(empty, k), backend_ops.group_conv2d(full, k)]
+      pools = [backend_ops.group_max_pool(y) for y in convs]
+      y, p = tf.concat(convs, 0), tf.concat(pools, 0)  # fails if the shapes disagree
+      loss = tf.reduce_sum(y * w_conv) + tf.reduce_sum(p * w_pool)
+    return convs, pools, tape.gradient(loss, [full, k])
+
+  fn = tf.function(run) if compiled else run
+  empty = tf.zeros((0, 6, 5, 3))
+  convs, pools, (g_x, g_k) = fn(empty, tf.constant(x), tf.constant(kernel))
+  assert tuple(convs[0].shape) == (0, 6, 5, 4) and tuple(pools[0].shape) == (0, 3, 3, 4)
+  want = np.stack([reference.conv2d_same(x[b], kernel) for b in range(2)])
+  np.testing.assert_allclose(convs[1].numpy(), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pools[1].numpy(),
+                             np.stack([reference.max_pool_2x2_same(v) for v in want]),
+                             rtol=1e-4, atol=1e-4)
+  # Gradients against plain TensorFlow ops on the non-empty group only.
+  xv, kv = tf.constant(x), tf.constant(kernel)
+  with tf.GradientTape() as tape:
+    tape.watch([xv, kv])
+    y = tf.nn.conv2d(xv, kv, 1, "SAME")
+    loss = tf.reduce_sum(y * w_conv) + tf.reduce_sum(tf.nn.max_pool2d(y, 2, 2, "SAME") * w_pool)
+  want_x, want_k = tape.gradient(loss, [xv, kv])
+  np.testing.assert_allclose(g_x.numpy(), want_x.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(g_k.numpy(), want_k.numpy(), rtol=1e-4, atol=1e-4)

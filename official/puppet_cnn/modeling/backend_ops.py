@@ -19,6 +19,10 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   (`tf.dynamic_partition` / `tf.dynamic_stitch`, both differentiable). Dynamic shapes: no XLA
   (`in_xla_context` lets the caller raise a clear error), and no JAX (other backends get a
   clear error naming `execution='per_sample'`).
+* `group_conv2d` / `group_max_pool`: an ordinary 'same' convolution / 2x2 max pool of one
+  bucketed group, which may be empty. TensorFlow's oneDNN kernels (on by default on recent
+  x86 CPUs) mishandle empty batches: Conv2D returns its input's channel count and the max-pool
+  gradient aborts the process. An empty group runs as one zero image, cut back to no rows.
 * `check_images`: a run-time check that raises a clear error for NaN, infinite or
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
@@ -238,6 +242,43 @@ def gather(x, index, axis: int = 0):
     import tensorflow as tf
     return tf.gather(x, index, axis=axis)
   return ops.take(x, index, axis=axis)
+
+
+def _at_least_one_row(x):
+  """TensorFlow: (`x`, n) for n > 0 rows, else (one zero row, 0); slice results to [:n].
+
+  The selection is the only op under `tf.cond`, so `x` is not copied for n > 0.
+  """
+  import tensorflow as tf
+  x = tf.convert_to_tensor(x)
+  n = tf.shape(x)[0]
+  safe = tf.cond(n > 0, lambda: x,
+                 lambda: tf.zeros(tf.concat([[1], tf.shape(x)[1:]], axis=0), x.dtype))
+  safe.set_shape(tf.TensorShape([None]).concatenate(x.shape[1:]))
+  return safe, n
+
+
+def group_conv2d(x, kernel):
+  """'same', stride-1 convolution of (n, H, W, C_in) `x` with (K, K, C_in, C_out), n may be 0.
+
+  TensorFlow's oneDNN kernels mishandle empty batches: Conv2D returns (0, H, W, C_in) instead
+  of (0, H, W, C_out), and the max-pool gradient aborts the process (TF 2.21). An empty group
+  is therefore run as one zero image and its result cut back to no rows (a no-op for n > 0).
+  """
+  if backend() != "tensorflow":
+    return ops.conv(x, kernel, strides=1, padding="same")
+  import tensorflow as tf
+  safe, n = _at_least_one_row(x)
+  return tf.nn.conv2d(safe, kernel, strides=1, padding="SAME")[:n]
+
+
+def group_max_pool(x):
+  """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`)."""
+  if backend() != "tensorflow":
+    return ops.max_pool(x, pool_size=2, strides=2, padding="same")
+  import tensorflow as tf
+  safe, n = _at_least_one_row(x)
+  return tf.nn.max_pool2d(safe, ksize=2, strides=2, padding="SAME")[:n]
 
 
 def split_rows(x, sizes):

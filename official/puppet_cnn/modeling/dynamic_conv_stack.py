@@ -320,7 +320,7 @@ class DynamicConvStack(keras.layers.Layer):
       if update and row_stats:
         self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
       if self.pool_after[s]:
-        xs = [ops.max_pool(x, pool_size=2, strides=2, padding="same") for x in xs]
+        xs = [backend_ops.group_max_pool(x) for x in xs]
     return xs
 
   def _group_layer(self, inputs, sizes, bn, index, training, skip=None):
@@ -334,7 +334,7 @@ class DynamicConvStack(keras.layers.Layer):
     gamma, beta, moving_mean, moving_var = (
         bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
     groups = list(inputs)
-    ys = [ops.conv(x, k, strides=1, padding="same") for x, k in inputs.values()]
+    ys = [backend_ops.group_conv2d(x, k) for x, k in inputs.values()]
     if training:
       y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
       mean, var = mbn.joint_moments([y])
