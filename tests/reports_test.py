@@ -23,3 +23,17 @@ def test_write_creates_the_folder(tmp_path, capsys):
   path = tmp_path / "docs" / "r.md"
   reports.write(str(path), "# R\n")
   assert path.read_text() == "# R\n" and "# R" in capsys.readouterr().out
+
+
+def test_rewriting_a_report_keeps_its_notes_block(tmp_path, capsys):
+  path = tmp_path / "r.md"
+  notes = f"{reports.NOTES_BEGIN}\n## Reading\n\nBins cost little.\n{reports.NOTES_END}"
+  path.write_text(f"# Old\n\n| a |\n\n{notes}\n")
+  reports.write(str(path), "# New\n\n| b |\n")
+  assert path.read_text() == f"# New\n\n| b |\n\n{notes}\n"
+  reports.write(str(path), "# Newer\n")  # kept again, once
+  assert path.read_text() == f"# Newer\n\n{notes}\n"
+  path.write_text("# No notes\n")
+  reports.write(str(path), "# Plain\n")
+  assert path.read_text() == "# Plain\n"
+  capsys.readouterr()

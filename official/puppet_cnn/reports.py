@@ -47,8 +47,31 @@ def header(title: str, tool: str, command: str) -> List[str]:
           f"- Date: {machine_line()}"]
 
 
+NOTES_BEGIN = "<!-- notes:begin (kept when the tool rewrites this file) -->"
+NOTES_END = "<!-- notes:end -->"
+
+
+def kept_notes(path: str) -> str:
+  """The hand-written notes block of the report at `path` (markers included), or ''."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    old = f.read()
+  start, end = old.find(NOTES_BEGIN), old.find(NOTES_END)
+  if start < 0 or end < start:
+    return ""
+  return old[start:end + len(NOTES_END)]
+
+
 def write(path: str, text: str) -> None:
-  """Writes `text` to `path` (creating its folder) and prints it."""
+  """Writes `text` to `path` (creating its folder) and prints it.
+
+  A notes block already in the file (between NOTES_BEGIN and NOTES_END: a reading of the
+  numbers written by hand) is appended to the new text, so rerunning a tool keeps it.
+  """
+  notes = kept_notes(path)
+  if notes and NOTES_BEGIN not in text:
+    text = text.rstrip("\n") + "\n\n" + notes + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     f.write(text)
