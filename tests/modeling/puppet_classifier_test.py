@@ -1,5 +1,6 @@
 """PuppetClassifier end to end: forward, training, serialization and input errors."""
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -107,6 +108,34 @@ def test_keras_save_and_reload_give_identical_outputs(tmp_path):
   assert isinstance(loaded, PuppetClassifier)
   assert loaded.config == model.config
   np.testing.assert_array_equal(loaded(images, training=False).numpy(), want)
+
+
+def test_saved_compiled_model_loads_compiled_without_warning(tmp_path):
+  """A model saved after `compile` comes back compiled with the same optimizer, loss and
+  metrics (Keras would skip that, with a warning, for an overridden `compile`)."""
+  model = PuppetClassifier(**TINY)
+  model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+  images, labels = _images(8), np.arange(8) % 5
+  model.fit(images, labels, epochs=1, batch_size=8, verbose=0)
+  want = model.evaluate(images, labels, batch_size=8, verbose=0, return_dict=True)
+  path = os.path.join(tmp_path, "compiled.keras")
+  model.save(path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    loaded = keras.models.load_model(path)
+  assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)
+  assert abs(float(loaded.optimizer.learning_rate) - 3e-3) < 1e-9
+  got = loaded.evaluate(images, labels, batch_size=8, verbose=0, return_dict=True)
+  assert set(got) == {"loss", "accuracy"}
+  # Independent of Keras' metric code: the loss from the logits by hand.
+  logits = loaded(images, training=False).numpy().astype(np.float64)
+  log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
+                                                                            keepdims=True)) \
+      - logits.max(1, keepdims=True)
+  by_hand = -log_p[np.arange(8), labels].mean()
+  assert abs(got["loss"] - by_hand) < 1e-4 and abs(got["loss"] - want["loss"]) < 1e-5
 
 
 def test_config_round_trip():

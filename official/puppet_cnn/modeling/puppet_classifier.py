@@ -452,6 +452,17 @@ class PuppetClassifier(keras.Model):
       jit_compile = False
     super().compile(*args, jit_compile=jit_compile, **kwargs)
 
+  def compile_from_config(self, config):
+    """Recompiles a loaded model as it was saved (optimizer, loss, metrics, jit_compile).
+
+    Keras skips this, with a warning, for a model whose `compile` is overridden; ours only
+    adjusts `jit_compile`, so the saved settings are passed through it unchanged.
+    """
+    config = keras.saving.deserialize_keras_object(config)
+    self.compile(**config)
+    if getattr(self, "optimizer", None) is not None and self.built:
+      self.optimizer.build(self.trainable_variables)
+
   def predict_details(self, images, batch_size: int = 64) -> Dict[str, np.ndarray]:
     """Eager inference in batches; numpy dict with logits, complexity, step and depth."""
     images = np.asarray(images)
