@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from official.puppet_cnn import evaluation
 from official.puppet_cnn.data.datasets import Splits
@@ -61,12 +62,28 @@ def calibration_images(splits: Splits, count: int) -> Optional[np.ndarray]:
   return np.concatenate(images)[:count]
 
 
-def _row(model: PuppetClassifier, dataset: tf.data.Dataset, num: int) -> Dict[str, Any]:
+class _Progress:
+  """One log line per evaluation: which setting, how far through the sweep, and its result."""
+
+  def __init__(self, name: str, total: int):
+    self.name, self.total, self.done = name, total, 0
+
+  def __call__(self, label: str, row: Dict[str, Any]) -> None:
+    self.done += 1
+    logging.info("[%s %d/%d] %s: top-1 %.2f%%, mean depth %.2f (%.0f s)", self.name, self.done,
+                 self.total, label, 100 * row["top1"], row["mean_depth"], row["seconds"])
+
+
+def _row(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
+         progress: Optional[_Progress] = None, label: str = "") -> Dict[str, Any]:
   results = evaluation.evaluate_model(model, dataset, num, verbose=0)
   total = macs_lib.puppet_cnn_macs(model, results["mean_depth"])["total"]
-  return {"top1": results["top1"], "top5": results["top5"], "loss": results["loss"],
+  row = {"top1": results["top1"], "top5": results["top5"], "loss": results["loss"],
           "mean_depth": results["mean_depth"], "macs": total,
           "nonfinite_logits": results["nonfinite_logits"], "seconds": results["seconds"]}
+  if progress is not None:
+    progress(label, row)
+  return row
 
 
 def depth_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
@@ -80,16 +97,19 @@ def depth_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   original = (model.integrator, model.depth_scale)
   weights = model.get_weights()
   rows = []
+  progress = _Progress("depth sweep", len(integrators) * len(scales) *
+                       (1 if calibration is None else 2))
   try:
     for integrator in integrators:
       for scale in scales:
         model.integrator = integrator
         model.depth_scale = float(scale)
         row = {"integrator": integrator, "depth_scale": float(scale)}
-        row.update(_row(model, dataset, num))
+        label = f"{integrator}, depth scale {float(scale):g}"
+        row.update(_row(model, dataset, num, progress, label))
         if calibration is not None:
           model.recalibrate_batch_norm(calibration)
-          recal = _row(model, dataset, num)
+          recal = _row(model, dataset, num, progress, label + ", BN recalibrated")
           row.update({f"recalibrated_{k}": v for k, v in recal.items()})
           model.set_weights(weights)
         rows.append(row)
@@ -108,14 +128,17 @@ def width_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   batch-norm statistics.
   """
   rows = []
+  progress = _Progress("width sweep", len(widths) * (1 if calibration is None else 2))
   for width in widths:
     narrow = model.at_width(float(width))
     row = {"width": float(width), "stage_channels": list(narrow.config.channels),
            "stored_params": narrow.parameter_breakdown()["total_stored"]}
-    row.update(_row(narrow, dataset, num))
+    label = f"width {float(width):g}x"
+    row.update(_row(narrow, dataset, num, progress, label))
     if calibration is not None:
       narrow.recalibrate_batch_norm(calibration)
-      row.update({f"recalibrated_{k}": v for k, v in _row(narrow, dataset, num).items()})
+      recal = _row(narrow, dataset, num, progress, label + ", BN recalibrated")
+      row.update({f"recalibrated_{k}": v for k, v in recal.items()})
     rows.append(row)
   return rows
 
@@ -136,6 +159,7 @@ def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   """
   original = (model.config.complexity_bins, model.config.execution)
   rows = []
+  progress = _Progress("binning sweep", len(bins))
   try:
     model.set_binning(0, "per_sample")
     exact = _predicted_classes(model, dataset)
@@ -144,7 +168,8 @@ def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
       if n and execution == "bucketed":
         model.cache_kernels()
       row = {"bins": int(n), "execution": model.config.execution}
-      row.update(_row(model, dataset, num))
+      row.update(_row(model, dataset, num, progress,
+                      f"{int(n)} bins" if n else "exact H"))
       row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
       rows.append(row)
   finally:
