@@ -1,6 +1,4 @@
 """sweeps: a trained run evaluated at other depths, integrators and widths."""
-import logging
-
 import numpy as np
 import pytest
 
@@ -25,8 +23,9 @@ def _accuracy(model, splits):
   return correct / total
 
 
-def test_depth_sweep_rows_and_model_restored(run_dir, caplog):
-  caplog.set_level(logging.INFO)
+def test_depth_sweep_rows_and_model_restored(run_dir, monkeypatch):
+  logged = []  # absl's logger level depends on what ran before: record the calls instead
+  monkeypatch.setattr(sweeps.logging, "info", lambda fmt, *args: logged.append(fmt % args))
   model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
   x = np.asarray(next(iter(splits.test))[0])
   before = model.predict(x, verbose=0)
@@ -41,7 +40,7 @@ def test_depth_sweep_rows_and_model_restored(run_dir, caplog):
   assert model.integrator == "euler" and model.depth_scale == 1.0
   np.testing.assert_array_equal(model.predict(x, verbose=0), before)
   # One progress line per evaluation (4 settings, each as is and recalibrated), in order.
-  progress = [r.getMessage() for r in caplog.records if "[depth sweep" in r.getMessage()]
+  progress = [m for m in logged if m.startswith("[depth sweep")]
   assert len(progress) == 8 and progress[0].startswith("[depth sweep 1/8] euler, depth scale 0.5")
   assert progress[-1].startswith("[depth sweep 8/8] rk4, depth scale 1, BN recalibrated")
   text = sweeps.depth_markdown(rows)
