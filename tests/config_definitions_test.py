@@ -39,6 +39,10 @@ def test_dict_round_trip_including_nested_complexity():
     (dict(input_shape=(32, 32)), "input_shape"),
     (dict(head_dropout=1.0), "head_dropout"),
     (dict(block_type="dense"), "block_type"),
+    (dict(generator_rank=512), "generator_rank"),  # the full 512 x 512 matrix is rank 0
+    (dict(generator_rank=-1), "generator_rank"),
+    (dict(generator_rank=True), "generator_rank"),
+    (dict(stage_channels=(8, 16), generator_rank=16), "generator_rank"),
 ])
 def test_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -22,6 +22,11 @@ Models (`--models`):
   puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
   puppet_remat     puppet_bucketed with generator_remat=True: G's activations are recomputed
                    in the backward pass (training only; its inference is bucketed's).
+  puppet_light     puppet_bucketed with a lighter puppeteer: state_channels=
+                   --light_state_channels (a narrower state, resized up to wider stages) and
+                   generator_rank=--light_generator_rank (G's C x C pointwise matrix as
+                   (C x r)(r x C)). Not the paper's puppeteer: the report gives its targets
+                   apart from the paper-faithful modes'.
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -55,11 +60,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-PUPPET_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
-                 "puppet_remat")
+PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
+                  "puppet_remat")
+PUPPET_MODELS = PAPER_G_MODELS + ("puppet_light",)
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
-FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "resnet",
-                       "mobilenet_v2")
+FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
+                       "resnet", "mobilenet_v2")
 SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64)}
 PHASES = ("infer", "train")
 INFER_BATCHES = (1, 64, 256)
@@ -69,7 +75,7 @@ def define_flags():
   """Defines the flags; called only when run as a binary, so tests can import this module
   beside other binaries (train.py also has --data_dir, --stage_channels, --max_depth)."""
   global _SMALL, _SIZES, _STAGE_CHANNELS, _MAX_DEPTH, _MODELS, _FULL_MODELS, _PHASES, _XLA
-  global _BINS, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET, _JOB_TIMEOUT, _MAX_RSS_MB
+  global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET, _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
   global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER
   _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
@@ -87,6 +93,10 @@ def define_flags():
   _PHASES = flags.DEFINE_list("phases", list(PHASES), "infer and/or train.")
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
+  _LIGHT_RANK = flags.DEFINE_integer("light_generator_rank", 32, "generator_rank of "
+                                     "puppet_light (0: full; capped at its state width - 1).")
+  _LIGHT_STATE = flags.DEFINE_integer("light_state_channels", 256, "state_channels of "
+                                      "puppet_light (0: the widest stage, as the paper).")
   _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (>= 5 reported "
                                   "as the protocol; fewer is allowed for smoke tests).")
   _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after the first (tracing) call.")
@@ -196,6 +206,9 @@ def _build(spec, calibration):
       "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
                            generator_remat=True),
+      "puppet_light": dict(complexity_bins=spec["bins"], execution="bucketed",
+                           generator_rank=spec["light_rank"],
+                           state_channels=spec["light_state"]),
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -363,7 +376,7 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_cached", "puppet_remat") and xla:
+  if model in ("puppet_bucketed", "puppet_cached", "puppet_remat", "puppet_light") and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model == "puppet_remat" and phase == "infer":
     return "inference does not store activations: same as puppet_bucketed"
@@ -590,7 +603,9 @@ def _section_lines(section) -> List[str]:
            "not counting the puppeteer)",
            f"- Puppeteer cost model: one Euler step of G on one state is "
            f"{section['g_step_macs'] / 1e6:.0f} M multiply-adds (9 C^3 + 81 C^2, C = "
-           f"{max(section['stage_channels'])}); a bin of depth d needs "
+           f"{section['state_width']}; puppet_light, C = {section['light_state']} and rank "
+           f"{section['light_rank']}: {section['g_step_macs_light'] / 1e6:.0f} M); a bin of "
+           "depth d needs "
            f"{len(section['stage_channels'])} d steps, i.e. "
            f"{len(section['stage_channels']) * section['twin_depth'] * section['g_step_macs'] / 1e9:.2f} G "
            f"for d = {section['twin_depth']}: the forward cost of "
@@ -646,21 +661,27 @@ def _section_lines(section) -> List[str]:
         f"| {_ratio(_median(tr, 'train_64'), _median(ttr, 'train_64'))} "
         f"| {mem(inf, tinf, 'hwm_b64_kb')} | {mem(tr, ttr, 'hwm_train_kb')} |")
   lines += ["", "Targets (batch 64, against the twin at the puppet's mean depth; best puppet "
-            "mode per target, XLA off):", ""]
-  for t in _targets(section):
+            "mode per target, XLA off), with the paper's G:", ""]
+  for t in _targets(section, PAPER_G_MODELS):
     lines.append(f"- {t}")
+  if any(r["model"] == "puppet_light" for r in section["rows"]):
+    lines += ["", f"With the lighter puppeteer of puppet_light (state_channels="
+              f"{section['light_state']}, generator_rank={section['light_rank']}; not the "
+              "paper's):", ""]
+    for t in _targets(section, ("puppet_light",)):
+      lines.append(f"- {t}")
   lines.append("")
   return lines
 
 
-def _targets(section) -> List[str]:
+def _targets(section, models=PAPER_G_MODELS) -> List[str]:
   rows = {(r["model"], r["xla"]): r for r in section["rows"]}
   twin = rows.get(("static_twin", False))
   out = []
 
   def best(key, part, fn, higher):
     values = []
-    for model in PUPPET_MODELS:
+    for model in models:
       r = rows.get((model, False))
       value = fn((r or {}).get(part), (twin or {}).get(part)) if r and twin else None
       if value is not None:
@@ -736,6 +757,7 @@ def main(argv):
   import numpy as np
   import tensorflow as tf  # the parent only measures depths; jobs run in subprocesses
   import keras
+  from official.puppet_cnn.serving.macs import puppeteer_step_macs
   images, labels, source, calibration = _load_images(_DATA_DIR.value)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   header = dict(_machine(), command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -754,7 +776,9 @@ def main(argv):
       channels = ([int(c) for c in _STAGE_CHANNELS.value] if _STAGE_CHANNELS.value
                   else list(SIZES[size]))
       base = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
-                  repeats=_REPEATS.value, warmup=_WARMUP.value, data_file=data_file)
+                  repeats=_REPEATS.value, warmup=_WARMUP.value, data_file=data_file,
+                  light_state=min(_LIGHT_STATE.value or max(channels), max(channels)))
+      base["light_rank"] = min(_LIGHT_RANK.value, base["light_state"] - 1)
       depths = _mean_depths(base, images)
       twin_depth = max(1, int(round(depths["exact"])))
       config = _puppet_config(base)
@@ -766,7 +790,11 @@ def main(argv):
                      bins=_BINS.value, depths=depths, twin_depth=twin_depth,
                      twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
                      puppet_macs=_mean_macs(config, images),
-                     g_step_macs=9 * config.state_width ** 3 + 81 * config.state_width ** 2,
+                     state_width=config.state_width, light_state=base["light_state"],
+                     light_rank=base["light_rank"],
+                     g_step_macs=puppeteer_step_macs(config.state_width),
+                     g_step_macs_light=puppeteer_step_macs(
+                         base["light_state"], generator_rank=base["light_rank"]),
                      rows=[])
       not_run = [m for m in _MODELS.value if m not in models]
       if not_run:

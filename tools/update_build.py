@@ -13,9 +13,7 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARIES = ("official/puppet_cnn/train.py", "tools/export_saved_model.py",
-            "tools/compare_sizes.py", "tools/benchmark.py", "tools/results_table.py",
-            "tools/train_step_timing.py")
+TRAIN_BINARY = "official/puppet_cnn/train.py"
 LARGE_TESTS = ("tests/train/", "tests/serving/export", "tests/tools/")
 REQUIREMENTS = ("tensorflow", "keras", "absl-py", "numpy", "pillow", "matplotlib",
                 "tensorboard")
@@ -32,7 +30,10 @@ def render() -> str:
   lines += ["    ],", '    imports = ["."],', "    deps = ["]
   lines += [f'        requirement("{r}"),' for r in REQUIREMENTS]
   lines += ["    ],", ")", ""]
-  for path in BINARIES:
+  # The training binary and every tool but this one (the tools' tests run them as scripts).
+  binaries = [TRAIN_BINARY] + sorted(p for p in glob.glob("tools/*.py")
+                                     if p != "tools/update_build.py")
+  for path in binaries:
     if os.path.exists(path):
       lines += ["py_binary(", f'    name = "{os.path.basename(path)[:-3]}",',
                 f'    srcs = ["{path}"],', f'    main = "{path}",',
@@ -46,7 +47,7 @@ def render() -> str:
     size = "large" if path.startswith(LARGE_TESTS) else "medium"
     lines += ["py_test(", f'    name = "{path[:-3].replace("/", "_")}",', f'    size = "{size}",',
               f'    srcs = ["{path}"],', f'    main = "{path}",',
-              '    data = glob(["configs/*.flags"]) + ["tools/results_table.py"],',
+              '    data = glob(["configs/*.flags", "tools/*.py"]),',
               '    deps = [":puppet_cnn", ":test_support"],', ")", ""]
   return "\n".join(lines)
 

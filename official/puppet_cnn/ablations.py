@@ -43,6 +43,11 @@ VARIANTS: Tuple[Variant, ...] = (
             "(epochs 1, 2, 3-4)", ("--depth_refinements=2", "--refine_every_epochs=1")),
     Variant("width_sampled", "Widths 0.25, 0.5, 0.75 trained beside 1.0 (in-place "
             "distillation)", ("--train_widths=0.25,0.5,0.75,1.0",)),
+    Variant("generator_rank", "G's 32 x 32 pointwise matrix factorized at rank 4 (C/8, as "
+            "rank 64 at C = 512; not in the paper, a speed option)", ("--generator_rank=4",)),
+    Variant("light_generator", "Half-width state (16 for the 32-wide last stage, as 256 for "
+            "512) and G at rank 2 (C/8): benchmark.py's puppet_light setting, scaled down",
+            ("--state_channels=16", "--generator_rank=2")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

@@ -190,6 +190,12 @@ class PuppetCNNConfig:
       recomputed in the backward pass (`keras.remat`, gradient checkpointing): less training
       memory for one more forward pass of G. Same values and gradients either way; inference
       is unaffected. docs/benchmarks_remat.md measures both.
+    generator_rank: 0 (default, the paper): G's pointwise conv is a full C x C matrix (C =
+      the state width), the reading that reproduces the paper's Table 5. r in [1, C): the
+      matrix is factorized as (C x r)(r x C), so each step of G costs about 2 r / C of the
+      pointwise multiply-adds (C = 512, r = 64: G's step falls from 1.23 G to 0.32 G
+      multiply-adds) and G stores 2 r C pointwise parameters instead of C^2. Not in the paper:
+      a speed option for training the full puppet (docs/benchmarks.md, docs/ablations.md).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -221,6 +227,7 @@ class PuppetCNNConfig:
   depth_scale: float = 1.0
   train_widths: Tuple[float, ...] = ()
   generator_remat: bool = False
+  generator_rank: int = 0
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -281,6 +288,11 @@ class PuppetCNNConfig:
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
     _check(isinstance(self.generator_remat, bool),
            f"generator_remat must be True or False, got {self.generator_remat!r}")
+    _check(isinstance(self.generator_rank, int) and not isinstance(self.generator_rank, bool)
+           and 0 <= self.generator_rank < self.state_width,
+           f"generator_rank must be an int in [0, {self.state_width}) (0: the paper's full "
+           f"C x C pointwise matrix; the state width is {self.state_width}), got "
+           f"{self.generator_rank!r}")
     _check(isinstance(self.depth_scale, (int, float)) and not isinstance(self.depth_scale, bool)
            and math.isfinite(self.depth_scale) and self.depth_scale > 0,
            f"depth_scale must be a finite number > 0, got {self.depth_scale!r}")

@@ -94,6 +94,12 @@ _TRAIN_WIDTHS = flags.DEFINE_list(
 _GENERATOR_REMAT = flags.DEFINE_bool(
     "generator_remat", None, "Recompute the puppeteer's G activations in the backward pass "
     "(less training memory, one more forward of G; same results).")
+_STATE_CHANNELS = flags.DEFINE_integer(
+    "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
+    "stage, as the paper); a narrower state is resized up to wider stages.")
+_GENERATOR_RANK = flags.DEFINE_integer(
+    "generator_rank", None, "0: G's pointwise conv is a full C x C matrix (paper); r: factorized "
+    "as (C x r)(r x C), about 2r/C of its cost (not in the paper; a speed option).")
 _DEPTH_REFINEMENTS = flags.DEFINE_integer(
     "depth_refinements", None, "Incremental-in-depth training: start at depth_scale 2^-k and "
     "double it k times (0: off).")
@@ -136,7 +142,8 @@ def config_from_flags() -> ExperimentConfig:
                depth_scale=_DEPTH_SCALE.value,
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
                              if _TRAIN_WIDTHS.value else None),
-               generator_remat=_GENERATOR_REMAT.value)
+               generator_remat=_GENERATOR_REMAT.value, generator_rank=_GENERATOR_RANK.value,
+               state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))

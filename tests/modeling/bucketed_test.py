@@ -113,9 +113,9 @@ def test_bucketed_inference_matches_per_sample(puppet):
     _close(b(images[i:i + 1], training=False)[0], want[i])
 
 
-@pytest.mark.parametrize("puppet", ["vgg", "resnet"])
-def test_bucketed_training_matches_per_sample(puppet):
-  a, b = _pair(puppet=puppet)
+@pytest.mark.parametrize("puppet,rank", [("vgg", 0), ("resnet", 0), ("vgg", 3)])
+def test_bucketed_training_matches_per_sample(puppet, rank):
+  a, b = _pair(puppet=puppet, generator_rank=rank)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
 

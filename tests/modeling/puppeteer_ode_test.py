@@ -29,9 +29,9 @@ def test_generator_size_matches_paper_table5(c):
 def _np_generator(layer, state):
   """G(P) in float64 with inference-mode batch norm, one sample (C_in, KK, C_out)."""
   w = [np.asarray(v.numpy(), np.float64) for v in layer.generator_weights()]
-  dw_k, dw_b, pw_k, pw_b, gamma, beta, mean, var = w
+  dw_k, dw_b, *pw, pw_b, gamma, beta, mean, var = w  # pw: [C x C] or [C x r, r x C]
   y = reference.depthwise_same(state, dw_k) + dw_b
-  y = y @ pw_k + pw_b
+  y = np.linalg.multi_dot([y.reshape(-1, y.shape[-1])] + pw).reshape(y.shape) + pw_b
   y = (y - mean) / np.sqrt(var + layer.epsilon) * gamma + beta
   return np.tanh(y)
 
@@ -51,12 +51,14 @@ def _randomize_bn(layer, rng):
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
 
-@pytest.mark.parametrize("init", ["paper", "learned", "learned_additive"])
-def test_euler_trajectory_matches_float64_reference(init):
+@pytest.mark.parametrize("init,rank", [("paper", 0), ("learned", 0), ("learned_additive", 0),
+                                       ("learned", 2)])
+def test_euler_trajectory_matches_float64_reference(init, rank):
   rng = np.random.default_rng(0)
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
-                       init_rank=2)
+                       init_rank=2, generator_rank=rank)
   layer.build(None)
+  assert len(layer.generator_weights()) == (9 if rank else 8)
   _randomize_bn(layer, rng)
   h = np.array([2.5, 7.0], np.float32)
   dl = np.tanh(1 / h.astype(np.float64))
@@ -82,6 +84,24 @@ def test_euler_trajectory_matches_float64_reference(init):
           np.testing.assert_allclose(kernels[s][1][b, j].numpy(), _np_kernel(state, c, c, 3),
                                      rtol=1e-4, atol=1e-6)
       c_prev = c
+
+
+def test_generator_rank_factorizes_the_pointwise_matrix():
+  c, r = 512, 64
+  full = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper")
+  low = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper", generator_rank=r)
+  full.build(None)
+  low.build(None)
+  count = lambda layer: sum(int(np.prod(w.shape)) for w in layer.generator_weights())  # pylint: disable=unnecessary-lambda-assignment
+  # Depthwise 3x3 + bias, pointwise bias, BN (4 C): the paper's C^2 + 15 C, with the C x C
+  # matrix replaced by (C x r) and (r x C).
+  assert count(full) == c * c + 15 * c == 269_824
+  assert count(low) == 2 * r * c + 15 * c == 73_216
+  assert [tuple(w.shape) for w in low.pw_factors] == [(c, r), (r, c)]
+  assert PuppeteerODE.from_config(low.get_config()).generator_rank == r
+  for bad in (-1, 512, 600):
+    with pytest.raises(ValueError, match="generator_rank"):
+      PuppeteerODE(stage_channels=(512,), generator_rank=bad)
 
 
 def test_learned_base_has_the_configured_scale():
@@ -158,7 +178,15 @@ def test_gradients_reach_every_generator_weight():
     kernels = layer(h, tf.tanh(1 / h), tf.constant([2, 2]), training=True)
     loss = sum(tf.reduce_sum(tf.square(t)) + tf.reduce_sum(tf.square(r)) for t, r in kernels)
   grads = tape.gradient(loss, layer.trainable_weights)
-  assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+  assert all(g is not None for g in grads)
+  for w, g in zip(layer.trainable_weights, grads):
+    biggest = float(tf.reduce_max(tf.abs(g)))
+    if w.name in ("depthwise_bias", "pointwise_bias"):
+      # G's batch norm subtracts the batch mean in training, so the two per-channel biases
+      # before it have an exactly zero gradient there (they still shift the moving mean).
+      assert biggest == 0.0, w.name
+    else:
+      assert biggest > 0, w.name
 
 
 def _end_with_units(integrator, steps, horizon=1.0):

@@ -44,6 +44,8 @@ def test_puppeteer_step_by_hand():
   # Paper width C = 512, K = 3: 512*9 positions x 512 channels x (9 + 512).
   assert macs.puppeteer_step_macs(512) == 4608 * 512 * 521 == 1_229_193_216
   assert macs.puppeteer_step_macs(8, integrator="rk4") == 4 * 72 * 8 * 17
+  # generator_rank r: (C x r)(r x C) instead of C x C, i.e. 2 r instead of C per position.
+  assert macs.puppeteer_step_macs(512, generator_rank=64) == 4608 * 512 * (9 + 128)
 
 
 def test_tiny_puppet_by_hand():

@@ -40,13 +40,14 @@ def test_skip_rules():
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_remat", False, "infer")  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
+  assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access
 
 
 def test_tiny_run_writes_the_report(tmp_path):
   output = os.path.join(tmp_path, "benchmarks.md")
   raw = os.path.join(tmp_path, "raw.json")
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
-         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin",
+         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light",
          "--xla=off", "--repeats=2", "--warmup=0", "--bins=4", "--no_b256=puppet_cached",
          f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
@@ -58,7 +59,9 @@ def test_tiny_run_writes_the_report(tmp_path):
                  if os.cpu_count() == 2 else "CPUs", "| puppet_cached | off |",
                  "| static_twin | off |", "Ratios against the static twin",
                  "inference throughput >= 0.8x twin", "training regenerates kernels",
-                 "batch 256 not measured for: puppet_cached"):
+                 "batch 256 not measured for: puppet_cached", "| puppet_light | off |",
+                 # The light puppeteer at this size: a state of 8 (the widest stage), rank 7.
+                 "puppet_light (state_channels=8, generator_rank=7; not the paper's)"):
     assert needle in report, needle
   results = json.load(open(raw))
   rows = {r["model"]: r for r in results["sections"][0]["rows"]}
@@ -67,6 +70,7 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert "batch_256" not in rows["puppet_cached"]["infer"]
   assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
   assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]
+  assert rows["puppet_light"]["train"]["train_64"]["times"]
 
 
 def test_write_block_keeps_the_other_blocks(tmp_path):

@@ -22,7 +22,8 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
 * `group_conv2d` / `group_max_pool`: an ordinary 'same' convolution / 2x2 max pool of one
   bucketed group, which may be empty. TensorFlow's oneDNN kernels (on by default on recent
   x86 CPUs) mishandle empty batches: Conv2D returns its input's channel count and the max-pool
-  gradient aborts the process. An empty group runs as one zero image, cut back to no rows.
+  gradient aborts the process. An empty group runs no kernel at all (`tf.cond`), in the
+  forward and the backward pass.
 * `check_images`: a run-time check that raises a clear error for NaN, infinite or
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
@@ -244,32 +245,30 @@ def gather(x, index, axis: int = 0):
   return ops.take(x, index, axis=axis)
 
 
-def _at_least_one_row(x):
-  """TensorFlow: (`x`, n) for n > 0 rows, else (one zero row, 0); slice results to [:n].
-
-  The selection is the only op under `tf.cond`, so `x` is not copied for n > 0.
-  """
-  import tensorflow as tf
-  x = tf.convert_to_tensor(x)
-  n = tf.shape(x)[0]
-  safe = tf.cond(n > 0, lambda: x,
-                 lambda: tf.zeros(tf.concat([[1], tf.shape(x)[1:]], axis=0), x.dtype))
-  safe.set_shape(tf.TensorShape([None]).concatenate(x.shape[1:]))
-  return safe, n
-
-
 def group_conv2d(x, kernel):
   """'same', stride-1 convolution of (n, H, W, C_in) `x` with (K, K, C_in, C_out), n may be 0.
 
+  `kernel` may also be a one-row (1, K, K, C_in, C_out) tensor, which has zero rows when the
+  group is empty (a bin's part of a partitioned kernel tensor); it is read only for n > 0.
+
   TensorFlow's oneDNN kernels mishandle empty batches: Conv2D returns (0, H, W, C_in) instead
   of (0, H, W, C_out), and the max-pool gradient aborts the process (TF 2.21). An empty group
-  is therefore run as one zero image and its result cut back to no rows (a no-op for n > 0).
+  therefore runs no convolution at all (`tf.cond`): it gets an empty (0, H, W, C_out) result,
+  and in training neither it nor its kernel gradient costs a kernel launch.
   """
+  rows = len(kernel.shape) == 5
   if backend() != "tensorflow":
-    return ops.conv(x, kernel, strides=1, padding="same")
+    return ops.conv(x, kernel[0] if rows else kernel, strides=1, padding="same")
   import tensorflow as tf
-  safe, n = _at_least_one_row(x)
-  return tf.nn.conv2d(safe, kernel, strides=1, padding="SAME")[:n]
+  x = tf.convert_to_tensor(x)
+  kernel = tf.convert_to_tensor(kernel)
+  c_out = tf.shape(kernel)[-1:]
+  out = tf.cond(tf.shape(x)[0] > 0,
+                lambda: tf.nn.conv2d(x, kernel[0] if rows else kernel, strides=1,
+                                     padding="SAME"),
+                lambda: tf.zeros(tf.concat([[0], tf.shape(x)[1:3], c_out], axis=0), x.dtype))
+  out.set_shape(x.shape[:3].concatenate(kernel.shape[-1:]))
+  return out
 
 
 def group_max_pool(x):
@@ -277,8 +276,15 @@ def group_max_pool(x):
   if backend() != "tensorflow":
     return ops.max_pool(x, pool_size=2, strides=2, padding="same")
   import tensorflow as tf
-  safe, n = _at_least_one_row(x)
-  return tf.nn.max_pool2d(safe, ksize=2, strides=2, padding="SAME")[:n]
+  x = tf.convert_to_tensor(x)
+  shape = tf.shape(x)
+  pooled = (shape[1:3] + 1) // 2
+  out = tf.cond(shape[0] > 0,
+                lambda: tf.nn.max_pool2d(x, ksize=2, strides=2, padding="SAME"),
+                lambda: tf.zeros(tf.concat([[0], pooled, shape[3:]], axis=0), x.dtype))
+  half = [None if d is None else (d + 1) // 2 for d in x.shape[1:3]]
+  out.set_shape(tf.TensorShape([x.shape[0]] + half + [x.shape[3]]))
+  return out
 
 
 def split_rows(x, sizes):

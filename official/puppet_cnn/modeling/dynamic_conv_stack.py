@@ -261,7 +261,9 @@ class DynamicConvStack(keras.layers.Layer):
       groups: list of (n_g, H, W, C_in) features; n_g may be 0.
       group_kernels: per group, a list over stages of `(transition, repeated)`: transition
         (K, K, C_prev, C_s) and `repeated` a sequence of at least (depth_g - 1) *
-        kernels_per_unit kernels (K, K, C_s, C_s) (or a callable j -> kernel j).
+        kernels_per_unit kernels (K, K, C_s, C_s) (or a callable j -> kernel j). A kernel
+        may also come as a one-row (1, K, K, C_in, C_out) tensor with zero rows for an empty
+        group (`backend_ops.group_conv2d`).
       group_depths: per group, its depth as a Python int in [1, units + 1].
       training: joint batch statistics (True) or moving statistics (False).
       units, bn_rows, channels: as in `call`.

@@ -55,6 +55,10 @@ class PuppeteerODE(keras.layers.Layer):
     integrator: 'euler' (paper), 'midpoint' or 'rk4'. May be changed after training.
     kernel_scaling: 'fan_in' divides kernels by sqrt(K*K*C_in); 'none' keeps them as pooled.
     generator_kernel_size: spatial size of G's depthwise conv (3, decoded from Table 5).
+    generator_rank: 0 (the paper): G's pointwise conv is a full C x C matrix. r > 0: it is
+      factorized as (C x r)(r x C), which costs 2 r / C of the full matrix's multiply-adds
+      per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
+      paper: a speed option, see docs/benchmarks.md.
     momentum, epsilon: G's batch norm settings.
 
   Call args:
@@ -66,8 +70,9 @@ class PuppeteerODE(keras.layers.Layer):
       one state per complexity bin, weighted by the bin's sample count); G's batch-norm
       statistics in training then equal those of one state per sample. None: 1 each.
     depth_sorted: the states come sorted by depth (non-decreasing); a repeated step then runs
-      G only on the states still below their depth (a dynamic slice: not for XLA or
-      `jax.jit`) instead of masking the finished ones. Same values, less work.
+      G only on the states still below their depth, and not at all once every state has
+      reached its depth (a dynamic slice under `ops.cond`: not for XLA or `jax.jit`) instead
+      of masking the finished ones. Same values, less work.
     stack_repeated: False returns each stage's repeated kernels as a list of
       (N, K, K, C_s, C_s) tensors instead of one stacked tensor (no stacking copy).
     units: repeated units per stage to generate (None: max_depth - 1); a model evaluated
@@ -85,8 +90,8 @@ class PuppeteerODE(keras.layers.Layer):
                state_channels: int | None = None, init: str = "learned", init_rank: int = 16,
                init_scale: float = 0.5,
                integrator: str = "euler", kernel_scaling: str = "fan_in",
-               generator_kernel_size: int = 3, momentum: float = 0.99,
-               epsilon: float = 1e-3, remat: bool = False, **kwargs):
+               generator_kernel_size: int = 3, generator_rank: int = 0,
+               momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -100,6 +105,7 @@ class PuppeteerODE(keras.layers.Layer):
     self.integrator = integrator
     self.kernel_scaling = kernel_scaling
     self.generator_kernel_size = int(generator_kernel_size)
+    self.generator_rank = int(generator_rank)
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
     self.remat = bool(remat)
@@ -111,6 +117,9 @@ class PuppeteerODE(keras.layers.Layer):
       raise ValueError(f"kernel_scaling must be one of {KERNEL_SCALINGS}, got {kernel_scaling!r}")
     if self.state_channels < 1:
       raise ValueError(f"state_channels must be >= 1, got {self.state_channels}")
+    if not 0 <= self.generator_rank < self.state_channels:
+      raise ValueError(f"generator_rank must be in [0, state_channels={self.state_channels}) "
+                       f"(0: a full C x C pointwise matrix), got {self.generator_rank}")
     if self.max_depth < 1 or self.kernels_per_unit < 1:
       raise ValueError("max_depth and kernels_per_unit must be >= 1")
 
@@ -129,8 +138,15 @@ class PuppeteerODE(keras.layers.Layer):
     self.dw_kernel = self.add_weight(name="depthwise_kernel", shape=(g, g, c, 1),
                                      initializer="glorot_uniform")
     self.dw_bias = self.add_weight(name="depthwise_bias", shape=(c,), initializer="zeros")
-    self.pw_kernel = self.add_weight(name="pointwise_kernel", shape=(c, c),
-                                     initializer="glorot_uniform")
+    r = self.generator_rank
+    if r:
+      # (C x r)(r x C); G's batch norm follows, so the product's scale does not matter.
+      self.pw_factors = [
+          self.add_weight(name="pointwise_down", shape=(c, r), initializer="glorot_uniform"),
+          self.add_weight(name="pointwise_up", shape=(r, c), initializer="glorot_uniform")]
+    else:
+      self.pw_factors = [self.add_weight(name="pointwise_kernel", shape=(c, c),
+                                         initializer="glorot_uniform")]
     self.pw_bias = self.add_weight(name="pointwise_bias", shape=(c,), initializer="zeros")
     self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
     self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
@@ -157,7 +173,7 @@ class PuppeteerODE(keras.layers.Layer):
 
   def generator_weights(self) -> List:
     """The weights of G (what the paper's "Param Size" counts)."""
-    return [self.dw_kernel, self.dw_bias, self.pw_kernel, self.pw_bias, self.gamma,
+    return [self.dw_kernel, self.dw_bias, *self.pw_factors, self.pw_bias, self.gamma,
             self.beta, self.moving_mean, self.moving_variance]
 
   # ----------------------------------------------------------------------------- math
@@ -181,45 +197,62 @@ class PuppeteerODE(keras.layers.Layer):
       return base[None] * fill
     return base[None] + fill
 
-  def derivative(self, state, active, training: bool, stats: list, weight=None):
+  def derivative(self, state, active, training: bool, stats: list, weight=None,
+                 remat: bool | None = None):
     """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
 
     `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
-    optionally counts each state that many times.
+    optionally counts each state that many times. `remat`: None follows the layer's setting.
     """
     if training:
       mask = active if weight is None else (weight if active is None else active * weight)
       # With `remat`, only G's input is kept for the backward pass: its convolution, batch
       # norm and tanh activations (four state-sized tensors per evaluation) are recomputed.
-      g = keras.remat(self._train_derivative) if self.remat else self._train_derivative
+      remat = self.remat if remat is None else remat
+      g = keras.remat(self._train_derivative) if remat else self._train_derivative
       out, mean, variance = g(state, mask) if mask is not None else g(state)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
       stats.append((mean, variance, seen))
       return out
-    y = self._pointwise(self._depthwise(state))
-    return ops.tanh(mbn.normalize(y, self.moving_mean, self.moving_variance, self.gamma,
+    y, bias = self._linear(state)
+    return ops.tanh(mbn.normalize(y, self.moving_mean - bias, self.moving_variance, self.gamma,
                                   self.beta, self.epsilon))
 
-  def _depthwise(self, state):
-    return ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same") + self.dw_bias
+  def _linear(self, state):
+    """G's two convolutions without their biases, and the biases' combined effect (C,).
 
-  def _pointwise(self, y):
-    return ops.matmul(y, self.pw_kernel) + self.pw_bias
+    pointwise(depthwise(P) + b_dw) + b_pw = pointwise(depthwise(P)) + (pointwise(b_dw) +
+    b_pw): the two per-channel constants are folded into one vector, which the batch norm
+    then absorbs into its shift, so no state-sized tensor is spent on a bias. In training
+    they cancel in the normalization (the batch mean includes them) and only shift the
+    recorded mean; in inference they are subtracted from the moving mean.
+    """
+    y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same")
+    bias = self.dw_bias[None]
+    for factor in self.pw_factors:
+      y = ops.matmul(y, factor)
+      bias = ops.matmul(bias, factor)
+    return y, bias[0] + self.pw_bias
 
   def _train_derivative(self, state, mask=None):
     """G in training: (G(P), batch mean, batch variance) over the states `mask` selects."""
-    y = self._pointwise(self._depthwise(state))
+    y, bias = self._linear(state)
     mean, variance = mbn.masked_moments(y, mask)
-    out = ops.tanh(mbn.normalize(y, mean, variance, self.gamma, self.beta, self.epsilon))
+    mean = mean + bias  # the batch mean of G's pre-normalization output, biases included
+    # (mean - bias) is the mean of `y`; subtracting the bias back (a (C,) vector) keeps the
+    # biases' gradient an exact 0 instead of None (Keras warns about missing gradients).
+    out = ops.tanh(mbn.normalize(y, mean - bias, variance, self.gamma, self.beta,
+                                 self.epsilon))
     return out, mean, variance
 
-  def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None):
+  def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None,
+                     remat: bool | None = None):
     """One step of the chosen integrator; samples with active == 0 keep their state.
 
     active: (N,) 0/1, or None when every state takes the step (no masking).
     """
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
-    g = lambda p: self.derivative(p, active, training, stats, weight)  # pylint: disable=unnecessary-lambda-assignment
+    g = lambda p: self.derivative(p, active, training, stats, weight, remat)  # pylint: disable=unnecessary-lambda-assignment
     if self.integrator == "euler":
       new = state + dl4 * g(state)
     elif self.integrator == "midpoint":
@@ -233,6 +266,49 @@ class PuppeteerODE(keras.layers.Layer):
     if active is None:
       return new
     return ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, state)
+
+  def _integrate_tail(self, state, dl, depth, unit: int, training: bool, stats: list, weight):
+    """One step of the states still below `depth` (sorted by depth: a suffix of the batch).
+
+    The states past their depth are a prefix; G runs only on the rest, and when every state
+    is done it does not run at all (`ops.cond`): a bin of depth d pays for d steps per stage,
+    not for the bound. Same values as masking the finished states. Dynamic shapes: not for XLA
+    or `jax.jit`. (G on an empty batch is not an option: TensorFlow's depthwise-conv filter
+    gradient of an empty batch is uninitialized memory, measured up to 1e29.)
+    """
+    n = ops.shape(state)[0]
+    done = ops.sum(ops.cast(depth <= unit, "int32"))
+    channels = self.state_channels
+    per_step = {"euler": 1, "midpoint": 2, "rk4": 4}[self.integrator] if training else 0
+
+    def advance(state):
+      local: list = []
+      tail = self.integrate_step(state[done:], dl[done:], None, training, local,
+                                 None if weight is None else weight[done:], remat=False)
+      new = ops.concatenate([state[:done], tail], axis=0)
+      if not per_step:
+        return new
+      return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
+              ops.stack([ops.cast(seen, "float32") for _, _, seen in local]))
+
+    def keep(state):
+      if not per_step:
+        return state
+      zeros = ops.zeros((per_step, channels), "float32")
+      return state, zeros, zeros, ops.zeros((per_step,), "float32")
+
+    def step(state):
+      return ops.cond(done < n, lambda: advance(state), lambda: keep(state))
+
+    # With `remat`, the whole conditional step is recomputed in the backward pass (TensorFlow
+    # cannot differentiate a recomputed function inside a `cond` branch).
+    out = keras.remat(step)(state) if training and self.remat else step(state)
+    if not per_step:
+      return out
+    new, means, variances, seen = out
+    for i in range(per_step):
+      stats.append((means[i], variances[i], seen[i] > 0))
+    return new
 
   def kernel_from_state(self, state, c_in: int, c_out: int):
     """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
@@ -270,21 +346,7 @@ class PuppeteerODE(keras.layers.Layer):
       for j in range(units * self.kernels_per_unit):
         unit = j // self.kernels_per_unit + 1
         if depth_sorted:
-          # States past their depth are a prefix: integrate only the rest (same values as
-          # masking them, without evaluating G on them). The slice always keeps at least one
-          # state: when every state is done, the last one is integrated with weight 0 (out of
-          # the batch statistics) and its result dropped. G on an empty batch is not an
-          # option: TensorFlow's depthwise-conv filter gradient of an empty batch is
-          # uninitialized memory (measured: values up to 1e29), which turned bucketed
-          # training into NaN whenever the deepest bin of a batch was below max_depth.
-          n = ops.shape(state)[0]
-          done = ops.sum(ops.cast(depth <= unit, "int32"))
-          start = ops.maximum(ops.minimum(done, n - 1), 0)
-          keep = ops.cast(ops.arange(start, n) >= done, "float32")
-          tail_weight = keep if weight is None else weight[start:] * keep
-          tail = self.integrate_step(state[start:], dl[start:], None, training, stats,
-                                     tail_weight)
-          state = ops.concatenate([state[:done], tail[done - start:]], axis=0)
+          state = self._integrate_tail(state, dl, depth, unit, training, stats, weight)
         else:
           active = ops.cast(depth > unit, "float32")
           state = self.integrate_step(state, dl, active, training, stats, weight)
@@ -321,6 +383,7 @@ class PuppeteerODE(keras.layers.Layer):
         kernel_size=self.kernel_size, state_channels=self.state_channels, init=self.init,
         init_rank=self.init_rank, init_scale=self.init_scale, integrator=self.integrator,
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
+        generator_rank=self.generator_rank,
         momentum=self.momentum, epsilon=self.epsilon, remat=self.remat)
     return config
 

@@ -22,7 +22,8 @@ every count is linear in d):
   pool after the stages that have one): the transition conv H_s W_s K^2 C_prev C_s plus
   (d - 1) x kernels_per_unit repeated convs H_s W_s K^2 C_s^2; then the head C_last x classes.
 * puppeteer: each Euler step evaluates G once (midpoint 2x, RK4 4x). G is a g x g depthwise
-  conv + a C x C pointwise conv on the state laid out as an image with C = C_max channels and
+  conv + a C x C pointwise conv (or (C x r)(r x C) with generator_rank r: 2 r instead of C
+  below) on the state laid out as an image with C = C_max channels and
   C_in_max x K^2 positions: (C_in_max K^2) x C (g^2 + C) MACs. A sample of depth d needs
   n_stages x (1 + (d - 1) x kernels_per_unit) steps (one per kernel it uses). The state
   starts from the sample's complexity, so this is paid per image, not per batch.
@@ -101,10 +102,16 @@ def _stage_sizes(height: int, width: int, pools) -> list:
 
 
 def puppeteer_step_macs(state_channels: int, kernel_size: int = 3,
-                        generator_kernel_size: int = 3, integrator: str = "euler") -> int:
-  """MACs of one integration step of G on a (C, C, K^2) state."""
+                        generator_kernel_size: int = 3, integrator: str = "euler",
+                        generator_rank: int = 0) -> int:
+  """MACs of one integration step of G on a (C, C, K^2) state.
+
+  Per evaluation of G, at each of the C K^2 positions: the depthwise conv (G_k^2 C) and the
+  pointwise conv (C^2, or 2 r C factorized with `generator_rank` r).
+  """
   positions = state_channels * kernel_size ** 2
-  per_eval = positions * state_channels * (generator_kernel_size ** 2 + state_channels)
+  pointwise = 2 * generator_rank if generator_rank else state_channels
+  per_eval = positions * state_channels * (generator_kernel_size ** 2 + pointwise)
   return per_eval * _EVALS_PER_STEP[integrator]
 
 
@@ -140,7 +147,8 @@ def puppet_cnn_macs(model, depth: float,
     puppet += (depth - 1) * kpu * h * w * k * k * c_out * c_out
   head = stack.stage_channels[-1] * c.num_classes
   step = puppeteer_step_macs(puppeteer.state_channels, puppeteer.kernel_size,
-                             puppeteer.generator_kernel_size, puppeteer.integrator)
+                             puppeteer.generator_kernel_size, puppeteer.integrator,
+                             puppeteer.generator_rank)
   n_stages = len(stack.stage_channels)
   needed = n_stages * (1 + (depth - 1) * kpu) * step
   executed = n_stages * (1 + (scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1)
