@@ -14,7 +14,7 @@ all variants run in one process, one after the other, and the table gives each o
 first variant. The occupied bins are those of the first 64 CIFAR-10 test images (with
 `--data_dir` or $PUPPET_CNN_DATA_DIR), else bins 9..14 with 64 samples spread over them.
 
-Writes `--output` (docs/benchmarks_generator.md), keeping its hand-written notes block.
+Writes `--output` (docs/generator_profile.md), keeping its hand-written notes block.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def define_flags():
   _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after the first.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
                                   "$PUPPET_CNN_DATA_DIR); without it, fixed bins.")
-  _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks_generator.md", "Markdown report.")
+  _OUTPUT = flags.DEFINE_string("output", "docs/generator_profile.md", "Markdown report.")
 
 
 def parse_variant(text: str) -> Tuple[str, Dict[str, object]]:

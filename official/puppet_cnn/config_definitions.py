@@ -123,7 +123,10 @@ class PuppetCNNConfig:
     kernel_size: K of every generated kernel (paper: 3).
     state_channels: C_max of the puppeteer state (C_out_max, C_in_max, K*K); None: the
       largest stage width (paper). A state narrower than a stage is resized up to it
-      (`PuppetClassifier.at_width` with a multiplier above 1 does this).
+      (`PuppetClassifier.at_width` with a multiplier above 1 does this): each state entry
+      then serves several kernel entries, e.g. a 256-wide state gives a 512-wide stage pairs
+      of identical output channels (before batch norm). A narrower state makes G cheaper in
+      training (docs/generator_profile.md); not the paper.
     init: initial puppeteer state. 'paper': a constant fill exp(1 - H^-2) (eq. 11);
       'learned' (default): a learned rank-`init_rank` base state multiplied by that fill;
       'learned_additive': the base plus the fill. The constant fill makes nearly all kernel
@@ -195,7 +198,8 @@ class PuppetCNNConfig:
       matrix is factorized as (C x r)(r x C), so each step of G costs about 2 r / C of the
       pointwise multiply-adds (C = 512, r = 64: G's step falls from 1.23 G to 0.32 G
       multiply-adds) and G stores 2 r C pointwise parameters instead of C^2. Not in the paper:
-      a speed option for training the full puppet (docs/benchmarks.md, docs/ablations.md).
+      a speed option (docs/generator_profile.md measures what it saves,
+      docs/ablations_generator.md what it costs in accuracy).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)

@@ -135,3 +135,19 @@ def test_group_ops_with_empty_and_nonempty_groups(compiled):
   want_x, want_k = tape.gradient(loss, [xv, kv])
   np.testing.assert_allclose(g_x.numpy(), want_x.numpy(), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(g_k.numpy(), want_k.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_ops_of_a_known_nonempty_group_match_the_references():
+  """may_be_empty=False (bucketed inference, each bin under its own cond): no guard, the same
+  float64 references, and one-row kernels (a partitioned kernel tensor) are accepted."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(3, 6, 5, 2)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+  want = np.stack([reference.conv2d_same(x[b], kernel) for b in range(3)])
+  for k in (kernel, kernel[None]):
+    got = backend_ops.group_conv2d(tf.constant(x), tf.constant(k), may_be_empty=False)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+  pooled = backend_ops.group_max_pool(tf.constant(want, tf.float32), may_be_empty=False)
+  np.testing.assert_allclose(pooled.numpy(),
+                             np.stack([reference.max_pool_2x2_same(v) for v in want]),
+                             rtol=1e-4, atol=1e-4)

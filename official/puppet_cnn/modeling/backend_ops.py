@@ -245,7 +245,7 @@ def gather(x, index, axis: int = 0):
   return ops.take(x, index, axis=axis)
 
 
-def group_conv2d(x, kernel):
+def group_conv2d(x, kernel, may_be_empty: bool = True):
   """'same', stride-1 convolution of (n, H, W, C_in) `x` with (K, K, C_in, C_out), n may be 0.
 
   `kernel` may also be a one-row (1, K, K, C_in, C_out) tensor, which has zero rows when the
@@ -254,10 +254,12 @@ def group_conv2d(x, kernel):
   TensorFlow's oneDNN kernels mishandle empty batches: Conv2D returns (0, H, W, C_in) instead
   of (0, H, W, C_out), and the max-pool gradient aborts the process (TF 2.21). An empty group
   therefore runs no convolution at all (`tf.cond`): it gets an empty (0, H, W, C_out) result,
-  and in training neither it nor its kernel gradient costs a kernel launch.
+  and in training neither it nor its kernel gradient costs a kernel launch. A caller that
+  knows the group is not empty (bucketed inference runs each bin under its own `cond`) passes
+  `may_be_empty=False` and gets the plain convolution, without the per-layer `cond`.
   """
   rows = len(kernel.shape) == 5
-  if backend() != "tensorflow":
+  if backend() != "tensorflow" or not may_be_empty:
     return ops.conv(x, kernel[0] if rows else kernel, strides=1, padding="same")
   import tensorflow as tf
   x = tf.convert_to_tensor(x)
@@ -271,9 +273,9 @@ def group_conv2d(x, kernel):
   return out
 
 
-def group_max_pool(x):
+def group_max_pool(x, may_be_empty: bool = True):
   """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`)."""
-  if backend() != "tensorflow":
+  if backend() != "tensorflow" or not may_be_empty:
     return ops.max_pool(x, pool_size=2, strides=2, padding="same")
   import tensorflow as tf
   x = tf.convert_to_tensor(x)

@@ -18,6 +18,7 @@ by the samples that reach that index; batch statistics in training count only th
 
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple
 
 import keras
@@ -247,7 +248,7 @@ class DynamicConvStack(keras.layers.Layer):
 
   # ------------------------------------------------------------------ bucketed execution
   def call_groups(self, groups, group_kernels, group_depths, training=None, units=None,
-                  bn_rows=None, channels=None):
+                  bn_rows=None, channels=None, nonempty: bool = False):
     """Runs groups of samples that share their kernels and depth (bucketed execution).
 
     Each group runs an ordinary convolution with its own kernels for exactly its depth (a
@@ -267,6 +268,9 @@ class DynamicConvStack(keras.layers.Layer):
       group_depths: per group, its depth as a Python int in [1, units + 1].
       training: joint batch statistics (True) or moving statistics (False).
       units, bn_rows, channels: as in `call`.
+      nonempty: the caller guarantees that no group is empty (bucketed inference, which runs
+        each bin under its own `cond`): the convolutions and pools then run without the
+        empty-group guard of `backend_ops.group_conv2d`.
 
     Returns:
       list of (n_g, H', W', stage_channels[-1]) features.
@@ -292,8 +296,9 @@ class DynamicConvStack(keras.layers.Layer):
     for s in range(len(self.stage_channels)):
       bn = self._stage_bn(s, channels[s])
       everyone = list(range(len(xs)))
-      out, stats = self._group_layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
-                                     sizes, bn["transition"], None, training)
+      layer = functools.partial(self._group_layer, may_be_empty=not nonempty)
+      out, stats = layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
+                         sizes, bn["transition"], None, training)
       if update:
         self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
       xs = [out[g] for g in everyone]
@@ -305,27 +310,28 @@ class DynamicConvStack(keras.layers.Layer):
         any_seen = ops.sum(ops.stack([sizes[g] for g in active])) > 0
         r0 = kpu * (unit - 1)
         if self.block_type == "plain":
-          out, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                                         sizes, bn["repeated"], int(rows[r0]), training)
+          out, stats = layer({g: (xs[g], kernel(g, s, r0)) for g in active},
+                             sizes, bn["repeated"], int(rows[r0]), training)
           row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
         else:
           r1 = r0 + 1
-          mid, stats = self._group_layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                                         sizes, bn["repeated"], int(rows[r0]), training)
+          mid, stats = layer({g: (xs[g], kernel(g, s, r0)) for g in active},
+                             sizes, bn["repeated"], int(rows[r0]), training)
           row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
-          out, stats = self._group_layer({g: (mid[g], kernel(g, s, r1)) for g in active},
-                                         sizes, bn["repeated"], int(rows[r1]), training,
-                                         skip={g: xs[g] for g in active})
+          out, stats = layer({g: (mid[g], kernel(g, s, r1)) for g in active},
+                             sizes, bn["repeated"], int(rows[r1]), training,
+                             skip={g: xs[g] for g in active})
           row_stats.setdefault(int(rows[r1]), []).append((stats, any_seen))
         for g in active:
           xs[g] = out[g]
       if update and row_stats:
         self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
       if self.pool_after[s]:
-        xs = [backend_ops.group_max_pool(x) for x in xs]
+        xs = [backend_ops.group_max_pool(x, may_be_empty=not nonempty) for x in xs]
     return xs
 
-  def _group_layer(self, inputs, sizes, bn, index, training, skip=None):
+  def _group_layer(self, inputs, sizes, bn, index, training, skip=None,
+                   may_be_empty: bool = True):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
     Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
@@ -336,7 +342,7 @@ class DynamicConvStack(keras.layers.Layer):
     gamma, beta, moving_mean, moving_var = (
         bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
     groups = list(inputs)
-    ys = [backend_ops.group_conv2d(x, k) for x, k in inputs.values()]
+    ys = [backend_ops.group_conv2d(x, k, may_be_empty) for x, k in inputs.values()]
     if training:
       y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
       mean, var = mbn.joint_moments([y])

@@ -288,7 +288,7 @@ class PuppetClassifier(keras.Model):
         else:
           kernels = kernels_for(b, eager=True)
         out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False,
-                                      **puppet_kwargs)[0]
+                                      nonempty=True, **puppet_kwargs)[0]
         return ops.mean(out, axis=(1, 2))
       pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, width), "float32")))
     return backend_ops.stitch(rows, pooled)

@@ -9,7 +9,8 @@ G is one depthwise-separable conv + batch norm + tanh. We lay the state out as a
 C_out_max channels and a (C_in_max, K*K) spatial plane, so G is a 3x3 depthwise conv (with
 bias) + a C x C pointwise conv (with bias) + BN. Its parameter count, C^2 + 15 C (BN moving
 statistics included), reproduces the paper's Table 5 "Param Size" at every width
-(C = 512: 269,824 params = 1.08 MB in float32).
+(C = 512: 269,824 params = 1.08 MB in float32). `generator_rank` r > 0 factorizes the
+pointwise matrix as (C x r)(r x C) (not the paper: a speed option).
 
 Every Euler step emits one kernel: the state average-pooled to the layer's (C_out, C_in) and
 laid out as Keras's (K, K, C_in, C_out). One trajectory runs through all stages
