@@ -1,13 +1,13 @@
 r"""Times the puppeteer's training pass (the ODE that generates every kernel) for config variants.
 
   python tools/generator_profile.py --data_dir=../shared/data
-  python tools/generator_profile.py --variants=paper:,state256:state_channels=256 --repeats=5
+  python tools/generator_profile.py --variant=paper: --variant=light:state_channels=256,generator_rank=32
 
 What a bucketed training step spends on kernel generation: the puppeteer integrates one state
 per occupied complexity bin (weighted by the bin's sample count, as `execution='bucketed'`
 does), every generated kernel enters a loss (the sum of squares), and the gradient of that
 loss is taken with respect to the puppeteer's weights. The puppet's convolutions are not run,
-so the numbers isolate the generator. Each `--variants` entry is `name:field=value,...` of
+so the numbers isolate the generator. Each `--variant` (repeatable) is `name:field=value,...` of
 `PuppetCNNConfig` fields over the base model (`--stage_channels`, `--max_depth`, `--bins`);
 all variants run in one process, one after the other, and the table gives each one's median
 [min, max] over `--repeats` timed calls after the first (tracing) call, and its ratio to the
@@ -37,8 +37,9 @@ DEFAULT_VARIANTS = ("paper:", "rank64:generator_rank=64", "rank32:generator_rank
 def define_flags():
   """Defined only when run as a binary, so tests can import this module beside others."""
   global _VARIANTS, _STAGE_CHANNELS, _MAX_DEPTH, _BINS, _REPEATS, _DATA_DIR, _OUTPUT
-  _VARIANTS = flags.DEFINE_list("variants", list(DEFAULT_VARIANTS),
-                                "name:field=value,... entries (PuppetCNNConfig fields).")
+  _VARIANTS = flags.DEFINE_multi_string(
+      "variant", list(DEFAULT_VARIANTS), "name:field=value,... (PuppetCNNConfig fields); "
+      "repeat the flag for several variants, the first is the reference.")
   _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", ["64", "128", "256", "512"],
                                       "Puppet widths.")
   _MAX_DEPTH = flags.DEFINE_integer("max_depth", 8, "max_depth.")
@@ -161,7 +162,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   variants = [parse_variant(v) for v in _VARIANTS.value]
   if not variants:
-    raise app.UsageError("--variants is empty")
+    raise app.UsageError("no --variant given")
   from official.puppet_cnn import PuppetCNNConfig
   from official.puppet_cnn import reports
   channels = tuple(int(c) for c in _STAGE_CHANNELS.value)

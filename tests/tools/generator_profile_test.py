@@ -28,7 +28,8 @@ def test_tiny_run_writes_the_report(tmp_path):
             "<!-- notes:end -->\n")
   cmd = [sys.executable, os.path.join(ROOT, "tools", "generator_profile.py"),
          "--stage_channels=4,8", "--max_depth=3", "--bins=16", "--repeats=2",
-         "--variants=paper:,rank2:generator_rank=2", f"--data_dir={tmp_path}/none",
+         "--variant=paper:", "--variant=rank2:generator_rank=2,integrator=euler",
+         f"--data_dir={tmp_path}/none",
          f"--output={output}"]
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("PUPPET_CNN_DATA_DIR", None)
@@ -42,9 +43,9 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = open(output).read()
   assert "old" not in report and "mine" in report
-  assert "--variants=paper:,rank2:generator_rank=2" in report
+  assert "--variant=paper: --variant=rank2:generator_rank=2,integrator=euler" in report
   assert "bins 9..14 (no --data_dir)" in report
   # G's parameters by hand (state 8): C^2 + 15 C = 184; rank 2: 2 r C + 15 C = 152.
   assert "| paper | (paper) | 8 | full | 184 |" in report
-  assert "| rank2 | generator_rank=2 | 8 | 2 | 152 |" in report
+  assert "| rank2 | generator_rank=2, integrator=euler | 8 | 2 | 152 |" in report
   assert "| 1.00x |" in report
