@@ -75,7 +75,8 @@ def define_flags():
   """Defines the flags; called only when run as a binary, so tests can import this module
   beside other binaries (train.py also has --data_dir, --stage_channels, --max_depth)."""
   global _SMALL, _SIZES, _STAGE_CHANNELS, _MAX_DEPTH, _MODELS, _FULL_MODELS, _PHASES, _XLA
-  global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET, _JOB_TIMEOUT, _MAX_RSS_MB
+  global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
+  global _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
   global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER
   _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")

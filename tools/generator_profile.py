@@ -1,7 +1,8 @@
 r"""Times the puppeteer's training pass (the ODE that generates every kernel) for config variants.
 
   python tools/generator_profile.py --data_dir=../shared/data
-  python tools/generator_profile.py --variant=paper: --variant=light:state_channels=256,generator_rank=32
+  python tools/generator_profile.py --variant=paper: \
+      --variant=light:state_channels=256,generator_rank=32
 
 What a bucketed training step spends on kernel generation: the puppeteer integrates one state
 per occupied complexity bin (weighted by the bin's sample count, as `execution='bucketed'`

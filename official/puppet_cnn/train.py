@@ -99,7 +99,7 @@ _STATE_CHANNELS = flags.DEFINE_integer(
     "stage, as the paper); a narrower state is resized up to wider stages.")
 _GENERATOR_RANK = flags.DEFINE_integer(
     "generator_rank", None, "0: G's pointwise conv is a full C x C matrix (paper); r: factorized "
-    "as (C x r)(r x C), about 2r/C of its cost (not in the paper; a speed option).")
+    "as (C x r)(r x C), about 2r/C of its multiply-adds (not in the paper; a speed option).")
 _DEPTH_REFINEMENTS = flags.DEFINE_integer(
     "depth_refinements", None, "Incremental-in-depth training: start at depth_scale 2^-k and "
     "double it k times (0: off).")

@@ -59,7 +59,7 @@ class PuppeteerODE(keras.layers.Layer):
     generator_rank: 0 (the paper): G's pointwise conv is a full C x C matrix. r > 0: it is
       factorized as (C x r)(r x C), which costs 2 r / C of the full matrix's multiply-adds
       per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
-      paper: a speed option, see docs/benchmarks.md.
+      paper: a speed option, see docs/generator_profile.md.
     momentum, epsilon: G's batch norm settings.
 
   Call args:
