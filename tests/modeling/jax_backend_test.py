@@ -137,6 +137,20 @@ scale = max(float(np.abs(np.asarray(a)).max()) for a in g1)
 out["remat_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                             for a, b in zip(g1, g2)) / scale
 
+# 6b. generator_rank (G's pointwise matrix as two factors): one compiled forward + backward;
+#     both factors get gradients.
+low = PuppetClassifier(**tiny, generator_rank=2)
+low.build()
+low_non_trainable = [v.value for v in low.non_trainable_variables]
+def low_loss(trainable):
+  logits, _ = low.stateless_call(trainable, low_non_trainable, images, training=True)
+  return loss_fn(labels, logits)
+l3, g3 = jax.jit(jax.value_and_grad(low_loss))([v.value for v in low.trainable_variables])
+low_grads = {v.path: float(jnp.abs(g).max()) for v, g in zip(low.trainable_variables, g3)}
+out["lowrank_loss_finite"] = bool(np.isfinite(float(l3)))
+out["lowrank_factor_grads"] = [low_grads[k] for k in sorted(low_grads)
+                               if k.split("/")[-1] in ("pointwise_down", "pointwise_up")]
+
 # 7. Bucketed execution says clearly that it needs TensorFlow.
 bucketed = PuppetClassifier(**tiny, complexity_bins=8, execution="bucketed")
 try:
@@ -171,5 +185,7 @@ def test_model_runs_and_trains_under_jax():
   losses = out["losses"]
   assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
+  assert out["lowrank_loss_finite"], out
+  assert len(out["lowrank_factor_grads"]) == 2 and min(out["lowrank_factor_grads"]) > 0, out
   assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out
   print(f"jax {out['jax']}: losses {losses}", file=sys.stderr)
