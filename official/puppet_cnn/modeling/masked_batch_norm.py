@@ -61,7 +61,7 @@ def normalize(x, mean, variance, gamma, beta, epsilon: float):
   """gamma (x - mean) / sqrt(variance + epsilon) + beta, as x * scale + shift.
 
   The per-channel scale and shift are computed first, so the state- or feature-map-sized
-  tensor `x` takes two elementwise operations (and two in the backward pass) instead of four.
+  tensor `x` takes two elementwise operations instead of four in the forward pass.
   """
   scale = gamma * ops.rsqrt(variance + epsilon)
   return x * scale + (beta - mean * scale)
