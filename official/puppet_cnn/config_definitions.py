@@ -31,6 +31,8 @@ COLOR_MODES = ("luminance", "channel_mean")
 SPECTRUM_SCALINGS = ("log_minmax", "log_fixed")
 INITS = ("paper", "learned", "learned_additive")
 INTEGRATORS = ("euler", "midpoint", "rk4")
+# Evaluations of the puppeteer's G per integration step, for each integrator.
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
 EXECUTIONS = ("per_sample", "bucketed")

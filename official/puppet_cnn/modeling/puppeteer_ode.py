@@ -28,6 +28,7 @@ from typing import List, Sequence, Tuple
 import keras
 from keras import ops
 
+from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import INITS, INTEGRATORS, KERNEL_SCALINGS
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -280,7 +281,7 @@ class PuppeteerODE(keras.layers.Layer):
     n = ops.shape(state)[0]
     done = ops.sum(ops.cast(depth <= unit, "int32"))
     channels = self.state_channels
-    per_step = {"euler": 1, "midpoint": 2, "rk4": 4}[self.integrator] if training else 0
+    per_step = EVALS_PER_STEP[self.integrator] if training else 0
 
     def advance(state):
       local: list = []

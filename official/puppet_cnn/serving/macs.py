@@ -39,9 +39,9 @@ from typing import Dict, Iterator, Optional, Tuple
 import keras
 import numpy as np
 
+from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.modeling import scaling
 
-_EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 
 
 def _prod(values) -> int:
@@ -112,7 +112,7 @@ def puppeteer_step_macs(state_channels: int, kernel_size: int = 3,
   positions = state_channels * kernel_size ** 2
   pointwise = 2 * generator_rank if generator_rank else state_channels
   per_eval = positions * state_channels * (generator_kernel_size ** 2 + pointwise)
-  return per_eval * _EVALS_PER_STEP[integrator]
+  return per_eval * EVALS_PER_STEP[integrator]
 
 
 def puppet_cnn_macs(model, depth: float,
