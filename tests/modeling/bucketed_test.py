@@ -234,6 +234,55 @@ def test_stale_kernel_cache_is_never_used():
   assert b.kernel_cache_info()["bins"] == ()
 
 
+def test_cache_is_stale_when_only_the_puppets_batch_norm_changes():
+  # Cached kernels carry the puppet's inference batch-norm scales: changing one moving
+  # variance (no puppeteer weight) must make the cache stale, and inference must follow the
+  # per-sample model with the same change.
+  a, b = _pair()
+  images = _images()
+  b.cache_kernels()
+  graph = tf.function(lambda x: b(x, training=False))
+  before = graph(tf.constant(images))
+  for model in (a, b):
+    w = [v for v in model.puppet.weights if "stage1_repeated_moving_variance" in v.path][0]
+    w.assign(w.numpy() * 4.0)
+  assert not b.kernel_cache_info()["valid"]
+  want = a(images, training=False)
+  assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3
+  _close(b(images, training=False), want)
+  _close(graph(tf.constant(images)), want)
+  b.cache_kernels()
+  _close(graph(tf.constant(images)), want)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_16_bit_cache_is_the_float32_cache_rounded(dtype, tol):
+  a, b = _pair()
+  images = _images()
+  b.cache_kernels(dtype="float32")
+  full = {k: [(t.numpy(), [r.numpy() for r in rs]) for t, rs in v]
+          for k, v in b._kernel_cache.kernels.items()}  # pylint: disable=protected-access
+  bins = b.cache_kernels(dtype=dtype)
+  info = b.kernel_cache_info()
+  assert info["dtype"] == dtype and info["bytes"] * 2 == info["bytes_float32"] and info["valid"]
+  for k in bins:  # each stored kernel is the float32 cache's kernel rounded to 16 bits
+    for (t, rs), (t32, rs32) in zip(b._kernel_cache.kernels[k], full[k]):  # pylint: disable=protected-access
+      assert keras.backend.standardize_dtype(t.dtype) == dtype
+      np.testing.assert_array_equal(ops_cast(t), ops_cast(tf.cast(t32, dtype)))
+      for r, r32 in zip(rs, rs32):
+        np.testing.assert_array_equal(ops_cast(r), ops_cast(tf.cast(r32, dtype)))
+  want = np.asarray(a(images, training=False))
+  got = np.asarray(b(images, training=False))
+  error = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+  assert 0 < error <= tol, error  # rounded, so not exact, but close to the per-sample model
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    b.cache_kernels(dtype="int8")
+
+
+def ops_cast(x):
+  return tf.cast(x, tf.float32).numpy()
+
+
 def test_partial_cache_from_images_and_errors():
   a, b = _pair()
   images = _images()

@@ -79,6 +79,30 @@ def test_matches_float64_reference(block_type, jit):
 
 
 @pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_folded_batch_norm_groups_match_float64_reference(block_type):
+  # Inference with each layer's BN scale folded into its kernels (the kernel cache's form):
+  # two groups of different depths, against the float64 loop that applies BN to activations.
+  stack = _stack(block_type)
+  x = np.random.default_rng(2).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  kernels = _kernels(stack, 2, seed=3)
+  depth = [3, 2]
+  affine = stack.inference_affine()
+  layers = stack.kernels_per_unit
+  groups = [stack.fold_kernels([(t[g], r[g]) for t, r in kernels], affine,
+                               layers=(depth[g] - 1) * layers) for g in range(2)]
+  assert [len(r) for _, r in groups[1]] == [layers] * len(CHANNELS)
+  fn = tf.function(lambda a, b: stack.call_groups([a, b], groups, depth, training=False,
+                                                  nonempty=True, folded=affine))
+  got = [o.numpy() for o in fn(x[:2], x[2:])]
+  want = _np_forward(stack, x, [(np.repeat(t, [2, 1], 0), np.repeat(r, [2, 1], 0))
+                                for t, r in kernels], np.array([3, 3, 2]))
+  got = np.concatenate(got)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  with pytest.raises(ValueError, match="inference"):
+    stack.call_groups([x], groups[:1], [3], training=True, folded=affine)
+
+
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
 def test_layers_past_a_samples_depth_do_not_touch_it(block_type):
   stack = _stack(block_type, max_depth=4)
   x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype(np.float32)
@@ -179,8 +203,8 @@ def _np_forward_mapped(stack, x, kernels, depth, rows, channels):
   return np.stack(outs)
 
 
-@pytest.mark.parametrize("bucketed", [False, True])
-def test_more_units_with_mapped_rows_and_narrower_width_match_reference(bucketed):
+@pytest.mark.parametrize("mode", ["masked", "groups", "folded"])
+def test_more_units_with_mapped_rows_and_narrower_width_match_reference(mode):
   # Trained for 3 units per stage (2 BN rows); run with 5 repeated units mapped to rows
   # [0, 0, 1, 1, 1] at widths (2, 3) instead of (4, 6).
   stack = _stack("plain", max_depth=3)
@@ -195,10 +219,16 @@ def test_more_units_with_mapped_rows_and_narrower_width_match_reference(bucketed
   depth = np.array([1, 4, 6], np.int32)
   want = _np_forward_mapped(stack, x, kernels, depth, rows, channels)
   kwargs = dict(units=units, bn_rows=rows, channels=channels)
-  if bucketed:
-    got = np.concatenate([stack.call_groups(
-        [x[b:b + 1]], [[(t[b], [r[b, j] for j in range(units)]) for t, r in kernels]],
-        [int(depth[b])], **kwargs)[0].numpy() for b in range(3)])
+  if mode != "masked":
+    affine = stack.inference_affine(**kwargs) if mode == "folded" else None
+    got = []
+    for b in range(3):
+      group = [(t[b], [r[b, j] for j in range(units)]) for t, r in kernels]
+      if affine is not None:
+        group = stack.fold_kernels(group, affine)
+      got.append(stack.call_groups([x[b:b + 1]], [group], [int(depth[b])], folded=affine,
+                                   **kwargs)[0].numpy())
+    got = np.concatenate(got)
   else:
     got = stack(x, kernels, depth, **kwargs).numpy()
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5

@@ -273,6 +273,18 @@ def group_conv2d(x, kernel, may_be_empty: bool = True):
   return out
 
 
+def bias_add(x, bias):
+  """`x + bias` along the last axis; `tf.nn.bias_add` under TensorFlow.
+
+  A Conv2D followed by BiasAdd (and ReLU) is the pattern TensorFlow's graph optimizer fuses
+  into one convolution on CPU; a broadcast `AddV2` is not.
+  """
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    return tf.nn.bias_add(x, bias)
+  return x + bias
+
+
 def group_max_pool(x, may_be_empty: bool = True):
   """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`)."""
   if backend() != "tensorflow" or not may_be_empty:

@@ -247,8 +247,50 @@ class DynamicConvStack(keras.layers.Layer):
     return x
 
   # ------------------------------------------------------------------ bucketed execution
+  def inference_affine(self, units=None, bn_rows=None, channels=None):
+    """Each layer's inference-mode batch norm as `y * scale + shift`, per stage.
+
+    Returns a list over stages of `(transition, repeated)`, `transition` a `(scale, shift)`
+    pair of (C_s,) tensors and `repeated` a list of one pair per repeated layer (units *
+    kernels_per_unit, each layer at its batch-norm row, `bn_rows`), from the moving
+    statistics: scale = gamma / sqrt(moving_variance + epsilon), shift = beta - moving_mean *
+    scale. Computed once per call and shared by every group (`fold_kernels`, `call_groups`).
+    """
+    units, rows, channels, _ = self._resolve(units, bn_rows, channels)
+
+    def affine(gamma, beta, moving_mean, moving_var):
+      scale = gamma * ops.rsqrt(moving_var + self.epsilon)
+      return scale, beta - moving_mean * scale
+
+    out = []
+    for s in range(len(self.stage_channels)):
+      bn = self._stage_bn(s, channels[s])
+      transition = affine(*[ops.convert_to_tensor(w) for w in bn["transition"]])
+      repeated = []
+      if units:
+        scale, shift = affine(*[ops.convert_to_tensor(w) for w in bn["repeated"]])
+        repeated = [(scale[int(r)], shift[int(r)]) for r in rows]
+      out.append((transition, repeated))
+    return out
+
+  @staticmethod
+  def fold_kernels(stage_kernels, affine, layers=None):
+    """Folds inference batch-norm scales into one group's kernels (`inference_affine`).
+
+    conv(x, k) * scale + shift == conv(x, k * scale) + shift, scale along the output
+    channels (the last axis). `stage_kernels` is one group's kernels as `call_groups` takes
+    them; `layers` (default: every layer of `affine`) bounds the repeated kernels folded per
+    stage. Returns the same structure with `repeated` as a list.
+    """
+    out = []
+    for (transition, repeated), ((t_scale, _), rep) in zip(stage_kernels, affine):
+      n = len(rep) if layers is None else min(int(layers), len(rep))
+      get = repeated if callable(repeated) else repeated.__getitem__
+      out.append((transition * t_scale, [get(j) * rep[j][0] for j in range(n)]))
+    return out
+
   def call_groups(self, groups, group_kernels, group_depths, training=None, units=None,
-                  bn_rows=None, channels=None, nonempty: bool = False):
+                  bn_rows=None, channels=None, nonempty: bool = False, folded=None):
     """Runs groups of samples that share their kernels and depth (bucketed execution).
 
     Each group runs an ordinary convolution with its own kernels for exactly its depth (a
@@ -271,11 +313,16 @@ class DynamicConvStack(keras.layers.Layer):
       nonempty: the caller guarantees that no group is empty (bucketed inference, which runs
         each bin under its own `cond`): the convolutions and pools then run without the
         empty-group guard of `backend_ops.group_conv2d`.
+      folded: inference only: the `inference_affine` of these settings, whose scales the
+        caller has folded into every kernel (`fold_kernels`); each layer is then conv + shift
+        + ReLU, with no batch-norm arithmetic on the activations.
 
     Returns:
       list of (n_g, H', W', stage_channels[-1]) features.
     """
     training = bool(training)
+    if training and folded is not None:
+      raise ValueError("call_groups: folded batch norm is for inference (training=False) only")
     units, rows, channels, trained_width = self._resolve(units, bn_rows, channels)
     update = training and trained_width
     depths = [int(d) for d in group_depths]
@@ -295,8 +342,14 @@ class DynamicConvStack(keras.layers.Layer):
 
     for s in range(len(self.stage_channels)):
       bn = self._stage_bn(s, channels[s])
+      if folded is not None:  # per layer: ((scale, shift) of the transition, [per row ...])
+        t_affine, r_affine = folded[s]
+        bn = {"transition": t_affine, "repeated": [None] * self.repeated_kernels_per_stage}
+        for j, r in enumerate(rows):
+          bn["repeated"][int(r)] = r_affine[j]
       everyone = list(range(len(xs)))
-      layer = functools.partial(self._group_layer, may_be_empty=not nonempty)
+      layer = functools.partial(self._group_layer, may_be_empty=not nonempty,
+                                folded=folded is not None)
       out, stats = layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
                          sizes, bn["transition"], None, training)
       if update:
@@ -307,7 +360,7 @@ class DynamicConvStack(keras.layers.Layer):
         active = [g for g in everyone if depths[g] > unit]
         if not active:
           break
-        any_seen = ops.sum(ops.stack([sizes[g] for g in active])) > 0
+        any_seen = (ops.sum(ops.stack([sizes[g] for g in active])) > 0) if update else None
         r0 = kpu * (unit - 1)
         if self.block_type == "plain":
           out, stats = layer({g: (xs[g], kernel(g, s, r0)) for g in active},
@@ -331,18 +384,27 @@ class DynamicConvStack(keras.layers.Layer):
     return xs
 
   def _group_layer(self, inputs, sizes, bn, index, training, skip=None,
-                   may_be_empty: bool = True):
+                   may_be_empty: bool = True, folded: bool = False):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
     Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
     normalization) are one computation over every sample that reaches the layer, then split
     back into groups. Inference: per group, with the moving statistics folded into a scale
-    and a shift. Returns ({g: output}, (mean, variance)).
+    and a shift. `folded`: the scale is already in the kernels and `bn` is the layer's
+    (scale, shift) list (or `bn[index]`): conv + shift. Returns ({g: output}, (mean, variance)),
+    (None, None) when folded.
     """
-    gamma, beta, moving_mean, moving_var = (
-        bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
     groups = list(inputs)
     ys = [backend_ops.group_conv2d(x, k, may_be_empty) for x, k in inputs.values()]
+    if folded:
+      _, shift = bn if index is None else bn[index]
+      out = {}
+      for g, y in zip(groups, ys):
+        y = backend_ops.bias_add(y, shift)
+        out[g] = ops.relu(y if skip is None else y + skip[g])
+      return out, (None, None)
+    gamma, beta, moving_mean, moving_var = (
+        bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
     if training:
       y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
       mean, var = mbn.joint_moments([y])

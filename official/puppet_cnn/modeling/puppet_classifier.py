@@ -40,23 +40,36 @@ from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 class _KernelCache:
-  """Inference-mode kernels per bin, with the puppeteer weights they were generated from.
+  """Inference-mode kernels per bin (puppet batch norm folded in), with the weights they
+  were generated from.
 
   Deliberately not a Keras/TF trackable: it is never saved with the model, and it does not
   change the model's weights or parameter counts.
   """
 
-  def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale):
+  def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32"):
     self.n_bins = n_bins
     self.integrator = integrator
     self.depth_scale = depth_scale
-    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}
-    self.snapshot = snapshot  # copies of puppeteer.weights at generation time
+    self.dtype = dtype
+    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}, each
+                              # kernel times its layer's inference batch-norm scale
+    self.snapshot = snapshot  # copies of _kernel_cache_inputs() at generation time
 
   @property
   def bins(self):
     return tuple(sorted(self.kernels))
+
+  def load(self, b):
+    """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit)."""
+    if self.dtype == "float32":
+      return self.kernels[b]
+    cast = lambda k: ops.cast(k, "float32")  # pylint: disable=unnecessary-lambda-assignment
+    return [(cast(t), [cast(r) for r in repeated]) for t, repeated in self.kernels[b]]
 
   def num_params(self) -> int:
     total = 0
@@ -280,15 +293,24 @@ class PuppetClassifier(keras.Model):
     else:
       need = occupied
     kernels_for = self._generate_bin_kernels(need, counts, training=False, channels=channels)
+    # Inference batch norm is folded into the kernels (conv + shift + ReLU per layer): the
+    # cached kernels were folded when cached, generated ones are folded here. The scales and
+    # shifts are computed once per call from the current weights; a valid cache was built
+    # from these same weights, so its kernels carry exactly these scales.
+    affine = self.puppet.inference_affine(**puppet_kwargs)
+    kpu = self.puppet.kernels_per_unit
     pooled = []
     for b in range(n):
       def run(b=b):
+        def generated():
+          return self.puppet.fold_kernels(kernels_for(b, eager=True), affine,
+                                          layers=(depths[b] - 1) * kpu)
         if cache is not None and b in cache.kernels:
-          kernels = ops.cond(valid, lambda: cache.kernels[b], lambda: kernels_for(b, eager=True))
+          kernels = ops.cond(valid, lambda: cache.load(b), generated)
         else:
-          kernels = kernels_for(b, eager=True)
+          kernels = generated()
         out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False,
-                                      nonempty=True, **puppet_kwargs)[0]
+                                      nonempty=True, folded=affine, **puppet_kwargs)[0]
         return ops.mean(out, axis=(1, 2))
       pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, width), "float32")))
     return backend_ops.stitch(rows, pooled)
@@ -369,13 +391,17 @@ class PuppetClassifier(keras.Model):
     return kernels_for
 
   # ------------------------------------------------------------------ inference kernel cache
-  def cache_kernels(self, bins=None, images=None):
+  def cache_kernels(self, bins=None, images=None, dtype: str = "float32"):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
-    inference can use stored kernels instead of integrating the ODE. The cache is safe
-    against staleness: it keeps a copy of every puppeteer weight (trainable and batch-norm
-    moving statistics) and each call compares the current weights with that copy; if any
+    inference can use stored kernels instead of integrating the ODE. Each cached kernel has
+    its puppet layer's inference batch-norm scale folded in (conv(x, k) * scale + shift ==
+    conv(x, k * scale) + shift; bucketed inference folds generated kernels the same way), so
+    a cached layer is one convolution, a bias and a ReLU. The cache is safe
+    against staleness: it keeps a copy of every weight it depends on (the puppeteer's, and
+    the puppet's batch norm, trainable and moving statistics) and each call compares the
+    current weights with that copy; if any
     differs (training, `load_weights`, an assignment) the stale kernels are not used and the
     kernels are generated on the fly as without a cache (correct, but slower: call
     `cache_kernels()` again). Changing `integrator` drops the cache. It is never saved.
@@ -388,6 +414,10 @@ class PuppetClassifier(keras.Model):
     Args:
       bins: bin indices to cache; None: every bin (or the bins of `images`).
       images: optional raw images; caches only the bins they fall into.
+      dtype: storage of the cached kernels. 'float32' (default) gives the generating
+        path's predictions (within float rounding); 'float16' or 'bfloat16' halve the cache's
+        memory, each kernel rounded to 16 bits and cast back to float32 for its convolution:
+        a lossy approximation whose cost is measured in docs/benchmarks_cached.md.
     Returns:
       The sorted tuple of cached bins.
     """
@@ -395,6 +425,8 @@ class PuppetClassifier(keras.Model):
     if c.execution != "bucketed":
       raise ValueError("cache_kernels needs execution='bucketed' (and complexity_bins > 0); "
                        f"this model has execution={c.execution!r}")
+    if dtype not in CACHE_DTYPES:
+      raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
     if not self.built:
       self.build()
     n = c.complexity_bins
@@ -411,9 +443,10 @@ class PuppetClassifier(keras.Model):
     if any(not 0 <= b < n for b in wanted):
       raise ValueError(f"bins must be in [0, {n}), got {wanted}")
     snapshot = [ops.convert_to_tensor(np.array(ops.convert_to_numpy(w)))
-                for w in self.puppeteer.weights]
+                for w in self._kernel_cache_inputs()]
     centres, steps, depths = self.bin_table()
     kpu = self.puppet.kernels_per_unit
+    affine = self.puppet.inference_affine(**self._puppet_scaling())
     stored = {}
     for b in wanted:
       # One bin per puppeteer call: each cached kernel is then a view of a buffer that holds
@@ -424,11 +457,15 @@ class PuppetClassifier(keras.Model):
       kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
                                stack_repeated=False, **self._puppeteer_scaling())
       used = (int(depths[b]) - 1) * kpu
-      stored[int(b)] = [(t[0], [r[j][0] for j in range(used)]) for t, r in kernels]
-      del kernels
+      folded = self.puppet.fold_kernels(
+          [(t[0], [r[j][0] for j in range(used)]) for t, r in kernels], affine, layers=used)
+      if dtype != "float32":
+        folded = [(ops.cast(t, dtype), [ops.cast(r, dtype) for r in rs]) for t, rs in folded]
+      stored[int(b)] = folded
+      del kernels, folded
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale)
+                                      c.depth_scale, dtype)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -441,11 +478,14 @@ class PuppetClassifier(keras.Model):
     """What is cached: bins, stored kernel parameters, and whether it matches the weights."""
     cache = self._kernel_cache
     if cache is None:
-      return {"bins": (), "params": 0, "bytes_float32": 0, "valid": False}
+      return {"bins": (), "params": 0, "bytes_float32": 0, "bytes": 0, "dtype": None,
+              "valid": False}
     usable = self._usable_kernel_cache() is not None
     valid = usable and bool(ops.convert_to_numpy(self._kernel_cache_matches(cache)))
     params = cache.num_params()
-    return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params, "valid": valid}
+    itemsize = 4 if cache.dtype == "float32" else 2
+    return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
+            "bytes": itemsize * params, "dtype": cache.dtype, "valid": valid}
 
   def _usable_kernel_cache(self):
     cache = self._kernel_cache
@@ -455,10 +495,16 @@ class PuppetClassifier(keras.Model):
       return None
     return cache
 
+  def _kernel_cache_inputs(self):
+    """The weights cached kernels depend on: the puppeteer's, and the puppet's batch norm
+    (its inference scales are folded into the cached kernels)."""
+    return list(self.puppeteer.weights) + list(self.puppet.weights)
+
   def _kernel_cache_matches(self, cache):
-    """Scalar bool tensor: every puppeteer weight equals its value when the cache was built."""
+    """Scalar bool tensor: every weight the cache depends on equals its value when the
+    cache was built."""
     same = [ops.all(ops.equal(ops.convert_to_tensor(w), snap))
-            for w, snap in zip(self.puppeteer.weights, cache.snapshot)]
+            for w, snap in zip(self._kernel_cache_inputs(), cache.snapshot)]
     return ops.all(ops.stack(same))
 
   def _reset_compiled_functions(self, train: bool = False):
