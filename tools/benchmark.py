@@ -12,7 +12,9 @@ memory (VmHWM of /proc/self/status, Linux; reset with /proc/self/clear_refs afte
 data loading) is its own; memory is reported as that peak and as its growth over the
 process's resident size after imports and data loading, before the model is built. Times are medians over --repeats timed calls (default 5) after the first call
 (tracing) and --warmup untimed calls; spreads are [min, max]. Inference is a `tf.function`
-(`jit_compile` per the XLA setting) of `model(x, training=False)`; training is
+(`jit_compile` per the XLA setting) of `model(x, training=False)`, traced once for any batch
+size (`--infer_signature=dynamic`, as a SavedModel's serving signature and Keras's
+`predict` run) or once per batch size (`per_batch`); training is
 `model.train_on_batch` (SGD) after `compile(jit_compile=...)`.
 
 Models (`--models`):
@@ -20,6 +22,9 @@ Models (`--models`):
   puppet_binned    execution='per_sample', complexity_bins=--bins.
   puppet_bucketed  execution='bucketed', complexity_bins=--bins (kernels generated per call).
   puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
+  puppet_cached16  the same with cache_kernels(dtype='float16'): half the cache's memory, each
+                   kernel rounded to 16 bits (lossy: not the exact path; the report gives its
+                   targets apart and its largest logit deviation from puppet_cached).
   puppet_remat     puppet_bucketed with generator_remat=True: G's activations are recomputed
                    in the backward pass (training only; its inference is bucketed's).
   puppet_light     puppet_bucketed with a lighter puppeteer: state_channels=
@@ -62,7 +67,8 @@ from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_remat")
-PUPPET_MODELS = PAPER_G_MODELS + ("puppet_light",)
+APPROXIMATE_MODELS = ("puppet_light", "puppet_cached16")  # targets reported apart
+PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
                        "resnet", "mobilenet_v2")
@@ -78,7 +84,7 @@ def define_flags():
   global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
   global _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
-  global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER
+  global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER, _INFER_SIGNATURE
   _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
   _SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
                              "(64-128-256-512) and/or small (16-32-64). Default: full, "
@@ -107,6 +113,10 @@ def define_flags():
   _JOB_TIMEOUT = flags.DEFINE_float("job_timeout_s", 600.0, "Kill a job after this.")
   _MAX_RSS_MB = flags.DEFINE_float("max_rss_mb", 16000.0, "Kill a job whose resident memory "
                                    "exceeds this (MB).")
+  _INFER_SIGNATURE = flags.DEFINE_enum(
+      "infer_signature", "dynamic", ["dynamic", "per_batch"], "dynamic: the inference "
+      "function is traced once with a None batch dimension (a SavedModel serving signature; "
+      "Keras predict); per_batch: traced once per batch size (1, 64, 256), each trace kept.")
   _NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
                                "measured (to fit the time budget).")
   _STUDY = flags.DEFINE_list("study", ["speed"], "speed (latency, throughput, training step, "
@@ -205,6 +215,7 @@ def _build(spec, calibration):
       "puppet_binned": dict(complexity_bins=spec["bins"]),
       "puppet_bucketed": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
+      "puppet_cached16": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
                            generator_remat=True),
       "puppet_light": dict(complexity_bins=spec["bins"], execution="bucketed",
@@ -213,12 +224,13 @@ def _build(spec, calibration):
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
-  if name == "puppet_cached":
+  if name in ("puppet_cached", "puppet_cached16"):
     start = time.perf_counter()
-    bins = model.cache_kernels(images=calibration)
+    dtype = "float16" if name == "puppet_cached16" else "float32"
+    bins = model.cache_kernels(images=calibration, dtype=dtype)
     info = model.kernel_cache_info()
-    notes.update(cached_bins=list(bins), cache_mb=info["bytes_float32"] / 1e6,
-                 cache_s=time.perf_counter() - start)
+    notes.update(cached_bins=list(bins), cache_mb=info["bytes"] / 1e6,
+                 cache_s=time.perf_counter() - start, cache_dtype=dtype)
   return model, notes
 
 
@@ -263,7 +275,11 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   xla = spec["xla"]
   repeats, warmup = spec["repeats"], spec["warmup"]
   if spec["phase"] == "infer":
-    fn = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+    signature = None
+    if spec.get("infer_signature", "dynamic") == "dynamic":
+      signature = [tf.TensorSpec((None,) + images.shape[1:], tf.float32)]
+    fn = tf.function(lambda x: model(x, training=False), jit_compile=xla,
+                     input_signature=signature)
     batches = {b: tf.constant(images[:b].astype(np.float32)) for b in (64, 256)}
     singles = [tf.constant(images[i:i + 1].astype(np.float32)) for i in range(64)]
     result["latency_b1"] = _time_calls(lambda i: fn(singles[i % 64]).numpy(), repeats, warmup)
@@ -272,6 +288,13 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     if 256 in spec["infer_batches"]:
       result["batch_256"] = _time_calls(lambda i: fn(batches[256]).numpy(), repeats, warmup)
       result["hwm_b256_kb"] = _proc_status_kb("VmHWM")
+    if spec["model"] == "puppet_cached16":  # after every measurement: its cost of rounding
+      approx = fn(batches[256][:64]).numpy()
+      model.cache_kernels(images=calibration, dtype="float32")
+      exact = tf.function(lambda x: model(x, training=False))(batches[256][:64]).numpy()
+      result["notes"]["float16_max_logit_error"] = float(np.abs(approx - exact).max())
+      result["notes"]["float16_same_class"] = float(np.mean(approx.argmax(-1)
+                                                            == exact.argmax(-1)))
   else:
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -377,11 +400,12 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_cached", "puppet_remat", "puppet_light") and xla:
+  if model in ("puppet_bucketed", "puppet_cached", "puppet_cached16", "puppet_remat",
+               "puppet_light") and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model == "puppet_remat" and phase == "infer":
     return "inference does not store activations: same as puppet_bucketed"
-  if model == "puppet_cached" and phase == "train":
+  if model in ("puppet_cached", "puppet_cached16") and phase == "train":
     return "training regenerates kernels: same as puppet_bucketed"
   return None
 
@@ -565,6 +589,11 @@ def write_report(path: str, header: Dict[str, Any], sections: List[Dict[str, Any
            f"- Protocol: each (model, XLA, phase) job in a fresh subprocess; first call "
            f"(tracing) and {header['warmup']} warm-up call(s) excluded; {header['repeats']} "
            "timed calls; **median [min, max]**",
+           "- Inference function: " + (
+               "traced once with a None batch dimension for every batch size (as a "
+               "SavedModel serving signature)" if header.get("infer_signature", "dynamic")
+               == "dynamic" else "traced once per batch size (1, 64, 256), each trace kept "
+               "(--infer_signature=per_batch)"),
            "- Memory: each job reads its resident size (VmRSS) after imports and data "
            "loading, resets the peak (`echo 5 > /proc/self/clear_refs`), builds the model and "
            "runs; the table gives the peak resident size (VmHWM, /proc/self/status) in MB and, "
@@ -630,9 +659,13 @@ def _section_lines(section) -> List[str]:
       if res and res.get("load_avg_1min"):
         notes.append(f"load {part} {res['load_avg_1min'][0]:.1f}->{res['load_avg_1min'][1]:.1f}")
     cache = (inf.get("notes") or {})
+    if cache.get("float16_max_logit_error") is not None:
+      notes.append(f"against the float32 cache on the batch of 64: largest logit difference "
+                   f"{cache['float16_max_logit_error']:.2g}, same class for "
+                   f"{100 * cache['float16_same_class']:.0f}% of the images")
     if cache.get("cached_bins") is not None:
-      notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB, "
-                   f"built in {cache['cache_s']:.1f} s")
+      notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB "
+                   f"{cache.get('cache_dtype', 'float32')}, built in {cache['cache_s']:.1f} s")
     lines.append(
         f"| {row['model']} | {'on' if row['xla'] else 'off'} | {_fmt_time(inf.get('latency_b1'))} "
         f"| {_fmt_throughput(inf.get('batch_64'), 64)} | {_fmt_throughput(inf.get('batch_256'), 256)} "
@@ -670,6 +703,11 @@ def _section_lines(section) -> List[str]:
               f"{section['light_state']}, generator_rank={section['light_rank']}; not the "
               "paper's):", ""]
     for t in _targets(section, ("puppet_light",)):
+      lines.append(f"- {t}")
+  if any(r["model"] == "puppet_cached16" for r in section["rows"]):
+    lines += ["", "With the paper's G and a float16 kernel cache (puppet_cached16; kernels "
+              "rounded to 16 bits, so not the exact path):", ""]
+    for t in _targets(section, ("puppet_cached16",)):
       lines.append(f"- {t}")
   lines.append("")
   return lines
@@ -764,6 +802,7 @@ def main(argv):
   header = dict(_machine(), command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"),
                 tf=tf.__version__, keras=keras.__version__, backend=keras.backend.backend(),
                 images=source, repeats=_REPEATS.value, warmup=_WARMUP.value, bins=_BINS.value,
+                infer_signature=_INFER_SIGNATURE.value,
                 time_budget_s=_TIME_BUDGET.value, job_timeout_s=_JOB_TIMEOUT.value,
                 max_rss_mb=_MAX_RSS_MB.value, notes=[])
   if set(_STUDY.value) - {"speed", "binning"}:
@@ -819,6 +858,7 @@ def main(argv):
               row[f"{phase}_skipped"] = reason
               continue
             spec = dict(base, model=model, xla=xla, phase=phase, twin_depth=twin_depth,
+                        infer_signature=_INFER_SIGNATURE.value,
                         infer_batches=[1, 64] if model in _NO_B256.value else [1, 64, 256])
             print(f"[{elapsed:6.0f} s] {size} {model} xla={'on' if xla else 'off'} {phase} ...",
                   flush=True)

@@ -41,14 +41,16 @@ def test_skip_rules():
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access
+  assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached16", False, "train")  # pylint: disable=protected-access
 
 
 def test_tiny_run_writes_the_report(tmp_path):
   output = os.path.join(tmp_path, "benchmarks.md")
   raw = os.path.join(tmp_path, "raw.json")
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
-         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light",
-         "--xla=off", "--repeats=2", "--warmup=0", "--bins=4", "--no_b256=puppet_cached",
+         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light,puppet_cached16",
+         "--xla=off", "--repeats=2", "--warmup=0", "--bins=4",
+         "--no_b256=puppet_cached,puppet_cached16",
          f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -61,7 +63,9 @@ def test_tiny_run_writes_the_report(tmp_path):
                  "inference throughput >= 0.8x twin", "training regenerates kernels",
                  "batch 256 not measured for: puppet_cached", "| puppet_light | off |",
                  # The light puppeteer at this size: a state of 8 (the widest stage), rank 7.
-                 "puppet_light (state_channels=8, generator_rank=7; not the paper's)"):
+                 "puppet_light (state_channels=8, generator_rank=7; not the paper's)",
+                 "| puppet_cached16 | off |", "float16 kernel cache (puppet_cached16",
+                 "traced once with a None batch dimension"):
     assert needle in report, needle
   results = json.load(open(raw))
   rows = {r["model"]: r for r in results["sections"][0]["rows"]}
@@ -71,6 +75,12 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
   assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]
   assert rows["puppet_light"]["train"]["train_64"]["times"]
+  # The float16 cache holds the same bins in half the bytes, and its rounding is measured.
+  half, full = rows["puppet_cached16"]["infer"]["notes"], rows["puppet_cached"]["infer"]["notes"]
+  assert half["cached_bins"] == full["cached_bins"] and half["cache_dtype"] == "float16"
+  assert abs(2 * half["cache_mb"] - full["cache_mb"]) < 1e-9
+  assert 0 < half["float16_max_logit_error"] < 1e-2 and 0 <= half["float16_same_class"] <= 1
+  assert "train" not in rows["puppet_cached16"]
 
 
 def test_write_block_keeps_the_other_blocks(tmp_path):
