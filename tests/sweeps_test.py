@@ -84,3 +84,17 @@ def test_binning_sweep_depths_by_hand_and_exact_row(run_dir):
   # The model is back at its trained binning (exact H), unchanged.
   assert model.complexity_bins == 0 and model.config.execution == "per_sample"
   assert "| exact H | per_sample |" in sweeps.binning_markdown(rows)
+
+
+def test_binning_sweep_rows_per_cache_dtype(run_dir):
+  # A float16 kernel cache gets its own row, at the same depth as the float32 cache's row,
+  # with a prediction agreement between the two rows' that a rounding-only change allows.
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  rows = sweeps.binning_sweep(model, splits.test, splits.num_test, [0, 16],
+                              cache_dtypes=["float32", "float16"])
+  assert [(r["bins"], r["cache_dtype"]) for r in rows] == [
+      (0, None), (16, "float32"), (16, "float16")]
+  assert rows[2]["mean_depth"] == rows[1]["mean_depth"]
+  assert abs(rows[2]["agreement"] - rows[1]["agreement"]) <= 0.1
+  assert abs(rows[2]["top1"] - rows[1]["top1"]) <= 0.1
+  assert "| 16 | bucketed, float16 kernel cache |" in sweeps.binning_markdown(rows)

@@ -293,6 +293,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
       model.cache_kernels(images=calibration, dtype="float32")
       exact = tf.function(lambda x: model(x, training=False))(batches[256][:64]).numpy()
       result["notes"]["float16_max_logit_error"] = float(np.abs(approx - exact).max())
+      result["notes"]["float16_logit_scale"] = float(np.abs(exact).max())
       result["notes"]["float16_same_class"] = float(np.mean(approx.argmax(-1)
                                                             == exact.argmax(-1)))
   else:
@@ -426,6 +427,16 @@ def _mean_depths(spec_base, images) -> Dict[str, float]:
                                                                         return_counts=True))},
           "occupied_bins_b64": int(len(np.unique(bins[:64]))),
           "occupied_bins_b256": int(len(np.unique(bins)))}
+
+
+def _kernel_params(channels, depth, in_channels=3, k=3) -> int:
+  """Conv kernel parameters of `depth` layers per stage: the twin's stored kernels, and
+  what the puppeteer generates for one bin of that depth (the same shapes)."""
+  total, c_prev = 0, in_channels
+  for c in channels:
+    total += k * k * (c_prev * c + (depth - 1) * c * c)
+    c_prev = c
+  return total
 
 
 def _conv_macs(channels, pools, depth_per_image, in_channels=3, size=32, k=3) -> float:
@@ -640,7 +651,15 @@ def _section_lines(section) -> List[str]:
            f"{len(section['stage_channels']) * section['twin_depth'] * section['g_step_macs'] / 1e9:.2f} G "
            f"for d = {section['twin_depth']}: the forward cost of "
            f"{len(section['stage_channels']) * section['twin_depth'] * section['g_step_macs'] / section['twin_macs']:.1f} "
-           "twin images per occupied bin (training: about 3x both)", ""]
+           "twin images per occupied bin (training: about 3x both)"]
+  if section.get("twin_kernel_params"):
+    mb = 4 * section["twin_kernel_params"] / 1e6
+    lines.append(
+        f"- Kernel memory: the twin stores {mb:.0f} MB of float32 kernels; one bin's generated "
+        f"kernels at the same depth are as large, so the {depths['occupied_bins_b64']} "
+        f"occupied bins of a batch of 64 hold about {depths['occupied_bins_b64'] * mb:.0f} MB "
+        "(a kernel cache: every cached bin), and training also keeps their gradients")
+  lines.append("")
   lines += ["| model | XLA | latency b1 | images/s b64 | images/s b256 | train step b64 | "
             "peak MB infer (growth) | peak MB train (growth) | notes |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -660,9 +679,12 @@ def _section_lines(section) -> List[str]:
         notes.append(f"load {part} {res['load_avg_1min'][0]:.1f}->{res['load_avg_1min'][1]:.1f}")
     cache = (inf.get("notes") or {})
     if cache.get("float16_max_logit_error") is not None:
+      scale = cache.get("float16_logit_scale") or 1.0
       notes.append(f"against the float32 cache on the batch of 64: largest logit difference "
-                   f"{cache['float16_max_logit_error']:.2g}, same class for "
-                   f"{100 * cache['float16_same_class']:.0f}% of the images")
+                   f"{cache['float16_max_logit_error']:.2g} ("
+                   f"{cache['float16_max_logit_error'] / scale:.1e} of the largest |logit|, "
+                   f"{scale:.2g}), same class for {100 * cache['float16_same_class']:.0f}% of "
+                   "the images (untrained weights: a check of the rounding, not of accuracy)")
     if cache.get("cached_bins") is not None:
       notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB "
                    f"{cache.get('cache_dtype', 'float32')}, built in {cache['cache_s']:.1f} s")
@@ -829,6 +851,7 @@ def main(argv):
       section = dict(size=size, stage_channels=channels, max_depth=_MAX_DEPTH.value,
                      bins=_BINS.value, depths=depths, twin_depth=twin_depth,
                      twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
+                     twin_kernel_params=_kernel_params(config.channels, twin_depth),
                      puppet_macs=_mean_macs(config, images),
                      state_width=config.state_width, light_state=base["light_state"],
                      light_rank=base["light_rank"],

@@ -35,6 +35,9 @@ def define_flags():
                     "Numbers of complexity bins (0: exact H).")
   flags.DEFINE_enum("execution", "bucketed", ["bucketed", "per_sample"],
                     "Execution of the binned rows (bucketed: cached kernels, the fast path).")
+  flags.DEFINE_list("cache_dtypes", ["float32"], "Kernel-cache storage dtypes of the bucketed "
+                    "rows (float32, float16, bfloat16): one row each; 16-bit caches round "
+                    "the kernels (PuppetClassifier.cache_kernels).")
   flags.DEFINE_string("data_dir", None, "Overrides the runs' data_dir.")
   flags.DEFINE_integer("limit", None, "Evaluate on the first N test images only.")
   flags.DEFINE_string("output", "docs/binning.md", "Markdown file to write.")
@@ -54,14 +57,15 @@ def parse_bins(values) -> list:
   return bins
 
 
-def report(model_dirs, bins, execution, data_dir, limit, command) -> str:
+def report(model_dirs, bins, execution, data_dir, limit, command,
+           cache_dtypes=("float32",)) -> str:
   """The Markdown report for each run."""
   parts = reports.header("Complexity binning", "tools/binning_sweep.py", command) + [""]
   for model_dir in model_dirs:
     model, splits = sweeps.load_run(model_dir, data_dir, limit)
     trained = model.config.complexity_bins
     rows = sweeps.binning_sweep(model, splits.test, splits.num_test, parse_bins(bins),
-                                execution)
+                                execution, cache_dtypes)
     parts += [f"## `{model_dir}`", "",
               f"Trained with {f'{trained} complexity bins' if trained else 'exact H'}; "
               f"{splits.num_test} test images.", "", sweeps.binning_markdown(rows)]
@@ -72,7 +76,7 @@ def main(argv):
   del argv
   command = reports.command_line()
   text = report(FLAGS.model_dir, FLAGS.bins, FLAGS.execution, FLAGS.data_dir, FLAGS.limit,
-                command)
+                command, FLAGS.cache_dtypes)
   reports.write(FLAGS.output, text)
 
 

@@ -149,14 +149,18 @@ def _predicted_classes(model: PuppetClassifier, dataset: tf.data.Dataset) -> np.
 
 
 def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
-                  bins: Sequence[int], execution: str = "bucketed") -> List[Dict[str, Any]]:
+                  bins: Sequence[int], execution: str = "bucketed",
+                  cache_dtypes: Sequence[str] = ("float32",)) -> List[Dict[str, Any]]:
   """Accuracy, mean depth and agreement with exact H per number of complexity bins.
 
   Bins 0 is exact H (the paper, per-sample execution); n > 0 quantizes H to n bins on
   [0, max H] and runs with `execution` ('bucketed', with cached kernels: the fast path, or
-  'per_sample'). `agreement` is the fraction of images whose predicted class equals the
-  exact-H prediction. The model's binning is restored afterwards.
+  'per_sample'). Bucketed rows come once per kernel-cache storage dtype in `cache_dtypes`
+  (`PuppetClassifier.cache_kernels(dtype=)`; 'float16'/'bfloat16' round the kernels).
+  `agreement` is the fraction of images whose predicted class equals the exact-H
+  prediction. The model's binning is restored afterwards.
   """
+  cache_dtypes = list(cache_dtypes) or ["float32"]
   original = (model.config.complexity_bins, model.config.execution)
   rows = []
   progress = _Progress("binning sweep", len(bins))
@@ -165,13 +169,16 @@ def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
     exact = _predicted_classes(model, dataset)
     for n in bins:
       model.set_binning(int(n), execution if n else "per_sample")
-      if n and execution == "bucketed":
-        model.cache_kernels()
-      row = {"bins": int(n), "execution": model.config.execution}
-      row.update(_row(model, dataset, num, progress,
-                      f"{int(n)} bins" if n else "exact H"))
-      row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
-      rows.append(row)
+      cached = bool(n) and execution == "bucketed"
+      for dtype in cache_dtypes if cached else [None]:
+        if cached:
+          model.cache_kernels(dtype=dtype)
+        row = {"bins": int(n), "execution": model.config.execution, "cache_dtype": dtype}
+        label = f"{int(n)} bins" if n else "exact H"
+        row.update(_row(model, dataset, num, progress,
+                        label + (f", {dtype} cache" if dtype not in (None, "float32") else "")))
+        row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
+        rows.append(row)
   finally:
     model.set_binning(*original)
   return rows
@@ -183,7 +190,10 @@ def binning_markdown(rows: Sequence[Dict[str, Any]]) -> str:
           " MMACs/image |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
-    lines.append(f"| {r['bins'] or 'exact H'} | {r['execution']} | {r['mean_depth']:.2f} | "
+    execution = r["execution"]
+    if r.get("cache_dtype") not in (None, "float32"):
+      execution += f", {r['cache_dtype']} kernel cache"
+    lines.append(f"| {r['bins'] or 'exact H'} | {execution} | {r['mean_depth']:.2f} | "
                  f"{_pct(r['top1'])} | {_pct(r['top5'])} | {_pct(r['agreement'])} | "
                  f"{r['macs'] / 1e6:.2f} |")
   return "\n".join(lines) + "\n"

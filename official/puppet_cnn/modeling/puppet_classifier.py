@@ -398,13 +398,14 @@ class PuppetClassifier(keras.Model):
     inference can use stored kernels instead of integrating the ODE. Each cached kernel has
     its puppet layer's inference batch-norm scale folded in (conv(x, k) * scale + shift ==
     conv(x, k * scale) + shift; bucketed inference folds generated kernels the same way), so
-    a cached layer is one convolution, a bias and a ReLU. The cache is safe
-    against staleness: it keeps a copy of every weight it depends on (the puppeteer's, and
-    the puppet's batch norm, trainable and moving statistics) and each call compares the
-    current weights with that copy; if any
-    differs (training, `load_weights`, an assignment) the stale kernels are not used and the
-    kernels are generated on the fly as without a cache (correct, but slower: call
-    `cache_kernels()` again). Changing `integrator` drops the cache. It is never saved.
+    a cached layer is one convolution, a bias and a ReLU.
+
+    The cache is safe against staleness: it keeps a copy of every weight it depends on (the
+    puppeteer's and the puppet's batch norm, trainable and moving statistics) and each call
+    compares the current weights with that copy; if any differs (training, `load_weights`,
+    an assignment) the stale kernels are not used and the kernels are generated on the fly
+    as without a cache (correct, but slower: call `cache_kernels()` again). Changing
+    `integrator` drops the cache. It is never saved.
 
     Call it after training or loading and before tracing your own `tf.function`s (a function
     traced before the cache existed keeps generating); Keras's predict/evaluate functions are
