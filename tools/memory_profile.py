@@ -1,0 +1,181 @@
+r"""Where a model's inference memory goes: resident memory after each phase of serving it.
+
+  python tools/memory_profile.py --data_dir=../shared/data
+  python tools/memory_profile.py --models=static_twin,puppet_cached --output=/tmp/memory.md
+
+tools/benchmark.py gives one number per model (the peak resident size while it serves batches
+of 1 and 64, as growth over the process after imports); this tool splits that number. For each
+model (the models of tools/benchmark.py, built the same way), a fresh Python subprocess loads
+the benchmark images, records its resident size (VmRSS), resets the peak (VmHWM, Linux
+`clear_refs`), and then reads both after each phase:
+
+  build        the model is built (for puppet_cached*, its kernel cache is filled)
+  trace        the inference `tf.function` is traced once, batch dimension None
+  first call   its first call (batch 1): TensorFlow optimizes and instantiates the graph
+  batch 1      a second batch-1 call
+  batch 64     two calls at batch 64
+  batch 256    two calls at batch 256
+
+The table gives each phase's resident size and peak as growth over the post-import baseline,
+in MB, and the step from the previous phase. Writes `--output` (docs/memory_profile.md),
+keeping its hand-written notes block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TOOLS))
+sys.path.insert(0, TOOLS)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+PHASES = ("build", "trace", "first call", "batch 1", "batch 64", "batch 256")
+MODELS = ("static_twin", "puppet_cached", "puppet_cached16", "puppet_bucketed", "puppet_light")
+
+
+def define_flags():
+  """Defined only when run as a binary, so tests can import this module beside others."""
+  global _MODELS, _STAGE_CHANNELS, _MAX_DEPTH, _TWIN_DEPTH, _BINS, _DATA_DIR, _OUTPUT, _WORKER
+  _MODELS = flags.DEFINE_list("models", ["static_twin", "puppet_cached", "puppet_cached16"],
+                              f"Models, each in its own process: {MODELS}.")
+  _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", ["64", "128", "256", "512"],
+                                      "The puppet's stage channels (default: the full puppet).")
+  _MAX_DEPTH = flags.DEFINE_integer("max_depth", 8, "Puppet max_depth.")
+  _TWIN_DEPTH = flags.DEFINE_integer("twin_depth", 6, "The static twin's depth per stage "
+                                     "(6: the full puppet's mean depth on CIFAR-10, "
+                                     "docs/benchmarks_cached.md).")
+  _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the puppet models.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
+                                  "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
+  _OUTPUT = flags.DEFINE_string("output", "docs/memory_profile.md", "Markdown report.")
+  _WORKER = flags.DEFINE_string("worker", None, "Internal: run one model from this JSON spec.")
+
+
+def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """Builds and serves one model; resident size and peak (kB) after each phase."""
+  import gc
+  import numpy as np
+  import tensorflow as tf
+  import benchmark
+  images, _, source, calibration = benchmark._load_images(spec["data_dir"])  # pylint: disable=protected-access
+  gc.collect()
+  kb = benchmark._proc_status_kb  # pylint: disable=protected-access
+  out = {"base_kb": kb("VmRSS"), "images": source, "phases": []}
+  out["peak_reset"] = benchmark._reset_peak_rss()  # pylint: disable=protected-access
+
+  def mark(phase):
+    out["phases"].append({"phase": phase, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM")})
+
+  model, notes = benchmark._build(dict(spec, light_rank=spec["light_rank"],  # pylint: disable=protected-access
+                                       light_state=spec["light_state"]), calibration)
+  out["notes"] = notes
+  mark("build")
+  fn = tf.function(lambda x: model(x, training=False),
+                   input_signature=[tf.TensorSpec((None,) + images.shape[1:], tf.float32)])
+  fn.get_concrete_function()
+  mark("trace")
+  batch = {b: tf.constant(images[:b].astype(np.float32)) for b in (1, 64, 256)}
+  fn(batch[1]).numpy()
+  mark("first call")
+  fn(batch[1]).numpy()
+  mark("batch 1")
+  for b in (64, 256):
+    for _ in range(2):
+      fn(batch[b]).numpy()
+    mark(f"batch {b}")
+  return out
+
+
+def _run(spec: Dict[str, Any]) -> Dict[str, Any]:
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "spec.json")
+    with open(path, "w") as f:
+      json.dump(spec, f)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={path}"],
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    result_path = path + ".out"
+    if proc.returncode != 0 or not os.path.exists(result_path):
+      return {"error": f"exit {proc.returncode}: " + (proc.stdout + proc.stderr)[-500:]}
+    with open(result_path) as f:
+      return json.load(f)
+
+
+def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> List[str]:
+  lines = ["# Memory: where a model's inference memory goes", "",
+           "Written by `tools/memory_profile.py`.", "",
+           f"- Command: `{header['command']}`",
+           f"- Date: {header['date']}; machine: {header['machine']}",
+           f"- Puppet: stage channels {tuple(header['stage_channels'])}, max depth "
+           f"{header['max_depth']}, {header['bins']} complexity bins; static twin: depth "
+           f"{header['twin_depth']} per stage",
+           "- Each model in a fresh process; MB (10^6 bytes) of growth over the process's "
+           "resident size after imports and data loading: resident now / peak so far "
+           "(+ step of the peak from the previous phase)", ""]
+  models = list(results)
+  lines += ["| phase | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+  for i, phase in enumerate(PHASES):
+    cells = []
+    for m in models:
+      r = results[m]
+      if r.get("error"):
+        cells.append("error" if i == 0 else "")
+        continue
+      p = r["phases"][i]
+      prev = r["phases"][i - 1]["hwm_kb"] if i else r["base_kb"]
+      cells.append(f"{(p['rss_kb'] - r['base_kb']) / 1e3:.0f} / "
+                   f"{(p['hwm_kb'] - r['base_kb']) / 1e3:.0f} "
+                   f"(+{(p['hwm_kb'] - prev) / 1e3:.0f})")
+    lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+  lines.append("")
+  for m in models:
+    r = results[m]
+    if r.get("error"):
+      lines.append(f"- {m}: {r['error']}")
+    elif r.get("notes", {}).get("cache_mb") is not None:
+      n = r["notes"]
+      lines.append(f"- {m}: kernel cache of bins {n['cached_bins']}, {n['cache_mb']:.0f} MB "
+                   f"({n.get('cache_dtype', 'float32')}), built in {n['cache_s']:.1f} s")
+  first = next((r for r in results.values() if not r.get("error")), {})
+  lines += [f"- Images: {first.get('images', '-')}", ""]
+  return lines
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    with open(_WORKER.value) as f:
+      spec = json.load(f)
+    with open(_WORKER.value + ".out", "w") as f:
+      json.dump(run_worker(spec), f)
+    return
+  import time
+  from official.puppet_cnn import reports
+  unknown = [m for m in _MODELS.value if m not in MODELS]
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; choose from {MODELS}")
+  channels = [int(c) for c in _STAGE_CHANNELS.value]
+  spec = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
+              twin_depth=_TWIN_DEPTH.value, data_dir=_DATA_DIR.value,
+              light_state=min(256, max(channels)), light_rank=min(32, min(256, max(channels)) - 1))
+  results = {}
+  for model in _MODELS.value:
+    print(f"{model} ...", flush=True)
+    results[model] = _run(dict(spec, model=model))
+  header = dict(command=reports.command_line(), machine=reports.machine_line(),
+                date=time.strftime("%Y-%m-%d %H:%M %Z"), **spec)
+  reports.write(_OUTPUT.value, "\n".join(report_lines(header, results)))
+  print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
