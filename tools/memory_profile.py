@@ -113,7 +113,7 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
   lines = ["# Memory: where a model's inference memory goes", "",
            "Written by `tools/memory_profile.py`.", "",
            f"- Command: `{header['command']}`",
-           f"- Date: {header['date']}; machine: {header['machine']}",
+           f"- Date: {header['machine']}",
            f"- Puppet: stage channels {tuple(header['stage_channels'])}, max depth "
            f"{header['max_depth']}, {header['bins']} complexity bins; static twin: depth "
            f"{header['twin_depth']} per stage",
@@ -157,7 +157,6 @@ def main(argv):
     with open(_WORKER.value + ".out", "w") as f:
       json.dump(run_worker(spec), f)
     return
-  import time
   from official.puppet_cnn import reports
   unknown = [m for m in _MODELS.value if m not in MODELS]
   if unknown:
@@ -170,8 +169,7 @@ def main(argv):
   for model in _MODELS.value:
     print(f"{model} ...", flush=True)
     results[model] = _run(dict(spec, model=model))
-  header = dict(command=reports.command_line(), machine=reports.machine_line(),
-                date=time.strftime("%Y-%m-%d %H:%M %Z"), **spec)
+  header = dict(command=reports.command_line(), machine=reports.machine_line(), **spec)
   reports.write(_OUTPUT.value, "\n".join(report_lines(header, results)))
   print(f"wrote {_OUTPUT.value}")
 

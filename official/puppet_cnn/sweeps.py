@@ -163,7 +163,8 @@ def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   cache_dtypes = list(cache_dtypes) or ["float32"]
   original = (model.config.complexity_bins, model.config.execution)
   rows = []
-  progress = _Progress("binning sweep", len(bins))
+  progress = _Progress("binning sweep", sum(
+      len(cache_dtypes) if n and execution == "bucketed" else 1 for n in bins))
   try:
     model.set_binning(0, "per_sample")
     exact = _predicted_classes(model, dataset)
