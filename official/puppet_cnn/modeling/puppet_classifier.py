@@ -418,7 +418,8 @@ class PuppetClassifier(keras.Model):
       dtype: storage of the cached kernels. 'float32' (default) gives the generating
         path's predictions (within float rounding); 'float16' or 'bfloat16' halve the cache's
         memory, each kernel rounded to 16 bits and cast back to float32 for its convolution:
-        a lossy approximation whose cost is measured in docs/benchmarks_cached.md.
+        a lossy approximation (accuracy: docs/binning_cache_dtype.md; speed and memory:
+        docs/benchmarks_cached.md).
     Returns:
       The sorted tuple of cached bins.
     """
@@ -450,8 +451,8 @@ class PuppetClassifier(keras.Model):
     affine = self.puppet.inference_affine(**self._puppet_scaling())
     stored = {}
     for b in wanted:
-      # One bin per puppeteer call: each cached kernel is then a view of a buffer that holds
-      # exactly that kernel (no copies, and no larger buffer kept alive).
+      # One bin per puppeteer call: only one bin's temporaries exist at a time (the folded
+      # kernels are new buffers, each exactly one kernel's size).
       index = np.asarray([b], np.int32)
       h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
                                       ops.convert_to_tensor(steps[index]))
