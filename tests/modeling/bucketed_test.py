@@ -210,6 +210,16 @@ def test_kernel_cache_gives_the_same_predictions_without_the_puppeteer(monkeypat
   _close(b.predict(images, verbose=0, batch_size=4), want)
 
 
+def test_residual_puppet_cache_matches_per_sample():
+  # Residual units: two folded kernels per unit, the skip added after the second bias.
+  a, b = _pair(block_type="residual")
+  images = _images()
+  want = a(images, training=False)
+  _close(b(images, training=False), want)  # generated and folded per call
+  b.cache_kernels()
+  _close(b(images, training=False), want)
+
+
 def test_stale_kernel_cache_is_never_used():
   a, b = _pair(bins=8)
   images = _images()

@@ -451,20 +451,30 @@ class PuppetClassifier(keras.Model):
     affine = self.puppet.inference_affine(**self._puppet_scaling())
     stored = {}
     for b in wanted:
-      # One bin per puppeteer call: only one bin's temporaries exist at a time (the folded
-      # kernels are new buffers, each exactly one kernel's size).
+      # One bin per puppeteer call, integrated only as far as the bin's depth (a sample past
+      # its depth keeps its state exactly, so the kernels it uses are the same). Each kernel
+      # is folded (and cast) and its generated buffer released before the next: only one
+      # bin's generated kernels and one folded copy exist at a time.
       index = np.asarray([b], np.int32)
       h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
                                       ops.convert_to_tensor(steps[index]))
+      units = int(depths[b]) - 1
       kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
-                               stack_repeated=False, **self._puppeteer_scaling())
-      used = (int(depths[b]) - 1) * kpu
-      folded = self.puppet.fold_kernels(
-          [(t[0], [r[j][0] for j in range(used)]) for t, r in kernels], affine, layers=used)
-      if dtype != "float32":
-        folded = [(ops.cast(t, dtype), [ops.cast(r, dtype) for r in rs]) for t, rs in folded]
-      stored[int(b)] = folded
-      del kernels, folded
+                               stack_repeated=False, units=units)
+      store = ((lambda k: k) if dtype == "float32"  # pylint: disable=unnecessary-lambda-assignment
+               else (lambda k: ops.cast(k, dtype)))
+      stages = []
+      for s, ((t_scale, _), rep) in enumerate(affine):
+        transition, repeated = kernels[s]
+        kernels[s] = None
+        folded = [store(transition[0] * t_scale)]
+        del transition
+        for j in range(units * kpu):
+          folded.append(store(repeated[j][0] * rep[j][0]))
+          repeated[j] = None
+        stages.append((folded[0], folded[1:]))
+      stored[int(b)] = stages
+      del kernels, stages, folded
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
                                       c.depth_scale, dtype)
