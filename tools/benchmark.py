@@ -13,8 +13,8 @@ data loading) is its own; memory is reported as that peak and as its growth over
 process's resident size after imports and data loading, before the model is built. Times are medians over --repeats timed calls (default 5) after the first call
 (tracing) and --warmup untimed calls; spreads are [min, max]. Inference is a `tf.function`
 (`jit_compile` per the XLA setting) of `model(x, training=False)`, traced once for any batch
-size (`--infer_signature=dynamic`, as a SavedModel's serving signature and Keras's
-`predict` run) or once per batch size (`per_batch`); training is
+size (`--infer_signature=dynamic`, as a SavedModel's serving signature is) or once per batch
+size (`per_batch`); training is
 `model.train_on_batch` (SGD) after `compile(jit_compile=...)`.
 
 Models (`--models`):
@@ -115,8 +115,8 @@ def define_flags():
                                    "exceeds this (MB).")
   _INFER_SIGNATURE = flags.DEFINE_enum(
       "infer_signature", "dynamic", ["dynamic", "per_batch"], "dynamic: the inference "
-      "function is traced once with a None batch dimension (a SavedModel serving signature; "
-      "Keras predict); per_batch: traced once per batch size (1, 64, 256), each trace kept.")
+      "function is traced once with a None batch dimension (as a SavedModel serving "
+      "signature); per_batch: traced once per batch size (1, 64, 256), each trace kept.")
   _NO_B256 = flags.DEFINE_list("no_b256", [], "Models whose batch-256 throughput is not "
                                "measured (to fit the time budget).")
   _STUDY = flags.DEFINE_list("study", ["speed"], "speed (latency, throughput, training step, "
