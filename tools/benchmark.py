@@ -429,16 +429,6 @@ def _mean_depths(spec_base, images) -> Dict[str, float]:
           "occupied_bins_b256": int(len(np.unique(bins)))}
 
 
-def _kernel_params(channels, depth, in_channels=3, k=3) -> int:
-  """Conv kernel parameters of `depth` layers per stage: the twin's stored kernels, and
-  what the puppeteer generates for one bin of that depth (the same shapes)."""
-  total, c_prev = 0, in_channels
-  for c in channels:
-    total += k * k * (c_prev * c + (depth - 1) * c * c)
-    c_prev = c
-  return total
-
-
 def _conv_macs(channels, pools, depth_per_image, in_channels=3, size=32, k=3) -> float:
   """Multiply-adds of the conv layers of one image of the given depth per stage."""
   total, c_prev, hw = 0.0, in_channels, size * size
@@ -819,6 +809,7 @@ def main(argv):
   import tensorflow as tf  # the parent only measures depths; jobs run in subprocesses
   import keras
   from official.puppet_cnn.serving.macs import puppeteer_step_macs
+  from official.puppet_cnn import DynamicConvStack
   images, labels, source, calibration = _load_images(_DATA_DIR.value)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   header = dict(_machine(), command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -851,7 +842,11 @@ def main(argv):
       section = dict(size=size, stage_channels=channels, max_depth=_MAX_DEPTH.value,
                      bins=_BINS.value, depths=depths, twin_depth=twin_depth,
                      twin_macs=_conv_macs(config.channels, config.pools, twin_depth),
-                     twin_kernel_params=_kernel_params(config.channels, twin_depth),
+                     # The twin's stored kernels: what the puppeteer generates for one bin
+                     # of the twin's depth (the same shapes; the twin is plain conv units).
+                     twin_kernel_params=DynamicConvStack(
+                         config.channels, "plain", config.max_depth).generated_kernel_params(
+                             config.input_shape[-1], twin_depth),
                      puppet_macs=_mean_macs(config, images),
                      state_width=config.state_width, light_state=base["light_state"],
                      light_rank=base["light_rank"],

@@ -74,8 +74,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   def mark(phase):
     out["phases"].append({"phase": phase, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM")})
 
-  model, notes = benchmark._build(dict(spec, light_rank=spec["light_rank"],  # pylint: disable=protected-access
-                                       light_state=spec["light_state"]), calibration)
+  model, notes = benchmark._build(spec, calibration)  # pylint: disable=protected-access
   out["notes"] = notes
   mark("build")
   fn = tf.function(lambda x: model(x, training=False),
