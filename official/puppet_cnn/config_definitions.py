@@ -36,6 +36,8 @@ EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
 EXECUTIONS = ("per_sample", "bucketed")
+# How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
+BUCKETED_INFERENCES = ("loop", "per_bin")
 # `execution='bucketed'` builds one branch per complexity bin, so its bin count is bounded.
 MAX_BUCKETED_BINS = 1024
 # Bound on the layers per stage that a `depth_scale` may ask for (the loops are unrolled or
@@ -170,6 +172,16 @@ class PuppetCNNConfig:
       group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
       `tf.function(jit_compile=True)` raise a ValueError. In inference the kernels depend
       only on the weights: `PuppetClassifier.cache_kernels()` stores them (see there).
+    bucketed_inference: the graph of bucketed inference (execution='bucketed', training=False;
+      training always runs one branch per bin). 'loop' (default): one `tf.while_loop` over
+      the occupied bins runs each bin's samples through one shared subgraph per stage (a
+      `while_loop` over the bin's layers, each kernel picked by bin and layer from the kernel
+      cache or from the kernels generated in this call), so the graph's size does not grow
+      with the number of bins or layers. 'per_bin': one branch per bin under its own `cond`,
+      each with its layers unrolled; the bins can run concurrently, but the graph holds
+      every bin's layers (7,570 nodes at 16 bins for the full puppet), which costs memory and
+      tracing time. Same predictions (within float rounding); docs/benchmarks_cached.md and
+      docs/memory_profile.md measure both.
     depth_scale: s, the resolution in depth (default 1.0: as trained, the paper). A sample
       of depth D and step dl runs round(s * D) layers per stage (at least 1, at most
       round(s * max_depth)) with the step scaled so that it covers the same stretch of the
@@ -230,6 +242,7 @@ class PuppetCNNConfig:
   complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)
   complexity_bins: int = 0
   execution: str = "per_sample"
+  bucketed_inference: str = "loop"
   depth_scale: float = 1.0
   train_widths: Tuple[float, ...] = ()
   generator_remat: bool = False
@@ -292,6 +305,9 @@ class PuppetCNNConfig:
     self.complexity_bins = int(bins)
     _check(self.execution in EXECUTIONS,
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+    _check(self.bucketed_inference in BUCKETED_INFERENCES,
+           f"bucketed_inference must be one of {BUCKETED_INFERENCES}, got "
+           f"{self.bucketed_inference!r}")
     _check(isinstance(self.generator_remat, bool),
            f"generator_remat must be True or False, got {self.generator_remat!r}")
     _check(isinstance(self.generator_rank, int) and not isinstance(self.generator_rank, bool)

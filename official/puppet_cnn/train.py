@@ -85,6 +85,10 @@ _COMPLEXITY_BINS = flags.DEFINE_integer(
 _EXECUTION = flags.DEFINE_enum("execution", None, ["per_sample", "bucketed"],
                                "per_sample (XLA-compatible) or bucketed (needs "
                                "--complexity_bins; no XLA).")
+_BUCKETED_INFERENCE = flags.DEFINE_enum(
+    "bucketed_inference", None, ["loop", "per_bin"],
+    "Graph of bucketed inference (and of the exported SavedModel): loop (one subgraph for "
+    "every bin) or per_bin (one unrolled branch per bin).")
 _DEPTH_SCALE = flags.DEFINE_float(
     "depth_scale", None, "Steps per stage scaled by this (1: as the paper); see README "
     "'Depth and width at inference'.")
@@ -139,6 +143,7 @@ def config_from_flags() -> ExperimentConfig:
                fixed_depth=_FIXED_DEPTH.value,
                parameter_adaptation=_PARAMETER_ADAPTATION.value,
                complexity_bins=_COMPLEXITY_BINS.value, execution=_EXECUTION.value,
+               bucketed_inference=_BUCKETED_INFERENCE.value,
                depth_scale=_DEPTH_SCALE.value,
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
                              if _TRAIN_WIDTHS.value else None),

@@ -30,10 +30,12 @@ def _loss():
   return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _pair(bins=16, **kw):
-  """A per_sample and a bucketed model with identical weights and sensible BN statistics."""
+def _pair(bins=16, layout="loop", **kw):
+  """A per_sample and a bucketed model (inference graph `layout`) with identical weights and
+  sensible BN statistics."""
   a = PuppetClassifier(**TINY, complexity_bins=bins, **kw)
-  b = PuppetClassifier(**TINY, complexity_bins=bins, execution="bucketed", **kw)
+  b = PuppetClassifier(**TINY, complexity_bins=bins, execution="bucketed",
+                       bucketed_inference=layout, **kw)
   a(_images(8, seed=1), training=True)
   b(_images(3)[:1])
   b.set_weights(a.get_weights())
@@ -101,9 +103,10 @@ def test_very_fine_bins_match_exact_h():
 
 
 # ------------------------------------------------------------------------ bucketed
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
 @pytest.mark.parametrize("puppet", ["vgg", "resnet"])
-def test_bucketed_inference_matches_per_sample(puppet):
-  a, b = _pair(puppet=puppet)
+def test_bucketed_inference_matches_per_sample(puppet, layout):
+  a, b = _pair(puppet=puppet, layout=layout)
   images = _images()
   want = a(images, training=False)
   _close(b(images, training=False), want)
@@ -111,6 +114,30 @@ def test_bucketed_inference_matches_per_sample(puppet):
   _close(graph(tf.constant(images)), want)
   for i in (0, 2, 5):  # a batch of one (every other bin is empty)
     _close(b(images[i:i + 1], training=False)[0], want[i])
+
+
+def _graph_nodes(model, images):
+  """Nodes of the traced inference graph, the bodies of its loops and branches included."""
+  fn = tf.function(lambda x: model(x, training=False))
+  graph_def = fn.get_concrete_function(tf.TensorSpec((None,) + images.shape[1:],
+                                                     tf.uint8)).graph.as_graph_def()
+  return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
+
+
+def test_loop_graph_does_not_grow_with_bins():
+  # 'loop' runs every bin through one subgraph per stage; 'per_bin' has a branch per bin
+  # with its layers unrolled. Quadrupling the bins must leave the loop's graph the same
+  # size and add a branch's worth of nodes per bin to the per-bin graph.
+  images = _images()
+  nodes = {}
+  for layout in ("loop", "per_bin"):
+    for bins in (4, 16):
+      model = PuppetClassifier(**TINY, complexity_bins=bins, execution="bucketed",
+                               bucketed_inference=layout)
+      model(images[:1])
+      nodes[layout, bins] = _graph_nodes(model, images)
+  assert nodes["loop", 16] == nodes["loop", 4], nodes
+  assert nodes["per_bin", 16] - nodes["per_bin", 4] > 12 * 20, nodes
 
 
 @pytest.mark.parametrize("puppet,rank", [("vgg", 0), ("resnet", 0), ("vgg", 3)])
@@ -194,8 +221,9 @@ def test_puppeteer_depth_sorted_equals_masking(training):
 
 
 # ----------------------------------------------------------------------- kernel cache
-def test_kernel_cache_gives_the_same_predictions_without_the_puppeteer(monkeypatch):
-  a, b = _pair()
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_kernel_cache_gives_the_same_predictions_without_the_puppeteer(monkeypatch, layout):
+  a, b = _pair(layout=layout)
   images = _images()
   want = a(images, training=False)
   assert b.cache_kernels() == tuple(range(16))
@@ -210,9 +238,10 @@ def test_kernel_cache_gives_the_same_predictions_without_the_puppeteer(monkeypat
   _close(b.predict(images, verbose=0, batch_size=4), want)
 
 
-def test_residual_puppet_cache_matches_per_sample():
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_residual_puppet_cache_matches_per_sample(layout):
   # Residual units: two folded kernels per unit, the skip added after the second bias.
-  a, b = _pair(block_type="residual")
+  a, b = _pair(block_type="residual", layout=layout)
   images = _images()
   want = a(images, training=False)
   _close(b(images, training=False), want)  # generated and folded per call
@@ -220,8 +249,9 @@ def test_residual_puppet_cache_matches_per_sample():
   _close(b(images, training=False), want)
 
 
-def test_stale_kernel_cache_is_never_used():
-  a, b = _pair(bins=8)
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_stale_kernel_cache_is_never_used(layout):
+  a, b = _pair(bins=8, layout=layout)
   images = _images()
   b.cache_kernels()
   graph = tf.function(lambda x: b(x, training=False))
@@ -244,11 +274,12 @@ def test_stale_kernel_cache_is_never_used():
   assert b.kernel_cache_info()["bins"] == ()
 
 
-def test_cache_is_stale_when_only_the_puppets_batch_norm_changes():
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_cache_is_stale_when_only_the_puppets_batch_norm_changes(layout):
   # Cached kernels carry the puppet's inference batch-norm scales: changing one moving
   # variance (no puppeteer weight) must make the cache stale, and inference must follow the
   # per-sample model with the same change.
-  a, b = _pair()
+  a, b = _pair(layout=layout)
   images = _images()
   b.cache_kernels()
   graph = tf.function(lambda x: b(x, training=False))
@@ -265,9 +296,10 @@ def test_cache_is_stale_when_only_the_puppets_batch_norm_changes():
   _close(graph(tf.constant(images)), want)
 
 
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
 @pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 2e-2)])
-def test_16_bit_cache_is_the_float32_cache_rounded(dtype, tol):
-  a, b = _pair()
+def test_16_bit_cache_is_the_float32_cache_rounded(dtype, tol, layout):
+  a, b = _pair(layout=layout)
   images = _images()
   b.cache_kernels(dtype="float32")
   full = {k: [(t.numpy(), [r.numpy() for r in rs]) for t, rs in v]
@@ -293,8 +325,9 @@ def ops_cast(x):
   return tf.cast(x, tf.float32).numpy()
 
 
-def test_partial_cache_from_images_and_errors():
-  a, b = _pair()
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_partial_cache_from_images_and_errors(layout):
+  a, b = _pair(layout=layout)
   images = _images()
   want_bins = b(images[:2], return_details=True)["complexity_bin"].numpy()
   bins = b.cache_kernels(images=images[:2])

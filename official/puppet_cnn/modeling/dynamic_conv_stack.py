@@ -383,6 +383,58 @@ class DynamicConvStack(keras.layers.Layer):
         xs = [backend_ops.group_max_pool(x, may_be_empty=not nonempty) for x in xs]
     return xs
 
+  def call_indexed(self, x, kernel_at, depth, folded, units=None, bn_rows=None,
+                   channels=None):
+    """Inference of one group of samples that share their kernels and their depth, with
+    the depth a scalar tensor and the kernels fetched by index (bucketed inference's
+    `loop` graph).
+
+    Per stage: the transition layer, then a `while_loop` over the group's repeated layers,
+    then the pool. Every layer is conv + shift + ReLU with the batch-norm scale folded into
+    its kernel (`folded`: the `inference_affine` of these settings, as in `call_groups`), so
+    the graph has one subgraph per stage whatever the depth or the number of groups.
+
+    Args:
+      x: (n, H, W, C_in) features, n >= 1.
+      kernel_at: `kernel_at(s, j)` returns stage s's folded kernel, (K, K, C_prev, C_s) for
+        the transition (j is None) and (K, K, C_s, C_s) for repeated layer j (an int32
+        scalar tensor in [0, (depth - 1) * kernels_per_unit)).
+      depth: int32 scalar tensor in [1, units + 1], the group's units per stage.
+      folded, units, bn_rows, channels: as in `call_groups`.
+
+    Returns:
+      (n, H', W', C_last) features.
+    """
+    units, _, channels, _ = self._resolve(units, bn_rows, channels)
+    kpu = self.kernels_per_unit
+    x = ops.cast(x, "float32")
+    repeats = ops.minimum(ops.cast(depth, "int32") - 1, units)
+
+    def layer(x, kernel, shift, skip=None):
+      y = backend_ops.bias_add(backend_ops.group_conv2d(x, kernel, may_be_empty=False), shift)
+      return ops.relu(y if skip is None else y + skip)
+
+    for s in range(len(self.stage_channels)):
+      (_, t_shift), rep = folded[s]
+      x = layer(x, kernel_at(s, None), t_shift)
+      if units:
+        shifts = ops.stack([shift for _, shift in rep])  # (units * kpu, C_s), in layer order
+
+        def body(i, x, s=s, shifts=shifts):
+          if self.block_type == "plain":
+            return i + 1, layer(x, kernel_at(s, i), ops.take(shifts, i, axis=0))
+          r0 = kpu * i
+          y = layer(x, kernel_at(s, r0), ops.take(shifts, r0, axis=0))
+          return i + 1, layer(y, kernel_at(s, r0 + 1), ops.take(shifts, r0 + 1, axis=0),
+                              skip=x)
+
+        _, x = ops.while_loop(lambda i, x, n=repeats: i < n, body,
+                              (ops.convert_to_tensor(0, "int32"), x),
+                              maximum_iterations=units)
+      if self.pool_after[s]:
+        x = backend_ops.group_max_pool(x, may_be_empty=False)
+    return x
+
   def _group_layer(self, inputs, sizes, bn, index, training, skip=None,
                    may_be_empty: bool = True, folded: bool = False):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.

@@ -56,8 +56,9 @@ class _KernelCache:
     self.integrator = integrator
     self.depth_scale = depth_scale
     self.dtype = dtype
-    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}, each
-                              # kernel times its layer's inference batch-norm scale
+    self.kernels = kernels    # {bin: [(transition, repeated) per stage]}, `repeated` the
+                              # bin's (layers, K, K, C, C) kernels stacked; each kernel times
+                              # its layer's inference batch-norm scale
     self.snapshot = snapshot  # copies of _kernel_cache_inputs() at generation time
 
   @property
@@ -68,14 +69,14 @@ class _KernelCache:
     """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit)."""
     if self.dtype == "float32":
       return self.kernels[b]
-    cast = lambda k: ops.cast(k, "float32")  # pylint: disable=unnecessary-lambda-assignment
-    return [(cast(t), [cast(r) for r in repeated]) for t, repeated in self.kernels[b]]
+    return [(ops.cast(t, "float32"), ops.cast(repeated, "float32"))
+            for t, repeated in self.kernels[b]]
 
   def num_params(self) -> int:
     total = 0
     for stages in self.kernels.values():
       for transition, repeated in stages:
-        total += int(np.prod(transition.shape)) + sum(int(np.prod(r.shape)) for r in repeated)
+        total += int(np.prod(transition.shape)) + int(np.prod(repeated.shape))
     return total
 
 
@@ -292,21 +293,28 @@ class PuppetClassifier(keras.Model):
                                                       ops.logical_not(valid)))
     else:
       need = occupied
-    kernels_for = self._generate_bin_kernels(need, counts, training=False, channels=channels)
     # Inference batch norm is folded into the kernels (conv + shift + ReLU per layer): the
     # cached kernels were folded when cached, generated ones are folded here. The scales and
     # shifts are computed once per call from the current weights; a valid cache was built
     # from these same weights, so its kernels carry exactly these scales.
     affine = self.puppet.inference_affine(**puppet_kwargs)
+    if c.bucketed_inference == "loop":
+      return self._infer_bucketed_loop(features, bins, occupied, need, cache, affine,
+                                       channels)
+    kernels_for = self._generate_bin_kernels(need, counts, training=False, channels=channels)
     kpu = self.puppet.kernels_per_unit
     pooled = []
     for b in range(n):
       def run(b=b):
+        layers = (depths[b] - 1) * kpu
+
         def generated():
-          return self.puppet.fold_kernels(kernels_for(b, eager=True), affine,
-                                          layers=(depths[b] - 1) * kpu)
+          return self.puppet.fold_kernels(kernels_for(b, eager=True), affine, layers=layers)
+
+        def cached():
+          return [(t, [r[j] for j in range(layers)]) for t, r in cache.load(b)]
         if cache is not None and b in cache.kernels:
-          kernels = ops.cond(valid, lambda: cache.load(b), generated)
+          kernels = ops.cond(valid, cached, generated)
         else:
           kernels = generated()
         out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False,
@@ -314,6 +322,90 @@ class PuppetClassifier(keras.Model):
         return ops.mean(out, axis=(1, 2))
       pooled.append(ops.cond(occupied[b], run, lambda: ops.zeros((0, width), "float32")))
     return backend_ops.stitch(rows, pooled)
+
+  def _infer_bucketed_loop(self, features, bins, occupied, need, cache, affine,
+                           channels):
+    """Bucketed inference as one loop over the occupied bins (`bucketed_inference='loop'`).
+
+    The bins that `need` generating (no valid cached kernels) are generated together in one
+    puppeteer call; each iteration gathers one bin's samples, runs them through
+    `DynamicConvStack.call_indexed` with every kernel picked by (bin, layer) from the cache
+    or from the generated kernels (a `switch` on the bin's source), and scatters the pooled
+    features back to the samples' rows. Returns pooled (B, C).
+    """
+    c = self.config
+    n = c.complexity_bins
+    centres, steps, depths = self.bin_table()
+    kpu = self.puppet.kernels_per_unit
+    scaled = self._puppeteer_scaling()
+    layers = scaled["units"] * kpu
+    k = c.kernel_size
+    width = channels[-1]
+
+    # The bins to generate, in increasing order (so sorted by depth), one state each.
+    ids = backend_ops.nonzero(need)
+    h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
+                                    ops.take(ops.convert_to_tensor(steps), ids))
+    depth_sorted = bool(np.all(np.diff(depths) >= 0))
+
+    def generate():
+      kernels = self.puppeteer(h, dl, ops.take(ops.convert_to_tensor(depths), ids),
+                               training=False, depth_sorted=depth_sorted, channels=channels,
+                               **scaled)
+      # (M, L, K, K, C, C) -> (M * L, K, K, C, C): bin p's layer j is row p * L + j.
+      return [(t, ops.reshape(r, (-1,) + tuple(r.shape[2:]))) for t, r in kernels]
+
+    def nothing():
+      out, c_prev = [], c.input_shape[-1]
+      for ch in channels:
+        out.append((ops.zeros((0, k, k, c_prev, ch)), ops.zeros((0, k, k, ch, ch))))
+        c_prev = ch
+      return out
+    generated = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
+    # Position of bin b among the generated states (clamped: unused for the other bins).
+    position = ops.maximum(ops.cumsum(ops.cast(need, "int32")) - 1, 0)
+    scales = [(t_scale, ops.stack([scale for scale, _ in rep]) if rep else None)
+              for (t_scale, _), rep in affine]
+
+    # Source of each bin's kernels: its slot in the cache, or the generated ones (last).
+    cached_bins = list(cache.bins) if cache is not None else []
+    slot = np.full((n,), len(cached_bins), np.int32)
+    slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
+    source = ops.where(need, len(cached_bins), ops.convert_to_tensor(slot))
+    tables = [cache.kernels[b] for b in cached_bins]
+    f32 = lambda x: ops.cast(x, "float32")  # pylint: disable=unnecessary-lambda-assignment
+
+    def kernel_at(s, j, src, p):
+      (t_gen, r_gen), (t_scale, r_scale) = generated[s], scales[s]
+      if j is None:
+        branches = [lambda t=t: f32(t[s][0]) for t in tables]
+        branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
+      else:
+        branches = [lambda t=t: f32(backend_ops.gather(t[s][1], j)) for t in tables]
+        branches.append(lambda: (backend_ops.gather(r_gen, p * layers + j)
+                                 * backend_ops.gather(r_scale, j)))
+      return branches[0]() if len(branches) == 1 else ops.switch(src, branches)
+
+    occupied_ids = backend_ops.nonzero(occupied)
+    depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
+    puppet_kwargs = dict(self._puppet_scaling(), channels=channels)
+
+    def body(i, out):
+      b = ops.take(occupied_ids, i)
+      rows = backend_ops.nonzero(ops.equal(bins, b))
+      src, p = ops.take(source, b), ops.take(position, b)
+      x = self.puppet.call_indexed(
+          backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, src, p),
+          ops.take(depth_table, b), affine, **puppet_kwargs)
+      pooled = ops.mean(x, axis=(1, 2))
+      return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
+
+    batch = ops.shape(bins)[0]
+    _, pooled = ops.while_loop(
+        lambda i, _: i < ops.shape(occupied_ids)[0], body,
+        (ops.convert_to_tensor(0, "int32"), ops.zeros((batch, width), "float32")),
+        maximum_iterations=n)
+    return pooled
 
   def _generate_bin_kernels(self, mask, counts, training: bool, channels=None):
     """Runs the puppeteer once per bin where `mask` is true (weighted by `counts`).
@@ -472,7 +564,11 @@ class PuppetClassifier(keras.Model):
         for j in range(units * kpu):
           folded.append(store(repeated[j][0] * rep[j][0]))
           repeated[j] = None
-        stages.append((folded[0], folded[1:]))
+        k, c_s = c.kernel_size, int(folded[0].shape[-1])
+        table = (ops.stack(folded[1:]) if len(folded) > 1
+                 else ops.zeros((0, k, k, c_s, c_s), dtype))
+        stages.append((folded[0], table))
+        del folded[1:]
       stored[int(b)] = stages
       del kernels, stages, folded
       backend_ops.release_free_heap_memory()
