@@ -22,7 +22,9 @@ Models (`--models`):
   puppet_binned    execution='per_sample', complexity_bins=--bins.
   puppet_bucketed  execution='bucketed', complexity_bins=--bins (kernels generated per call).
   puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
-  puppet_cached16  the same with cache_kernels(dtype='float16'): half the cache's memory, each
+  puppet_cached_per_bin  puppet_cached with bucketed_inference='per_bin' (one unrolled
+                   branch per bin instead of one loop over the bins; same predictions).
+  puppet_cached16  puppet_cached with cache_kernels(dtype='float16'): half the cache's memory, each
                    kernel rounded to 16 bits (lossy: not the exact path; the report gives its
                    targets apart and its largest logit deviation from puppet_cached).
   puppet_remat     puppet_bucketed with generator_remat=True: G's activations are recomputed
@@ -66,7 +68,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
-                  "puppet_remat")
+                  "puppet_cached_per_bin", "puppet_remat")
+CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin", "puppet_cached16")
 APPROXIMATE_MODELS = ("puppet_light", "puppet_cached16")  # targets reported apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
@@ -215,6 +218,8 @@ def _build(spec, calibration):
       "puppet_binned": dict(complexity_bins=spec["bins"]),
       "puppet_bucketed": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
+      "puppet_cached_per_bin": dict(complexity_bins=spec["bins"], execution="bucketed",
+                                    bucketed_inference="per_bin"),
       "puppet_cached16": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
                            generator_remat=True),
@@ -224,7 +229,7 @@ def _build(spec, calibration):
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
-  if name in ("puppet_cached", "puppet_cached16"):
+  if name in CACHED_MODELS:
     start = time.perf_counter()
     dtype = "float16" if name == "puppet_cached16" else "float32"
     bins = model.cache_kernels(images=calibration, dtype=dtype)
@@ -401,12 +406,11 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_cached", "puppet_cached16", "puppet_remat",
-               "puppet_light") and xla:
+  if model in ("puppet_bucketed", "puppet_remat", "puppet_light") + CACHED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model == "puppet_remat" and phase == "infer":
     return "inference does not store activations: same as puppet_bucketed"
-  if model in ("puppet_cached", "puppet_cached16") and phase == "train":
+  if model in CACHED_MODELS and phase == "train":
     return "training regenerates kernels: same as puppet_bucketed"
   return None
 

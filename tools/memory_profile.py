@@ -38,7 +38,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PHASES = ("build", "trace", "first call", "batch 1", "batch 64", "batch 256")
-MODELS = ("static_twin", "puppet_cached", "puppet_cached16", "puppet_bucketed", "puppet_light")
+MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cached16",
+          "puppet_bucketed", "puppet_light")
 
 
 def define_flags():

@@ -56,9 +56,8 @@ class _KernelCache:
     self.integrator = integrator
     self.depth_scale = depth_scale
     self.dtype = dtype
-    self.kernels = kernels    # {bin: [(transition, repeated) per stage]}, `repeated` the
-                              # bin's (layers, K, K, C, C) kernels stacked; each kernel times
-                              # its layer's inference batch-norm scale
+    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}, each
+                              # kernel times its layer's inference batch-norm scale
     self.snapshot = snapshot  # copies of _kernel_cache_inputs() at generation time
 
   @property
@@ -69,14 +68,14 @@ class _KernelCache:
     """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit)."""
     if self.dtype == "float32":
       return self.kernels[b]
-    return [(ops.cast(t, "float32"), ops.cast(repeated, "float32"))
-            for t, repeated in self.kernels[b]]
+    cast = lambda k: ops.cast(k, "float32")  # pylint: disable=unnecessary-lambda-assignment
+    return [(cast(t), [cast(r) for r in repeated]) for t, repeated in self.kernels[b]]
 
   def num_params(self) -> int:
     total = 0
     for stages in self.kernels.values():
       for transition, repeated in stages:
-        total += int(np.prod(transition.shape)) + int(np.prod(repeated.shape))
+        total += int(np.prod(transition.shape)) + sum(int(np.prod(r.shape)) for r in repeated)
     return total
 
 
@@ -311,10 +310,8 @@ class PuppetClassifier(keras.Model):
         def generated():
           return self.puppet.fold_kernels(kernels_for(b, eager=True), affine, layers=layers)
 
-        def cached():
-          return [(t, [r[j] for j in range(layers)]) for t, r in cache.load(b)]
         if cache is not None and b in cache.kernels:
-          kernels = ops.cond(valid, cached, generated)
+          kernels = ops.cond(valid, lambda: cache.load(b), generated)
         else:
           kernels = generated()
         out = self.puppet.call_groups([parts[b]], [kernels], [depths[b]], training=False,
@@ -367,24 +364,36 @@ class PuppetClassifier(keras.Model):
     scales = [(t_scale, ops.stack([scale for scale, _ in rep]) if rep else None)
               for (t_scale, _), rep in affine]
 
-    # Source of each bin's kernels: its slot in the cache, or the generated ones (last).
+    # Where each bin's kernels come from. A cached kernel is returned by its own branch of a
+    # `switch` (the stored tensor itself: no copy); the branch index of bin b's layer j is
+    # start[b] + j, with start[b] = the bin's first kernel among the cached ones of a stage
+    # (every stage caches the same layers of a bin). The last branch is the generated
+    # kernels, taken by the bins that `need` generating (their row, folded here).
     cached_bins = list(cache.bins) if cache is not None else []
-    slot = np.full((n,), len(cached_bins), np.int32)
-    slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
-    source = ops.where(need, len(cached_bins), ops.convert_to_tensor(slot))
-    tables = [cache.kernels[b] for b in cached_bins]
+    stored = [cache.kernels[b] for b in cached_bins]
+    start = np.zeros((n,), np.int32)
+    transition_slot = np.zeros((n,), np.int32)
+    total = 0
+    for slot, b in enumerate(cached_bins):
+      transition_slot[b], start[b] = slot, total
+      total += len(stored[slot][0][1])
+    from_cache = ops.logical_not(need)
+    t_index = ops.where(from_cache, ops.convert_to_tensor(transition_slot), len(cached_bins))
+    r_start = ops.where(from_cache, ops.convert_to_tensor(start), total)
     f32 = lambda x: ops.cast(x, "float32")  # pylint: disable=unnecessary-lambda-assignment
 
-    def kernel_at(s, j, src, p):
+    def kernel_at(s, j, b, p):
       (t_gen, r_gen), (t_scale, r_scale) = generated[s], scales[s]
       if j is None:
-        branches = [lambda t=t: f32(t[s][0]) for t in tables]
+        index = ops.take(t_index, b)
+        branches = [lambda t=t: f32(t[s][0]) for t in stored]
         branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
       else:
-        branches = [lambda t=t: f32(backend_ops.gather(t[s][1], j)) for t in tables]
+        index = ops.minimum(ops.take(r_start, b) + j, total)
+        branches = [lambda r=r: f32(r) for t in stored for r in t[s][1]]
         branches.append(lambda: (backend_ops.gather(r_gen, p * layers + j)
                                  * backend_ops.gather(r_scale, j)))
-      return branches[0]() if len(branches) == 1 else ops.switch(src, branches)
+      return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
 
     occupied_ids = backend_ops.nonzero(occupied)
     depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
@@ -393,9 +402,9 @@ class PuppetClassifier(keras.Model):
     def body(i, out):
       b = ops.take(occupied_ids, i)
       rows = backend_ops.nonzero(ops.equal(bins, b))
-      src, p = ops.take(source, b), ops.take(position, b)
+      p = ops.take(position, b)
       x = self.puppet.call_indexed(
-          backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, src, p),
+          backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, b, p),
           ops.take(depth_table, b), affine, **puppet_kwargs)
       pooled = ops.mean(x, axis=(1, 2))
       return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
@@ -564,11 +573,7 @@ class PuppetClassifier(keras.Model):
         for j in range(units * kpu):
           folded.append(store(repeated[j][0] * rep[j][0]))
           repeated[j] = None
-        k, c_s = c.kernel_size, int(folded[0].shape[-1])
-        table = (ops.stack(folded[1:]) if len(folded) > 1
-                 else ops.zeros((0, k, k, c_s, c_s), dtype))
-        stages.append((folded[0], table))
-        del folded[1:]
+        stages.append((folded[0], folded[1:]))
       stored[int(b)] = stages
       del kernels, stages, folded
       backend_ops.release_free_heap_memory()
