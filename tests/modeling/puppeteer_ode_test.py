@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official.puppet_cnn.modeling import adaptive_pool
+from official.puppet_cnn.modeling import puppeteer_ode
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 from tests.modeling import reference
 
@@ -226,6 +228,23 @@ def test_kernels_at_other_widths_are_pooled_from_the_same_state():
   np.testing.assert_allclose(half[1][1][0, 0].numpy(), blocks, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="stage widths"):
     layer(h, dl, d, channels=(2,))
+
+
+@pytest.mark.parametrize("n_out,n_in", [(4, 4), (2, 8), (3, 8), (8, 4), (12, 4), (6, 4),
+                                        (5, 3)])
+@pytest.mark.parametrize("axis", [1, 3])
+def test_pool_axis_is_the_pooling_matrix(n_out, n_in, axis):
+  # Blocks, windows, integer factors up (a repeat) and other resizes up: each is the
+  # documented window mean (adaptive_pool.pooling_matrix, itself checked against window
+  # means), applied in float64 along the axis.
+  rng = np.random.default_rng(n_out * 10 + n_in)
+  shape = [2, 3, 2, 3]
+  shape[axis] = n_in
+  x = rng.normal(size=shape)
+  want = np.moveaxis(np.tensordot(adaptive_pool.pooling_matrix(n_out, n_in).astype(np.float64),
+                                  np.moveaxis(x, axis, 0), axes=1), 0, axis)
+  got = puppeteer_ode._pool_axis(tf.constant(x, tf.float32), axis, n_out, n_in)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("integrator, modes", [("euler", (None, False, True)), ("rk4", (None,))])

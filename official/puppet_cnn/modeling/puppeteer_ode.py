@@ -399,6 +399,11 @@ def _pool_axis(x, axis: int, n_out: int, n_in: int):
     shape[0] = -1
     shape[axis:axis + 1] = [n_out, n_in // n_out]
     return ops.mean(ops.reshape(x, shape), axis=axis + 1)
+  if n_out % n_in == 0:
+    # An integer factor up (a 256-wide state to 512 channels): output i's window is the one
+    # input i // factor, so the pooling is a repeat (one copy; its gradient a reshape and a
+    # sum) instead of the prefix-sum difference below (five state-sized tensors).
+    return ops.repeat(x, n_out // n_in, axis=axis)
   # Windows [start, stop) from adaptive_pool; each window's mean is a difference of a prefix
   # sum. Only 2 * n_out indices enter the graph (a dense pooling matrix would be a constant of
   # n_out * n_in floats at every generated layer, 14 MB in the AlexNet puppet's SavedModel).
