@@ -53,12 +53,13 @@ def _randomize_bn(layer, rng):
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
 
-@pytest.mark.parametrize("init,rank", [("paper", 0), ("learned", 0), ("learned_additive", 0),
-                                       ("learned", 2)])
-def test_euler_trajectory_matches_float64_reference(init, rank):
+@pytest.mark.parametrize("init,rank,width", [
+    ("paper", 0, 6), ("learned", 0, 6), ("learned_additive", 0, 6), ("learned", 2, 6),
+    ("learned", 0, 3), ("learned", 1, 2)])  # state narrower than the stages: resized up
+def test_euler_trajectory_matches_float64_reference(init, rank, width):
   rng = np.random.default_rng(0)
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
-                       init_rank=2, generator_rank=rank)
+                       init_rank=2, generator_rank=rank, state_channels=width)
   layer.build(None)
   assert len(layer.generator_weights()) == (9 if rank else 8)
   _randomize_bn(layer, rng)
@@ -69,7 +70,7 @@ def test_euler_trajectory_matches_float64_reference(init, rank):
 
   for b in range(2):
     fill = math.exp(1 - h[b] ** -2.0)
-    state = np.full((6, 9, 6), fill)
+    state = np.full((width, 9, width), fill)
     if init != "paper":
       a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
       base = np.einsum("ri,rk,ro->iko", a, kk, o)

@@ -316,13 +316,24 @@ class PuppeteerODE(keras.layers.Layer):
     """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
     n_in, kk, n_out = self.state_shape
     k = self.kernel_size
-    x = _pool_axis(state, axis=3, n_out=c_out, n_in=n_out)  # (N, C_in_max, KK, c_out)
-    x = _pool_axis(x, axis=1, n_out=c_in, n_in=n_in)        # (N, c_in, KK, c_out)
-    x = ops.transpose(x, (0, 2, 1, 3))                      # (N, KK, c_in, c_out)
-    x = ops.reshape(x, (-1, k, k, c_in, c_out))
+    # Pooling, the transpose and the fan-in scale are linear and act on different axes, so
+    # their order is free: the axes that shrink are pooled first and the axes that grow
+    # (a state narrower than the layer) last, so that the transpose and the scale run on
+    # the smallest tensor (a 256-wide state resized to a 512-channel layer: a quarter of
+    # the kernel's size) and the backward pass keeps fewer kernel-sized tensors.
+    x = state                                                # (N, C_in_max, KK, C_out_max)
+    if c_out <= n_out:
+      x = _pool_axis(x, axis=3, n_out=c_out, n_in=n_out)
+    if c_in <= n_in:
+      x = _pool_axis(x, axis=1, n_out=c_in, n_in=n_in)
     if self.kernel_scaling == "fan_in":
-      x = x / math.sqrt(kk * c_in)
-    return x
+      x = x * (1.0 / math.sqrt(kk * c_in))
+    x = ops.transpose(x, (0, 2, 1, 3))                       # (N, KK, in, out)
+    if c_in > n_in:
+      x = _pool_axis(x, axis=2, n_out=c_in, n_in=n_in)
+    if c_out > n_out:
+      x = _pool_axis(x, axis=3, n_out=c_out, n_in=n_out)
+    return ops.reshape(x, (-1, k, k, c_in, c_out))
 
   def call(self, complexity, step, depth, training=None, state_weight=None,
            depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
