@@ -454,17 +454,20 @@ class PuppetClassifier(keras.Model):
         return out
       kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
     if training:
-      # Bin b's kernel of a layer is that layer's kernels partitioned by bin: one row when the
-      # bin was generated, none otherwise (`group_conv2d` reads it only for a non-empty
-      # group). The gradient of a partition is a stitch of the groups' own kernel gradients;
-      # a per-bin gather instead sums one dense, mostly-zero gradient per bin and layer
-      # (measured: 0.4 s of a 3.6 s full-puppet step).
+      # Bin b's kernel of a layer is that layer's kernels split by bin: one row when the bin
+      # was generated, none otherwise (`group_conv2d` reads it only for a non-empty group).
+      # The states come in bin order, so a split along the rows with sizes `mask` does it: its
+      # parts share the kernels' memory (a partition copied every generated kernel), and its
+      # gradient is one concatenation of the groups' own kernel gradients (a per-bin gather
+      # instead sums one dense, mostly-zero gradient per bin and layer; measured: 0.4 s of a
+      # 3.6 s full-puppet step).
       n = c.complexity_bins
+      sizes = [ops.cast(mask[b], "int32") for b in range(n)]
       split: Dict[Any, list] = {}
 
       def parts(key, tensor):
         if key not in split:
-          split[key] = backend_ops.partition(tensor, ids, n)
+          split[key] = backend_ops.split_rows(tensor, sizes)
         return split[key]
 
       def kernels_for_training(b, eager=False):
