@@ -283,3 +283,21 @@ def test_remat_gives_the_same_kernels_gradients_and_statistics(integrator, modes
   with pytest.raises(ValueError, match="generator_remat"):
     from official.puppet_cnn import PuppetCNNConfig  # pylint: disable=import-outside-toplevel
     PuppetCNNConfig(generator_remat="yes")
+
+
+def test_active_rows_only_keeps_the_rows_of_the_deeper_states():
+  # Repeated kernel j of unit u has rows only for the states with depth > u (depth-sorted:
+  # the last rows), equal to those rows of the full output; the transition keeps every row.
+  layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=4, init_rank=2)
+  h = np.array([1.5, 2.5, 3.0, 6.0], np.float32)
+  step, depth = np.tanh(1 / h).astype(np.float32), np.array([1, 2, 2, 4], np.int32)
+  full = layer(h, step, depth, depth_sorted=True, stack_repeated=False)
+  rows = layer(h, step, depth, depth_sorted=True, stack_repeated=False, active_rows_only=True)
+  for (t_full, r_full), (t_rows, r_rows) in zip(full, rows):
+    np.testing.assert_array_equal(np.asarray(t_rows), np.asarray(t_full))
+    for j, (kf, kr) in enumerate(zip(r_full, r_rows)):
+      active = depth > j + 1
+      assert kr.shape[0] == active.sum()
+      np.testing.assert_allclose(np.asarray(kr), np.asarray(kf)[active], rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="active_rows_only"):
+    layer(h, step, depth, active_rows_only=True)

@@ -439,6 +439,7 @@ class PuppetClassifier(keras.Model):
     if training:
       kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight,
                                depth_sorted=depth_sorted, stack_repeated=False,
+                               active_rows_only=depth_sorted,
                                channels=channels, **scaled)
     else:
       def generate():
@@ -461,20 +462,26 @@ class PuppetClassifier(keras.Model):
       # gradient is one concatenation of the groups' own kernel gradients (a per-bin gather
       # instead sums one dense, mostly-zero gradient per bin and layer; measured: 0.4 s of a
       # 3.6 s full-puppet step).
+      # With depth-sorted states, repeated kernel j has rows only for the bins deeper than
+      # its unit (`active_rows_only`): those bins' rows, in bin order.
       n = c.complexity_bins
-      sizes = [ops.cast(mask[b], "int32") for b in range(n)]
+      kpu = self.puppet.kernels_per_unit
       split: Dict[Any, list] = {}
 
-      def parts(key, tensor):
+      def sizes(unit):
+        return [ops.cast(mask[b], "int32") * (int(depths[b]) > unit) for b in range(n)]
+
+      def parts(key, tensor, unit=0):
         if key not in split:
-          split[key] = backend_ops.split_rows(tensor, sizes)
+          split[key] = backend_ops.split_rows(tensor, sizes(unit if depth_sorted else 0))
         return split[key]
 
       def kernels_for_training(b, eager=False):
         del eager
         out = []
         for s, (transition, repeated) in enumerate(kernels):
-          take = lambda j, s=s, repeated=repeated: parts((s, j), repeated[j])[b]  # pylint: disable=unnecessary-lambda-assignment
+          take = lambda j, s=s, repeated=repeated: parts(  # pylint: disable=unnecessary-lambda-assignment
+              (s, j), repeated[j], j // kpu + 1)[b]
           out.append((parts((s, "t"), transition)[b], take))
         return out
       return kernels_for_training

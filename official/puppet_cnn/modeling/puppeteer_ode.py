@@ -77,6 +77,10 @@ class PuppeteerODE(keras.layers.Layer):
       of masking the finished ones. Same values, less work.
     stack_repeated: False returns each stage's repeated kernels as a list of
       (N, K, K, C_s, C_s) tensors instead of one stacked tensor (no stacking copy).
+    active_rows_only: with `depth_sorted` and `stack_repeated=False`: repeated kernel j
+      (unit u = j // kernels_per_unit + 1) has rows only for the states with depth > u, the
+      last rows of the batch (a state past its depth does not use the kernel, so it is
+      neither pooled from the state nor kept for the backward pass).
     units: repeated units per stage to generate (None: max_depth - 1); a model evaluated
       with scaled steps (`scaling.scaled_max_depth`) generates more or fewer.
     channels: stage widths to pool the kernels to (None: `stage_channels`); a narrower or
@@ -337,13 +341,16 @@ class PuppeteerODE(keras.layers.Layer):
 
   def call(self, complexity, step, depth, training=None, state_weight=None,
            depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
-           channels: Sequence[int] | None = None):
+           channels: Sequence[int] | None = None, active_rows_only: bool = False):
     training = bool(training)
     units = self.max_depth - 1 if units is None else int(units)
     channels = self.stage_channels if channels is None else tuple(int(c) for c in channels)
     if units < 0 or len(channels) != len(self.stage_channels) or min(channels) < 1:
       raise ValueError(f"PuppeteerODE: need units >= 0 and {len(self.stage_channels)} positive "
                        f"stage widths, got units={units}, channels={channels}")
+    if active_rows_only and (stack_repeated or not depth_sorted):
+      raise ValueError("PuppeteerODE: active_rows_only needs depth_sorted=True and "
+                       "stack_repeated=False")
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
     depth = ops.cast(depth, "int32")
@@ -363,7 +370,11 @@ class PuppeteerODE(keras.layers.Layer):
         else:
           active = ops.cast(depth > unit, "float32")
           state = self.integrate_step(state, dl, active, training, stats, weight)
-        repeated.append(self.kernel_from_state(state, c_out, c_out))
+        if active_rows_only:
+          done = ops.sum(ops.cast(depth <= unit, "int32"))
+          repeated.append(self.kernel_from_state(state[done:], c_out, c_out))
+        else:
+          repeated.append(self.kernel_from_state(state, c_out, c_out))
       if not stack_repeated:
         pass
       elif repeated:
