@@ -43,6 +43,7 @@ def test_dict_round_trip_including_nested_complexity():
     (dict(generator_rank=-1), "generator_rank"),
     (dict(generator_rank=True), "generator_rank"),
     (dict(stage_channels=(8, 16), generator_rank=16), "generator_rank"),
+    (dict(bucketed_inference="unrolled"), "bucketed_inference"),
 ])
 def test_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):

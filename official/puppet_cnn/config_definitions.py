@@ -38,7 +38,8 @@ BLOCK_TYPES = ("plain", "residual")
 EXECUTIONS = ("per_sample", "bucketed")
 # How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
 BUCKETED_INFERENCES = ("loop", "per_bin")
-# `execution='bucketed'` builds one branch per complexity bin, so its bin count is bounded.
+# Bucketed training (and `bucketed_inference='per_bin'`) builds one branch per complexity bin,
+# so the bin count is bounded.
 MAX_BUCKETED_BINS = 1024
 # Bound on the layers per stage that a `depth_scale` may ask for (the loops are unrolled or
 # bounded at build time).
@@ -165,8 +166,8 @@ class PuppetCNNConfig:
       'bucketed' (needs 1 <= complexity_bins <= MAX_BUCKETED_BINS, TensorFlow backend): the
       batch is partitioned by bin; the puppeteer integrates one state per occupied bin (its
       batch-norm statistics weighted by the bin's sample count), and each bin's samples run
-      their shared kernels with an ordinary conv for exactly the bin's depth (a Python
-      constant: no masks, no loop). In training the puppet's batch-norm statistics are
+      their shared kernels with an ordinary conv for exactly the bin's depth (no masks; in
+      training one unrolled branch per bin, in inference see `bucketed_inference`). In training the puppet's batch-norm statistics are
       computed jointly over all groups that reach a layer, so the loss, gradients and moving
       statistics are those of 'per_sample' with the same bins. Not XLA-compatible (dynamic
       group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
@@ -176,11 +177,11 @@ class PuppetCNNConfig:
       training always runs one branch per bin). 'loop' (default): one `tf.while_loop` over
       the occupied bins runs each bin's samples through one shared subgraph per stage (a
       `while_loop` over the bin's layers, each kernel picked by bin and layer from the kernel
-      cache or from the kernels generated in this call), so the graph's size does not grow
-      with the number of bins or layers. 'per_bin': one branch per bin under its own `cond`,
-      each with its layers unrolled; the bins can run concurrently, but the graph holds
-      every bin's layers (7,570 nodes at 16 bins for the full puppet), which costs memory and
-      tracing time. Same predictions (within float rounding); docs/benchmarks_cached.md and
+      cache or from the kernels generated in this call), so the puppet's part of the graph
+      does not grow with the number of bins (a kernel cache adds one small `switch` branch per
+      cached kernel). 'per_bin': one branch per bin under its own `cond`, each with its layers
+      unrolled; the bins can run concurrently, but the graph holds every bin's layers.
+      Same predictions (within float rounding); docs/benchmarks_cached.md and
       docs/memory_profile.md measure both.
     depth_scale: s, the resolution in depth (default 1.0: as trained, the paper). A sample
       of depth D and step dl runs round(s * D) layers per stage (at least 1, at most

@@ -98,6 +98,10 @@ def test_folded_batch_norm_groups_match_float64_reference(block_type):
                                 for t, r in kernels], np.array([3, 3, 2]))
   got = np.concatenate(got)
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  # The same folded kernels through `call_indexed` (bucketed inference's loop), per group.
+  got = np.concatenate([_run_indexed(stack, x[:2], groups[0], 3, affine),
+                        _run_indexed(stack, x[2:], groups[1], 2, affine)])
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
   with pytest.raises(ValueError, match="inference"):
     stack.call_groups([x], groups[:1], [3], training=True, folded=affine)
 
@@ -203,7 +207,19 @@ def _np_forward_mapped(stack, x, kernels, depth, rows, channels):
   return np.stack(outs)
 
 
-@pytest.mark.parametrize("mode", ["masked", "groups", "folded"])
+def _run_indexed(stack, x, group, depth, affine, **kwargs):
+  """`call_indexed` of one group (folded kernels), its depth a tensor, in a tf.function."""
+  tables = [(t, tf.stack(r)) for t, r in group]
+
+  @tf.function
+  def run(x, depth):
+    return stack.call_indexed(
+        x, lambda s, j: tables[s][0] if j is None else tf.gather(tables[s][1], j), depth,
+        affine, **kwargs)
+  return run(x, tf.constant(depth, tf.int32)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["masked", "groups", "folded", "indexed"])
 def test_more_units_with_mapped_rows_and_narrower_width_match_reference(mode):
   # Trained for 3 units per stage (2 BN rows); run with 5 repeated units mapped to rows
   # [0, 0, 1, 1, 1] at widths (2, 3) instead of (4, 6).
@@ -220,12 +236,15 @@ def test_more_units_with_mapped_rows_and_narrower_width_match_reference(mode):
   want = _np_forward_mapped(stack, x, kernels, depth, rows, channels)
   kwargs = dict(units=units, bn_rows=rows, channels=channels)
   if mode != "masked":
-    affine = stack.inference_affine(**kwargs) if mode == "folded" else None
+    affine = stack.inference_affine(**kwargs) if mode in ("folded", "indexed") else None
     got = []
     for b in range(3):
       group = [(t[b], [r[b, j] for j in range(units)]) for t, r in kernels]
       if affine is not None:
         group = stack.fold_kernels(group, affine)
+      if mode == "indexed":  # the depth a tensor, a while loop over the layers
+        got.append(_run_indexed(stack, x[b:b + 1], group, int(depth[b]), affine, **kwargs))
+        continue
       got.append(stack.call_groups([x[b:b + 1]], [group], [int(depth[b])], folded=affine,
                                    **kwargs)[0].numpy())
     got = np.concatenate(got)

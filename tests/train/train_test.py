@@ -60,8 +60,9 @@ def test_flags_override_the_flagfile():
 def test_beyond_the_paper_flags():
   config = _config("--model_dir=/tmp/x", "--train_widths=0.5,1.0", "--depth_refinements=2",
                    "--epochs=9", "--complexity_bins=16", "--execution=bucketed",
-                   "--depth_scale=2", "--init=learned_additive")
+                   "--depth_scale=2", "--init=learned_additive", "--bucketed_inference=per_bin")
   assert config.model.train_widths == (0.5, 1.0) and config.model.depth_scale == 2.0
+  assert config.model.bucketed_inference == "per_bin"
   assert config.model.execution == "bucketed" and config.model.complexity_bins == 16
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"

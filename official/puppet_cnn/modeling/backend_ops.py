@@ -249,13 +249,13 @@ def group_conv2d(x, kernel, may_be_empty: bool = True):
   """'same', stride-1 convolution of (n, H, W, C_in) `x` with (K, K, C_in, C_out), n may be 0.
 
   `kernel` may also be a one-row (1, K, K, C_in, C_out) tensor, which has zero rows when the
-  group is empty (a bin's part of a partitioned kernel tensor); it is read only for n > 0.
+  group is empty (a bin's part of a kernel tensor split by bin); it is read only for n > 0.
 
   TensorFlow's oneDNN kernels mishandle empty batches: Conv2D returns (0, H, W, C_in) instead
   of (0, H, W, C_out), and the max-pool gradient aborts the process (TF 2.21). An empty group
   therefore runs no convolution at all (`tf.cond`): it gets an empty (0, H, W, C_out) result,
   and in training neither it nor its kernel gradient costs a kernel launch. A caller that
-  knows the group is not empty (bucketed inference runs each bin under its own `cond`) passes
+  knows the group is not empty (bucketed inference runs only the occupied bins) passes
   `may_be_empty=False` and gets the plain convolution, without the per-layer `cond`.
   """
   rows = len(kernel.shape) == 5

@@ -311,8 +311,8 @@ class DynamicConvStack(keras.layers.Layer):
       training: joint batch statistics (True) or moving statistics (False).
       units, bn_rows, channels: as in `call`.
       nonempty: the caller guarantees that no group is empty (bucketed inference, which runs
-        each bin under its own `cond`): the convolutions and pools then run without the
-        empty-group guard of `backend_ops.group_conv2d`.
+        only occupied bins): the convolutions and pools then run without the empty-group
+        guard of `backend_ops.group_conv2d`.
       folded: inference only: the `inference_affine` of these settings, whose scales the
         caller has folded into every kernel (`fold_kernels`); each layer is then conv + shift
         + ReLU, with no batch-norm arithmetic on the activations.
@@ -405,7 +405,7 @@ class DynamicConvStack(keras.layers.Layer):
     Returns:
       (n, H', W', C_last) features.
     """
-    units, _, channels, _ = self._resolve(units, bn_rows, channels)
+    units = self._resolve(units, bn_rows, channels)[0]
     kpu = self.kernels_per_unit
     x = ops.cast(x, "float32")
     repeats = ops.minimum(ops.cast(depth, "int32") - 1, units)

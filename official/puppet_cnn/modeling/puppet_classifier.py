@@ -259,7 +259,12 @@ class PuppetClassifier(keras.Model):
 
   # --------------------------------------------------------------------- bucketed execution
   def _call_bucketed(self, features, bins, training, channels):
-    """Partitions the batch by bin, runs each bin's group, returns pooled (B, C) in order."""
+    """Runs each occupied bin's samples as one group; returns pooled (B, C) in batch order.
+
+    Training and `bucketed_inference='per_bin'` partition the batch by bin and run one
+    branch per bin; 'loop' inference visits the occupied bins in a `while_loop`
+    (`_infer_bucketed_loop`).
+    """
     if backend_ops.in_xla_context():
       raise ValueError(
           "execution='bucketed' cannot be XLA-compiled (its groups have data-dependent sizes); "
@@ -271,10 +276,11 @@ class PuppetClassifier(keras.Model):
     batch = ops.shape(bins)[0]
     counts = backend_ops.batched_histogram(ops.reshape(bins, (1, -1)), n)[0]
     occupied = counts > 0
-    parts = backend_ops.partition(features, bins, n)
-    rows = backend_ops.partition(ops.arange(batch, dtype="int32"), bins, n)
     width = channels[-1]
     puppet_kwargs = dict(self._puppet_scaling(), channels=channels)
+    if training or c.bucketed_inference == "per_bin":
+      parts = backend_ops.partition(features, bins, n)
+      rows = backend_ops.partition(ops.arange(batch, dtype="int32"), bins, n)
     if training:
       kernels_for = self._generate_bin_kernels(occupied, counts, training=True,
                                                channels=channels)
@@ -346,23 +352,19 @@ class PuppetClassifier(keras.Model):
     depth_sorted = bool(np.all(np.diff(depths) >= 0))
 
     def generate():
-      kernels = self.puppeteer(h, dl, ops.take(ops.convert_to_tensor(depths), ids),
-                               training=False, depth_sorted=depth_sorted, channels=channels,
-                               **scaled)
-      # (M, L, K, K, C, C) -> (M * L, K, K, C, C): bin p's layer j is row p * L + j.
-      return [(t, ops.reshape(r, (-1,) + tuple(r.shape[2:]))) for t, r in kernels]
+      return self.puppeteer(h, dl, backend_ops.gather(ops.convert_to_tensor(depths), ids),
+                            training=False, depth_sorted=depth_sorted, stack_repeated=False,
+                            channels=channels, **scaled)
 
     def nothing():
       out, c_prev = [], c.input_shape[-1]
       for ch in channels:
-        out.append((ops.zeros((0, k, k, c_prev, ch)), ops.zeros((0, k, k, ch, ch))))
+        out.append((ops.zeros((0, k, k, c_prev, ch)), [ops.zeros((0, k, k, ch, ch))] * layers))
         c_prev = ch
       return out
     generated = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
     # Position of bin b among the generated states (clamped: unused for the other bins).
     position = ops.maximum(ops.cumsum(ops.cast(need, "int32")) - 1, 0)
-    scales = [(t_scale, ops.stack([scale for scale, _ in rep]) if rep else None)
-              for (t_scale, _), rep in affine]
 
     # Where each bin's kernels come from. A cached kernel is returned by its own branch of a
     # `switch` (the stored tensor itself: no copy); the branch index of bin b's layer j is
@@ -382,30 +384,34 @@ class PuppetClassifier(keras.Model):
     r_start = ops.where(from_cache, ops.convert_to_tensor(start), total)
     f32 = lambda x: ops.cast(x, "float32")  # pylint: disable=unnecessary-lambda-assignment
 
+    def switch(index, branches):
+      return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
+
     def kernel_at(s, j, b, p):
-      (t_gen, r_gen), (t_scale, r_scale) = generated[s], scales[s]
+      (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
       if j is None:
-        index = ops.take(t_index, b)
         branches = [lambda t=t: f32(t[s][0]) for t in stored]
         branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
-      else:
-        index = ops.minimum(ops.take(r_start, b) + j, total)
-        branches = [lambda r=r: f32(r) for t in stored for r in t[s][1]]
-        branches.append(lambda: (backend_ops.gather(r_gen, p * layers + j)
-                                 * backend_ops.gather(r_scale, j)))
-      return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
+        return switch(backend_ops.gather(t_index, b), branches)
+      branches = [lambda r=r: f32(r) for t in stored for r in t[s][1]]
+      # Generated: layer j of the bin's state (a switch over the layers, so that the
+      # generated kernels need no stacking copy), folded with layer j's scale.
+      generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
+                          for i in range(len(r_gen))]
+      branches.append(lambda: switch(j, generated_layers))
+      return switch(ops.minimum(backend_ops.gather(r_start, b) + j, total), branches)
 
     occupied_ids = backend_ops.nonzero(occupied)
     depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
     puppet_kwargs = dict(self._puppet_scaling(), channels=channels)
 
     def body(i, out):
-      b = ops.take(occupied_ids, i)
+      b = backend_ops.gather(occupied_ids, i)
       rows = backend_ops.nonzero(ops.equal(bins, b))
-      p = ops.take(position, b)
+      p = backend_ops.gather(position, b)
       x = self.puppet.call_indexed(
           backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, b, p),
-          ops.take(depth_table, b), affine, **puppet_kwargs)
+          backend_ops.gather(depth_table, b), affine, **puppet_kwargs)
       pooled = ops.mean(x, axis=(1, 2))
       return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
 
@@ -420,7 +426,8 @@ class PuppetClassifier(keras.Model):
     """Runs the puppeteer once per bin where `mask` is true (weighted by `counts`).
 
     Returns `kernels_for(b)`: bin b's kernels as `call_groups` takes them, per stage
-    `(transition, repeated)` with `repeated` a callable j -> kernel j (one gather per layer).
+    `(transition, repeated)` with `repeated` a callable j -> kernel j (inference: one gather
+    per layer; training: bin b's part of the layer's kernels split by bin).
     With `eager=True` the repeated kernels are a list (`ops.cond` branches must return
     tensors); only call it for a bin that is in `mask`.
     """

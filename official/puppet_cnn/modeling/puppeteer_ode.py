@@ -88,7 +88,9 @@ class PuppeteerODE(keras.layers.Layer):
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
-    repeated (N, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
+    repeated (N, units * kernels_per_unit, K, K, C_s, C_s) (units: max_depth - 1 by
+    default); with `stack_repeated=False` a list of units * kernels_per_unit (N, K, K, C_s,
+    C_s) tensors, each with only the rows of the states that use it under `active_rows_only`.
   """
 
   def __init__(self, stage_channels: Sequence[int], input_channels: int = 3,
