@@ -333,6 +333,17 @@ def test_partial_cache_from_images_and_errors(layout):
   bins = b.cache_kernels(images=images[:2])
   assert bins == tuple(sorted(set(want_bins.tolist()))) and len(bins) == 2
   _close(b(images, training=False), a(images, training=False))  # other bins generated
+  # A cached bin with repeated layers (image 2: depth 3) beside generated ones of depth > 1.
+  details = b(images, return_details=True)
+  deep = int(details["complexity_bin"].numpy()[2])
+  assert int(details["depth"].numpy()[2]) == 3
+  others = [d for k, d in zip(details["complexity_bin"].numpy(), details["depth"].numpy())
+            if k != deep]
+  assert max(others) > 1
+  assert b.cache_kernels(bins=[deep]) == (deep,)
+  _close(b(images, training=False), a(images, training=False))
+  _close(tf.function(lambda x: b(x, training=False))(tf.constant(images)),
+         a(images, training=False))
   with pytest.raises(ValueError, match="execution='bucketed'"):
     a.cache_kernels()
   with pytest.raises(ValueError, match="bins must be in"):
@@ -362,6 +373,41 @@ def test_depth_sorted_gradients_when_every_state_stops_before_max_depth():
   want = grads(masked)
   for _ in range(3):  # the garbage showed up on repeated calls
     got = grads(sliced, depth_sorted=True)
+    for w, g0, g1 in zip(masked.trainable_weights, want, got):
+      assert np.isfinite(g1).all(), w.path
+      np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6, err_msg=w.path)
+
+
+def test_active_rows_only_gradients_match_masking_when_no_state_reaches_the_last_units():
+  # Bucketed training pools each repeated kernel only for the states deeper than its unit;
+  # with every depth below max_depth the last units have no rows at all. The loss over the
+  # used kernels must have the masked form's gradients (finite, same values).
+  kw = dict(stage_channels=(4, 6), input_channels=3, max_depth=5, init_rank=2)
+  masked, rows = PuppeteerODE(**kw), PuppeteerODE(**kw)
+  masked.build(None)
+  rows.build(None)
+  rows.set_weights(masked.get_weights())
+  h = np.array([1.5, 2.5, 3.0], np.float32)
+  step, depth = cx.step_size(h), np.array([1, 2, 3], np.int32)
+  weight = np.array([2, 1, 3], np.float32)
+
+  def grads(layer, **kwargs):
+    with tf.GradientTape() as tape:
+      out = layer(h, step, depth, training=True, state_weight=weight, stack_repeated=False,
+                  **kwargs)
+      loss = 0.0
+      for t, repeated in out:
+        loss += tf.reduce_sum(tf.square(t))
+        for j, k in enumerate(repeated):
+          used = depth > j + 1
+          if not kwargs:  # the masked form has every row: keep the used ones
+            k = tf.boolean_mask(k, used)
+          loss += tf.reduce_sum(tf.square(k)) * (j + 1)
+    return [g.numpy() for g in tape.gradient(loss, layer.trainable_weights)]
+
+  want = grads(masked)
+  for _ in range(2):
+    got = grads(rows, depth_sorted=True, active_rows_only=True)
     for w, g0, g1 in zip(masked.trainable_weights, want, got):
       assert np.isfinite(g1).all(), w.path
       np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6, err_msg=w.path)

@@ -238,12 +238,13 @@ def test_depth_scale_one_is_exact_and_other_scales_follow_the_rule():
     PuppetCNNConfig(max_depth=8, depth_scale=9.0)
 
 
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_bucketed_matches_per_sample_at_scaled_depth(scale):
+def test_bucketed_matches_per_sample_at_scaled_depth(scale, layout):
   images = _images()
   per_sample = PuppetClassifier(**WIDE, complexity_bins=8, depth_scale=scale)
   bucketed = PuppetClassifier(**WIDE, complexity_bins=8, depth_scale=scale,
-                              execution="bucketed")
+                              execution="bucketed", bucketed_inference=layout)
   per_sample.build((None, 16, 16, 3))
   bucketed.build((None, 16, 16, 3))
   bucketed.set_weights(per_sample.get_weights())

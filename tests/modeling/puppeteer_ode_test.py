@@ -233,7 +233,7 @@ def test_kernels_at_other_widths_are_pooled_from_the_same_state():
 
 @pytest.mark.parametrize("n_out,n_in", [(4, 4), (2, 8), (3, 8), (8, 4), (12, 4), (6, 4),
                                         (5, 3)])
-@pytest.mark.parametrize("axis", [1, 3])
+@pytest.mark.parametrize("axis", [1, 2, 3])
 def test_pool_axis_is_the_pooling_matrix(n_out, n_in, axis):
   # Blocks, windows, integer factors up (a repeat) and other resizes up: each is the
   # documented window mean (adaptive_pool.pooling_matrix, itself checked against window
@@ -285,18 +285,21 @@ def test_remat_gives_the_same_kernels_gradients_and_statistics(integrator, modes
     PuppetCNNConfig(generator_remat="yes")
 
 
-def test_active_rows_only_keeps_the_rows_of_the_deeper_states():
+@pytest.mark.parametrize("kpu,depths", [(1, [1, 2, 2, 4]), (2, [1, 2, 2, 4]),
+                                        (2, [1, 1, 2, 2])])  # last: no state past unit 1
+def test_active_rows_only_keeps_the_rows_of_the_deeper_states(kpu, depths):
   # Repeated kernel j of unit u has rows only for the states with depth > u (depth-sorted:
   # the last rows), equal to those rows of the full output; the transition keeps every row.
-  layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=4, init_rank=2)
+  layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=4, init_rank=2,
+                       kernels_per_unit=kpu)
   h = np.array([1.5, 2.5, 3.0, 6.0], np.float32)
-  step, depth = np.tanh(1 / h).astype(np.float32), np.array([1, 2, 2, 4], np.int32)
+  step, depth = np.tanh(1 / h).astype(np.float32), np.array(depths, np.int32)
   full = layer(h, step, depth, depth_sorted=True, stack_repeated=False)
   rows = layer(h, step, depth, depth_sorted=True, stack_repeated=False, active_rows_only=True)
   for (t_full, r_full), (t_rows, r_rows) in zip(full, rows):
     np.testing.assert_array_equal(np.asarray(t_rows), np.asarray(t_full))
     for j, (kf, kr) in enumerate(zip(r_full, r_rows)):
-      active = depth > j + 1
+      active = depth > j // kpu + 1
       assert kr.shape[0] == active.sum()
       np.testing.assert_allclose(np.asarray(kr), np.asarray(kf)[active], rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="active_rows_only"):

@@ -41,6 +41,9 @@ def test_static_twin_has_the_puppets_layer_shapes():
 def test_skip_rules():
   assert "XLA" in benchmark._skip_reason("puppet_bucketed", True, "infer")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached", False, "train")  # pylint: disable=protected-access
+  assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached_per_bin", False,  # pylint: disable=protected-access
+                                                             "train")
+  assert "XLA" in benchmark._skip_reason("puppet_cached_per_bin", True, "infer")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_exact", True, "train") is None  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_remat", False, "infer")  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
