@@ -56,8 +56,9 @@ class _KernelCache:
     self.integrator = integrator
     self.depth_scale = depth_scale
     self.dtype = dtype
-    self.kernels = kernels    # {bin: [(transition, [repeated kernels...]) per stage]}, each
-                              # kernel times its layer's inference batch-norm scale
+    self.kernels = kernels    # {bin: [(transition, repeated) per stage]}, `repeated` the
+                              # bin's (layers, K, K, C, C) kernels stacked; each kernel times
+                              # its layer's inference batch-norm scale
     self.snapshot = snapshot  # copies of _kernel_cache_inputs() at generation time
 
   @property
@@ -65,17 +66,18 @@ class _KernelCache:
     return tuple(sorted(self.kernels))
 
   def load(self, b):
-    """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit)."""
-    if self.dtype == "float32":
-      return self.kernels[b]
-    cast = lambda k: ops.cast(k, "float32")  # pylint: disable=unnecessary-lambda-assignment
-    return [(cast(t), [cast(r) for r in repeated]) for t, repeated in self.kernels[b]]
+    """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit), per
+    stage `(transition, [repeated kernels...])` (each a slice of the stored table)."""
+    cast = ((lambda k: k) if self.dtype == "float32"  # pylint: disable=unnecessary-lambda-assignment
+            else (lambda k: ops.cast(k, "float32")))
+    return [(cast(t), [cast(repeated[j]) for j in range(repeated.shape[0])])
+            for t, repeated in self.kernels[b]]
 
   def num_params(self) -> int:
     total = 0
     for stages in self.kernels.values():
       for transition, repeated in stages:
-        total += int(np.prod(transition.shape)) + sum(int(np.prod(r.shape)) for r in repeated)
+        total += int(np.prod(transition.shape)) + int(np.prod(repeated.shape))
     return total
 
 
@@ -366,22 +368,15 @@ class PuppetClassifier(keras.Model):
     # Position of bin b among the generated states (clamped: unused for the other bins).
     position = ops.maximum(ops.cumsum(ops.cast(need, "int32")) - 1, 0)
 
-    # Where each bin's kernels come from. A cached kernel is returned by its own branch of a
-    # `switch` (the stored tensor itself: no copy); the branch index of bin b's layer j is
-    # start[b] + j, with start[b] = the bin's first kernel among the cached ones of a stage
-    # (every stage caches the same layers of a bin). The last branch is the generated
-    # kernels, taken by the bins that `need` generating (their row, folded here).
+    # Where each bin's kernels come from: its slot among the cached bins (each cached bin
+    # keeps a stage's repeated kernels as one table, so a `switch` over the bins returns the
+    # bin's table, the stored tensor itself, and layer j is a slice of it: no copy), or the
+    # kernels generated in this call for the bins that `need` generating (folded here).
     cached_bins = list(cache.bins) if cache is not None else []
     stored = [cache.kernels[b] for b in cached_bins]
-    start = np.zeros((n,), np.int32)
-    transition_slot = np.zeros((n,), np.int32)
-    total = 0
-    for slot, b in enumerate(cached_bins):
-      transition_slot[b], start[b] = slot, total
-      total += len(stored[slot][0][1])
-    from_cache = ops.logical_not(need)
-    t_index = ops.where(from_cache, ops.convert_to_tensor(transition_slot), len(cached_bins))
-    r_start = ops.where(from_cache, ops.convert_to_tensor(start), total)
+    slot = np.zeros((n,), np.int32)
+    slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
+    slot = ops.where(need, len(cached_bins), ops.convert_to_tensor(slot))
     f32 = lambda x: ops.cast(x, "float32")  # pylint: disable=unnecessary-lambda-assignment
 
     def switch(index, branches):
@@ -389,17 +384,20 @@ class PuppetClassifier(keras.Model):
 
     def kernel_at(s, j, b, p):
       (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
+      k = backend_ops.gather(slot, b)
       if j is None:
         branches = [lambda t=t: f32(t[s][0]) for t in stored]
         branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
-        return switch(backend_ops.gather(t_index, b), branches)
-      branches = [lambda r=r: f32(r) for t in stored for r in t[s][1]]
-      # Generated: layer j of the bin's state (a switch over the layers, so that the
+        return switch(k, branches)
+      # Layer j of the bin's generated state (a switch over the layers, so that the
       # generated kernels need no stacking copy), folded with layer j's scale.
       generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
                           for i in range(len(r_gen))]
-      branches.append(lambda: switch(j, generated_layers))
-      return switch(ops.minimum(backend_ops.gather(r_start, b) + j, total), branches)
+      if not stored:
+        return switch(j, generated_layers)
+      return ops.cond(k < len(stored),
+                      lambda: f32(switch(k, [lambda t=t: t[s][1] for t in stored])[j]),
+                      lambda: switch(j, generated_layers))
 
     occupied_ids = backend_ops.nonzero(occupied)
     depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
@@ -590,7 +588,15 @@ class PuppetClassifier(keras.Model):
         for j in range(units * kpu):
           folded.append(store(repeated[j][0] * rep[j][0]))
           repeated[j] = None
-        stages.append((folded[0], folded[1:]))
+        # The stage's repeated kernels as one (layers, K, K, C, C) table. Stacked through a
+        # NumPy copy so that the layer tensors are freed before the table is allocated:
+        # TensorFlow's CPU pool then never holds both (a `stack` would, and keep the excess).
+        k, c_s = c.kernel_size, int(folded[0].shape[-1])
+        table = (np.stack([ops.convert_to_numpy(r) for r in folded[1:]]) if len(folded) > 1
+                 else np.zeros((0, k, k, c_s, c_s), ops.convert_to_numpy(folded[0]).dtype))
+        del folded[1:]
+        stages.append((folded[0], ops.convert_to_tensor(table)))
+        del table
       stored[int(b)] = stages
       del kernels, stages, folded
       backend_ops.release_free_heap_memory()
