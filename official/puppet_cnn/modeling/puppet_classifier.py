@@ -583,22 +583,22 @@ class PuppetClassifier(keras.Model):
       for s, ((t_scale, _), rep) in enumerate(affine):
         transition, repeated = kernels[s]
         kernels[s] = None
-        folded = [store(transition[0] * t_scale)]
+        folded = store(transition[0] * t_scale)
         del transition
+        # The stage's repeated kernels as one (layers, K, K, C, C) table, filled through a
+        # NumPy buffer one folded kernel at a time: the generated kernels are freed before
+        # the table is allocated, so TensorFlow's CPU pool never holds both (a `stack` would,
+        # and keep the excess resident).
+        k, c_s = c.kernel_size, int(folded.shape[-1])
+        table = np.empty((units * kpu, k, k, c_s, c_s), ops.convert_to_numpy(folded).dtype)
         for j in range(units * kpu):
-          folded.append(store(repeated[j][0] * rep[j][0]))
+          table[j] = ops.convert_to_numpy(store(repeated[j][0] * rep[j][0]))
           repeated[j] = None
-        # The stage's repeated kernels as one (layers, K, K, C, C) table. Stacked through a
-        # NumPy copy so that the layer tensors are freed before the table is allocated:
-        # TensorFlow's CPU pool then never holds both (a `stack` would, and keep the excess).
-        k, c_s = c.kernel_size, int(folded[0].shape[-1])
-        table = (np.stack([ops.convert_to_numpy(r) for r in folded[1:]]) if len(folded) > 1
-                 else np.zeros((0, k, k, c_s, c_s), ops.convert_to_numpy(folded[0]).dtype))
-        del folded[1:]
-        stages.append((folded[0], ops.convert_to_tensor(table)))
-        del table
+        del repeated
+        stages.append((folded, ops.convert_to_tensor(table)))
+        del table, folded
       stored[int(b)] = stages
-      del kernels, stages, folded
+      del kernels, stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
                                       c.depth_scale, dtype)
