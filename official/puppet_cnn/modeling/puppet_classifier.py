@@ -384,19 +384,19 @@ class PuppetClassifier(keras.Model):
 
     def kernel_at(s, j, b, p):
       (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
-      k = backend_ops.gather(slot, b)
+      source = backend_ops.gather(slot, b)
       if j is None:
         branches = [lambda t=t: f32(t[s][0]) for t in stored]
         branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
-        return switch(k, branches)
+        return switch(source, branches)
       # Layer j of the bin's generated state (a switch over the layers, so that the
       # generated kernels need no stacking copy), folded with layer j's scale.
       generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
                           for i in range(len(r_gen))]
       if not stored:
         return switch(j, generated_layers)
-      return ops.cond(k < len(stored),
-                      lambda: f32(switch(k, [lambda t=t: t[s][1] for t in stored])[j]),
+      return ops.cond(source < len(stored),
+                      lambda: f32(switch(source, [lambda t=t: t[s][1] for t in stored])[j]),
                       lambda: switch(j, generated_layers))
 
     occupied_ids = backend_ops.nonzero(occupied)
@@ -585,10 +585,10 @@ class PuppetClassifier(keras.Model):
         kernels[s] = None
         folded = store(transition[0] * t_scale)
         del transition
-        # The stage's repeated kernels as one (layers, K, K, C, C) table, filled through a
-        # NumPy buffer one folded kernel at a time: the generated kernels are freed before
-        # the table is allocated, so TensorFlow's CPU pool never holds both (a `stack` would,
-        # and keep the excess resident).
+        # The stage's repeated kernels as one (layers, K, K, C, C) table, filled in a NumPy
+        # buffer one folded kernel at a time while the generated ones are released; its
+        # TensorFlow copy is made after that, so TensorFlow's CPU pool never holds the
+        # generated kernels and the table at once (a `stack` would, and keep the excess).
         k, c_s = c.kernel_size, int(folded.shape[-1])
         table = np.empty((units * kpu, k, k, c_s, c_s), ops.convert_to_numpy(folded).dtype)
         for j in range(units * kpu):
