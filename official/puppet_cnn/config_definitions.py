@@ -167,8 +167,9 @@ class PuppetCNNConfig:
       batch is partitioned by bin; the puppeteer integrates one state per occupied bin (its
       batch-norm statistics weighted by the bin's sample count), and each bin's samples run
       their shared kernels with an ordinary conv for exactly the bin's depth (no masks; in
-      training one unrolled branch per bin, in inference see `bucketed_inference`). In training the puppet's batch-norm statistics are
-      computed jointly over all groups that reach a layer, so the loss, gradients and moving
+      training one unrolled branch per bin, in inference see `bucketed_inference`). In
+      training the puppet's batch-norm statistics are computed jointly over all groups
+      that reach a layer, so the loss, gradients and moving
       statistics are those of 'per_sample' with the same bins. Not XLA-compatible (dynamic
       group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
       `tf.function(jit_compile=True)` raise a ValueError. In inference the kernels depend
@@ -178,9 +179,10 @@ class PuppetCNNConfig:
       the occupied bins runs each bin's samples through one shared subgraph per stage (a
       `while_loop` over the bin's layers, each kernel picked by bin and layer from the kernel
       cache or from the kernels generated in this call), so the puppet's part of the graph
-      does not grow with the number of bins (a kernel cache adds one small `switch` branch per
-      cached kernel). 'per_bin': one branch per bin under its own `cond`, each with its layers
-      unrolled; the bins can run concurrently, but the graph holds every bin's layers.
+      does not grow with the number of bins (a kernel cache adds one small `switch` branch
+      per cached bin and stage). 'per_bin': one branch per bin under its own `cond`, each
+      with its layers unrolled; the bins can run concurrently, but the graph holds every
+      bin's layers.
       Same predictions (within float rounding); docs/benchmarks_cached.md and
       docs/memory_profile.md measure both.
     depth_scale: s, the resolution in depth (default 1.0: as trained, the paper). A sample
