@@ -350,18 +350,29 @@ def test_partial_cache_from_images_and_errors(layout):
     b.cache_kernels(bins=[16])
 
 
+# Three bin states (H, step, sample-count weight) for the puppeteer gradient tests.
+_STATES = (np.array([1.5, 2.5, 3.0], np.float32),
+           cx.step_size(np.array([1.5, 2.5, 3.0], np.float32)),
+           np.array([2, 1, 3], np.float32))
+
+
+def _puppeteer_pair():
+  """Two PuppeteerODEs (max_depth 5) with identical weights."""
+  kw = dict(stage_channels=(4, 6), input_channels=3, max_depth=5, init_rank=2)
+  a, b = PuppeteerODE(**kw), PuppeteerODE(**kw)
+  a.build(None)
+  b.build(None)
+  b.set_weights(a.get_weights())
+  return a, b
+
+
 def test_depth_sorted_gradients_when_every_state_stops_before_max_depth():
   # All depths < max_depth: the last steps have no state left to integrate. (TensorFlow's
   # depthwise-conv filter gradient of an empty batch is uninitialized memory; this turned
   # bucketed training into NaN.) The gradients must equal those of the masked form.
-  kw = dict(stage_channels=(4, 6), input_channels=3, max_depth=5, init_rank=2)
-  masked, sliced = PuppeteerODE(**kw), PuppeteerODE(**kw)
-  masked.build(None)
-  sliced.build(None)
-  sliced.set_weights(masked.get_weights())
-  h = np.array([1.5, 2.5, 3.0], np.float32)
-  step, depth = cx.step_size(h), np.array([1, 2, 2], np.int32)
-  weight = np.array([2, 1, 3], np.float32)
+  masked, sliced = _puppeteer_pair()
+  h, step, weight = _STATES
+  depth = np.array([1, 2, 2], np.int32)
 
   def grads(layer, **kwargs):
     with tf.GradientTape() as tape:
@@ -382,14 +393,9 @@ def test_active_rows_only_gradients_match_masking_when_no_state_reaches_the_last
   # Bucketed training pools each repeated kernel only for the states deeper than its unit;
   # with every depth below max_depth the last units have no rows at all. The loss over the
   # used kernels must have the masked form's gradients (finite, same values).
-  kw = dict(stage_channels=(4, 6), input_channels=3, max_depth=5, init_rank=2)
-  masked, rows = PuppeteerODE(**kw), PuppeteerODE(**kw)
-  masked.build(None)
-  rows.build(None)
-  rows.set_weights(masked.get_weights())
-  h = np.array([1.5, 2.5, 3.0], np.float32)
-  step, depth = cx.step_size(h), np.array([1, 2, 3], np.int32)
-  weight = np.array([2, 1, 3], np.float32)
+  masked, rows = _puppeteer_pair()
+  h, step, weight = _STATES
+  depth = np.array([1, 2, 3], np.int32)
 
   def grads(layer, **kwargs):
     with tf.GradientTape() as tape:

@@ -340,33 +340,9 @@ class PuppetClassifier(keras.Model):
     """
     c = self.config
     n = c.complexity_bins
-    centres, steps, depths = self.bin_table()
-    kpu = self.puppet.kernels_per_unit
-    scaled = self._puppeteer_scaling()
-    layers = scaled["units"] * kpu
-    k = c.kernel_size
+    _, _, depths = self.bin_table()
     width = channels[-1]
-
-    # The bins to generate, in increasing order (so sorted by depth), one state each.
-    ids = backend_ops.nonzero(need)
-    h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
-                                    ops.take(ops.convert_to_tensor(steps), ids))
-    depth_sorted = bool(np.all(np.diff(depths) >= 0))
-
-    def generate():
-      return self.puppeteer(h, dl, backend_ops.gather(ops.convert_to_tensor(depths), ids),
-                            training=False, depth_sorted=depth_sorted, stack_repeated=False,
-                            channels=channels, **scaled)
-
-    def nothing():
-      out, c_prev = [], c.input_shape[-1]
-      for ch in channels:
-        out.append((ops.zeros((0, k, k, c_prev, ch)), [ops.zeros((0, k, k, ch, ch))] * layers))
-        c_prev = ch
-      return out
-    generated = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
-    # Position of bin b among the generated states (clamped: unused for the other bins).
-    position = ops.maximum(ops.cumsum(ops.cast(need, "int32")) - 1, 0)
+    generated, position = self._generate_inference_kernels(need, channels)
 
     # Where each bin's kernels come from: its slot among the cached bins (each cached bin
     # keeps a stage's repeated kernels as one table, so a `switch` over the bins returns the
@@ -430,36 +406,15 @@ class PuppetClassifier(keras.Model):
     tensors); only call it for a bin that is in `mask`.
     """
     c = self.config
-    centres, steps, depths = self.bin_table()
-    ids = backend_ops.nonzero(mask)
-    h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
-                                    ops.take(ops.convert_to_tensor(steps), ids))
-    depth = ops.take(ops.convert_to_tensor(depths), ids)
-    weight = ops.take(counts, ids)
-    k = c.kernel_size
-    # Bins come in increasing order, and depth never decreases with H: sorted by depth.
-    depth_sorted = bool(np.all(np.diff(depths) >= 0))
+    _, _, depths = self.bin_table()
     channels = tuple(channels or c.channels)
-    scaled = self._puppeteer_scaling()
+    kpu = self.puppet.kernels_per_unit
     if training:
-      kernels = self.puppeteer(h, dl, depth, training=True, state_weight=weight,
+      ids, h, dl, depth, depth_sorted = self._bin_states(mask)
+      kernels = self.puppeteer(h, dl, depth, training=True, state_weight=ops.take(counts, ids),
                                depth_sorted=depth_sorted, stack_repeated=False,
                                active_rows_only=depth_sorted,
-                               channels=channels, **scaled)
-    else:
-      def generate():
-        return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted,
-                              stack_repeated=False, channels=channels, **scaled)
-
-      def nothing():
-        out, c_prev = [], c.input_shape[-1]
-        layers = scaled["units"] * self.puppet.kernels_per_unit
-        for ch in channels:
-          out.append((ops.zeros((0, k, k, c_prev, ch)), [ops.zeros((0, k, k, ch, ch))] * layers))
-          c_prev = ch
-        return out
-      kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
-    if training:
+                               channels=channels, **self._puppeteer_scaling())
       # Bin b's kernel of a layer is that layer's kernels split by bin: one row when the bin
       # was generated, none otherwise (`group_conv2d` reads it only for a non-empty group).
       # The states come in bin order, so a split along the rows with sizes `mask` does it: its
@@ -470,7 +425,6 @@ class PuppetClassifier(keras.Model):
       # With depth-sorted states, repeated kernel j has rows only for the bins deeper than
       # its unit (`active_rows_only`): those bins' rows, in bin order.
       n = c.complexity_bins
-      kpu = self.puppet.kernels_per_unit
       split: Dict[Any, list] = {}
 
       def sizes(unit):
@@ -491,9 +445,7 @@ class PuppetClassifier(keras.Model):
         return out
       return kernels_for_training
 
-    # Position of bin b among the generated states (clamped: unused for bins not in `mask`).
-    position = ops.maximum(ops.cumsum(ops.cast(mask, "int32")) - 1, 0)
-    kpu = self.puppet.kernels_per_unit
+    kernels, position = self._generate_inference_kernels(mask, channels)
 
     def kernels_for(b, eager=False):
       p = position[b]
@@ -505,6 +457,43 @@ class PuppetClassifier(keras.Model):
         out.append((backend_ops.gather(transition, p), take))
       return out
     return kernels_for
+
+  def _bin_states(self, mask):
+    """The puppeteer's inputs for the bins where `mask` is true, one state each:
+    (ids, H, step, depth, depth_sorted). Bins come in increasing order and depth never
+    decreases with H, so the states come sorted by depth; `depth_sorted` checks it on the
+    bin table."""
+    centres, steps, depths = self.bin_table()
+    ids = backend_ops.nonzero(mask)
+    h, dl = self._kernel_complexity(ops.take(ops.convert_to_tensor(centres), ids),
+                                    ops.take(ops.convert_to_tensor(steps), ids))
+    depth = ops.take(ops.convert_to_tensor(depths), ids)
+    return ids, h, dl, depth, bool(np.all(np.diff(depths) >= 0))
+
+  def _generate_inference_kernels(self, mask, channels):
+    """Inference-mode kernels of the bins where `mask` is true (none generated when no bin
+    is), and each bin's position among them: (kernels, position). `kernels` is per stage
+    `(transition (M, ...), [repeated kernel j (M, ...)])`; position[b] is bin b's row
+    (clamped: meaningless for a bin not in `mask`)."""
+    c = self.config
+    ids, h, dl, depth, depth_sorted = self._bin_states(mask)
+    scaled = self._puppeteer_scaling()
+    k = c.kernel_size
+
+    def generate():
+      return self.puppeteer(h, dl, depth, training=False, depth_sorted=depth_sorted,
+                            stack_repeated=False, channels=channels, **scaled)
+
+    def nothing():
+      out, c_prev = [], c.input_shape[-1]
+      layers = scaled["units"] * self.puppet.kernels_per_unit
+      for ch in channels:
+        out.append((ops.zeros((0, k, k, c_prev, ch)), [ops.zeros((0, k, k, ch, ch))] * layers))
+        c_prev = ch
+      return out
+    kernels = ops.cond(ops.shape(ids)[0] > 0, generate, nothing)
+    position = ops.maximum(ops.cumsum(ops.cast(mask, "int32")) - 1, 0)
+    return kernels, position
 
   # ------------------------------------------------------------------ inference kernel cache
   def cache_kernels(self, bins=None, images=None, dtype: str = "float32"):
