@@ -27,6 +27,9 @@ Models (`--models`):
   puppet_cached16  puppet_cached with cache_kernels(dtype='float16'): half the cache's memory, each
                    kernel rounded to 16 bits (lossy: not the exact path; the report gives its
                    targets apart and its largest logit deviation from puppet_cached).
+  puppet_cached8   puppet_cached with cache_kernels(dtype='int8'): a quarter of the cache's
+                   memory (weight-only int8, a float32 scale per layer and output channel),
+                   dequantized before each convolution (lossy, reported like puppet_cached16).
   puppet_remat     puppet_bucketed with generator_remat=True: G's activations are recomputed
                    in the backward pass (training only; its inference is bucketed's).
   puppet_light     puppet_bucketed with a lighter puppeteer: state_channels=
@@ -69,8 +72,9 @@ from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_cached_per_bin", "puppet_remat")
-CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin", "puppet_cached16")
-APPROXIMATE_MODELS = ("puppet_light", "puppet_cached16")  # targets reported apart
+LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8"}
+CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin") + tuple(LOSSY_CACHE_DTYPES)
+APPROXIMATE_MODELS = ("puppet_light",) + tuple(LOSSY_CACHE_DTYPES)  # targets reported apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
@@ -221,6 +225,7 @@ def _build(spec, calibration):
       "puppet_cached_per_bin": dict(complexity_bins=spec["bins"], execution="bucketed",
                                     bucketed_inference="per_bin"),
       "puppet_cached16": dict(complexity_bins=spec["bins"], execution="bucketed"),
+      "puppet_cached8": dict(complexity_bins=spec["bins"], execution="bucketed"),
       "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
                            generator_remat=True),
       "puppet_light": dict(complexity_bins=spec["bins"], execution="bucketed",
@@ -231,7 +236,7 @@ def _build(spec, calibration):
   model.build()
   if name in CACHED_MODELS:
     start = time.perf_counter()
-    dtype = "float16" if name == "puppet_cached16" else "float32"
+    dtype = LOSSY_CACHE_DTYPES.get(name, "float32")
     bins = model.cache_kernels(images=calibration, dtype=dtype)
     info = model.kernel_cache_info()
     notes.update(cached_bins=list(bins), cache_mb=info["bytes"] / 1e6,
@@ -293,14 +298,14 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     if 256 in spec["infer_batches"]:
       result["batch_256"] = _time_calls(lambda i: fn(batches[256]).numpy(), repeats, warmup)
       result["hwm_b256_kb"] = _proc_status_kb("VmHWM")
-    if spec["model"] == "puppet_cached16":  # after every measurement: its cost of rounding
+    if spec["model"] in LOSSY_CACHE_DTYPES:  # after every measurement: its cost of rounding
       approx = fn(batches[256][:64]).numpy()
       model.cache_kernels(images=calibration, dtype="float32")
       exact = tf.function(lambda x: model(x, training=False))(batches[256][:64]).numpy()
-      result["notes"]["float16_max_logit_error"] = float(np.abs(approx - exact).max())
-      result["notes"]["float16_logit_scale"] = float(np.abs(exact).max())
-      result["notes"]["float16_same_class"] = float(np.mean(approx.argmax(-1)
-                                                            == exact.argmax(-1)))
+      result["notes"]["lossy_max_logit_error"] = float(np.abs(approx - exact).max())
+      result["notes"]["lossy_logit_scale"] = float(np.abs(exact).max())
+      result["notes"]["lossy_same_class"] = float(np.mean(approx.argmax(-1)
+                                                          == exact.argmax(-1)))
   else:
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -672,12 +677,12 @@ def _section_lines(section) -> List[str]:
       if res and res.get("load_avg_1min"):
         notes.append(f"load {part} {res['load_avg_1min'][0]:.1f}->{res['load_avg_1min'][1]:.1f}")
     cache = (inf.get("notes") or {})
-    if cache.get("float16_max_logit_error") is not None:
-      scale = cache.get("float16_logit_scale") or 1.0
+    if cache.get("lossy_max_logit_error") is not None:
+      scale = cache.get("lossy_logit_scale") or 1.0
       notes.append(f"against the float32 cache on the batch of 64: largest logit difference "
-                   f"{cache['float16_max_logit_error']:.2g} ("
-                   f"{cache['float16_max_logit_error'] / scale:.1e} of the largest |logit|, "
-                   f"{scale:.2g}), same class for {100 * cache['float16_same_class']:.0f}% of "
+                   f"{cache['lossy_max_logit_error']:.2g} ("
+                   f"{cache['lossy_max_logit_error'] / scale:.1e} of the largest |logit|, "
+                   f"{scale:.2g}), same class for {100 * cache['lossy_same_class']:.0f}% of "
                    "the images (untrained weights: a check of the rounding, not of accuracy)")
     if cache.get("cached_bins") is not None:
       notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB "
@@ -719,6 +724,11 @@ def _section_lines(section) -> List[str]:
               f"{section['light_state']}, generator_rank={section['light_rank']}; not the "
               "paper's):", ""]
     for t in _targets(section, ("puppet_light",)):
+      lines.append(f"- {t}")
+  if any(r["model"] == "puppet_cached8" for r in section["rows"]):
+    lines += ["", "With the paper's G and an int8 kernel cache (puppet_cached8; weight-only "
+              "int8 kernels, a float32 scale per output channel, so not the exact path):", ""]
+    for t in _targets(section, ("puppet_cached8",)):
       lines.append(f"- {t}")
   if any(r["model"] == "puppet_cached16" for r in section["rows"]):
     lines += ["", "With the paper's G and a float16 kernel cache (puppet_cached16; kernels "

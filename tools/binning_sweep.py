@@ -36,8 +36,9 @@ def define_flags():
   flags.DEFINE_enum("execution", "bucketed", ["bucketed", "per_sample"],
                     "Execution of the binned rows (bucketed: cached kernels, the fast path).")
   flags.DEFINE_list("cache_dtypes", ["float32"], "Kernel-cache storage dtypes of the bucketed "
-                    "rows (float32, float16, bfloat16): one row each; 16-bit caches round "
-                    "the kernels (PuppetClassifier.cache_kernels).")
+                    "rows (float32, float16, bfloat16, int8): one row each; 16-bit caches "
+                    "round the kernels, int8 quantizes them per output channel "
+                    "(PuppetClassifier.cache_kernels).")
   flags.DEFINE_string("data_dir", None, "Overrides the runs' data_dir.")
   flags.DEFINE_integer("limit", None, "Evaluate on the first N test images only.")
   flags.DEFINE_string("output", "docs/binning.md", "Markdown file to write.")

@@ -318,7 +318,44 @@ def test_16_bit_cache_is_the_float32_cache_rounded(dtype, tol, layout):
   error = np.abs(got - want).max() / max(1.0, np.abs(want).max())
   assert 0 < error <= tol, error  # rounded, so not exact, but close to the per-sample model
   with pytest.raises(ValueError, match="dtype must be one of"):
-    b.cache_kernels(dtype="int8")
+    b.cache_kernels(dtype="int4")
+
+
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_int8_cache_is_the_float32_cache_quantized_per_output_channel(layout):
+  a, b = _pair(layout=layout)
+  images = _images()
+  b.cache_kernels(dtype="float32")
+  full = {k: [(t.numpy(), r.numpy()) for t, r in v]
+          for k, v in b._kernel_cache.kernels.items()}  # pylint: disable=protected-access
+  bins = b.cache_kernels(dtype="int8")
+  cache = b._kernel_cache  # pylint: disable=protected-access
+  info = b.kernel_cache_info()
+  assert info["dtype"] == "int8" and info["valid"]
+  # 1 byte per kernel entry plus a float32 scale per (kernel, output channel).
+  channels = sum(t.shape[-1] + r.shape[0] * r.shape[-1]
+                 for v in full.values() for t, r in v)
+  assert info["bytes"] == info["params"] + 4 * channels
+  for k in bins:  # independent float64 quantization of each float32 kernel, channel by channel
+    for (t, r), (t_scale, r_scale), (t32, r32) in zip(cache.kernels[k], cache.scales[k],
+                                                      full[k]):
+      for q, scale, kernel in [(t, t_scale, t32)] + [
+          (r[j], r_scale[j], r32[j]) for j in range(r32.shape[0])]:
+        q, scale = np.asarray(q), np.asarray(scale)
+        assert q.dtype == np.int8
+        for o in range(kernel.shape[-1]):
+          w = kernel[..., o].astype(np.float64)
+          peak = np.abs(w).max()
+          want_scale = peak / 127 if peak > 0 else 1.0
+          assert abs(scale[o] - want_scale) <= 1e-6 * want_scale
+          assert np.abs(q[..., o] - np.rint(w / want_scale)).max() <= 1
+  want = np.asarray(a(images, training=False))
+  got = np.asarray(b(images, training=False))
+  error = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+  # Lossy (4 to 8 inputs per output channel in this tiny model: a coarse grid), but close.
+  assert 0 < error <= 3e-2, error
+  graph = tf.function(lambda x: b(x, training=False))
+  _close(graph(tf.constant(images.astype(np.float32))), got, 1e-5)
 
 
 def ops_cast(x):

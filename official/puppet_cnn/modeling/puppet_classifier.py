@@ -34,13 +34,15 @@ from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling.dynamic_conv_stack import DynamicConvStack
 from official.puppet_cnn.modeling.dynamic_conv_stack import KERNELS_PER_UNIT
+from official.puppet_cnn.modeling import kernel_quantization
 from official.puppet_cnn.modeling import scaling
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 class _KernelCache:
@@ -51,7 +53,8 @@ class _KernelCache:
   change the model's weights or parameter counts.
   """
 
-  def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32"):
+  def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
+               scales=None):
     self.n_bins = n_bins
     self.integrator = integrator
     self.depth_scale = depth_scale
@@ -59,19 +62,32 @@ class _KernelCache:
     self.kernels = kernels    # {bin: [(transition, repeated) per stage]}, `repeated` the
                               # bin's (layers, K, K, C, C) kernels stacked; each kernel times
                               # its layer's inference batch-norm scale
+    self.scales = scales      # int8: {bin: [(transition scale (C,), repeated (layers, C))]}
+                              # (kernel_quantization); None for float storage
     self.snapshot = snapshot  # copies of _kernel_cache_inputs() at generation time
 
   @property
   def bins(self):
     return tuple(sorted(self.kernels))
 
+  def stage_scales(self, b):
+    """Bin b's per-stage (transition scale, repeated scales); (None, None) per stage for
+    float storage."""
+    if self.scales is None:
+      return [(None, None)] * len(self.kernels[b])
+    return self.scales[b]
+
   def load(self, b):
-    """Bin b's kernels in float32 (cast from the storage dtype where that is 16-bit), per
-    stage `(transition, [repeated kernels...])` (each a slice of the stored table)."""
-    cast = ((lambda k: k) if self.dtype == "float32"  # pylint: disable=unnecessary-lambda-assignment
-            else (lambda k: ops.cast(k, "float32")))
-    return [(cast(t), [cast(repeated[j]) for j in range(repeated.shape[0])])
-            for t, repeated in self.kernels[b]]
+    """Bin b's kernels in float32 (cast or dequantized from the storage dtype), per stage
+    `(transition, [repeated kernels...])` (each a slice of the stored table)."""
+    if self.dtype == "float32":
+      return [(t, [repeated[j] for j in range(repeated.shape[0])])
+              for t, repeated in self.kernels[b]]
+    return [(kernel_quantization.dequantize(t, t_scale),
+             [kernel_quantization.dequantize(repeated[j],
+                                             None if r_scale is None else r_scale[j])
+              for j in range(repeated.shape[0])])
+            for (t, repeated), (t_scale, r_scale) in zip(self.kernels[b], self.stage_scales(b))]
 
   def num_params(self) -> int:
     total = 0
@@ -79,6 +95,14 @@ class _KernelCache:
       for transition, repeated in stages:
         total += int(np.prod(transition.shape)) + int(np.prod(repeated.shape))
     return total
+
+  def num_bytes(self) -> int:
+    """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
+    tensors = [k for stages in self.kernels.values() for pair in stages for k in pair]
+    if self.scales is not None:
+      tensors += [k for stages in self.scales.values() for pair in stages for k in pair]
+    return sum(int(np.prod(k.shape)) * _ITEMSIZE[keras.backend.standardize_dtype(k.dtype)]
+               for k in tensors)
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -349,11 +373,11 @@ class PuppetClassifier(keras.Model):
     # bin's table, the stored tensor itself, and layer j is a slice of it: no copy), or the
     # kernels generated in this call for the bins that `need` generating (folded here).
     cached_bins = list(cache.bins) if cache is not None else []
-    stored = [cache.kernels[b] for b in cached_bins]
+    stored = [list(zip(cache.kernels[b], cache.stage_scales(b))) for b in cached_bins]
     slot = np.zeros((n,), np.int32)
     slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
     slot = ops.where(need, len(cached_bins), ops.convert_to_tensor(slot))
-    f32 = lambda x: ops.cast(x, "float32")  # pylint: disable=unnecessary-lambda-assignment
+    dequantize = kernel_quantization.dequantize
 
     def switch(index, branches):
       return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
@@ -362,7 +386,7 @@ class PuppetClassifier(keras.Model):
       (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
       source = backend_ops.gather(slot, b)
       if j is None:
-        branches = [lambda t=t: f32(t[s][0]) for t in stored]
+        branches = [lambda t=t: dequantize(t[s][0][0], t[s][1][0]) for t in stored]
         branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
         return switch(source, branches)
       # Layer j of the bin's generated state (a switch over the layers, so that the
@@ -371,9 +395,15 @@ class PuppetClassifier(keras.Model):
                           for i in range(len(r_gen))]
       if not stored:
         return switch(j, generated_layers)
-      return ops.cond(source < len(stored),
-                      lambda: f32(switch(source, [lambda t=t: t[s][1] for t in stored])[j]),
-                      lambda: switch(j, generated_layers))
+
+      def cached():
+        # The bin's stored table (and its int8 scales), then layer j of it.
+        if cache.scales is None:
+          return dequantize(switch(source, [lambda t=t: t[s][0][1] for t in stored])[j], None)
+        table, scales = switch(source, [lambda t=t: (t[s][0][1], t[s][1][1]) for t in stored])
+        return dequantize(table[j], scales[j])
+
+      return ops.cond(source < len(stored), cached, lambda: switch(j, generated_layers))
 
     occupied_ids = backend_ops.nonzero(occupied)
     depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
@@ -522,9 +552,11 @@ class PuppetClassifier(keras.Model):
       images: optional raw images; caches only the bins they fall into.
       dtype: storage of the cached kernels. 'float32' (default) gives the generating
         path's predictions (within float rounding); 'float16' or 'bfloat16' halve the cache's
-        memory, each kernel rounded to 16 bits and cast back to float32 for its convolution:
-        a lossy approximation (accuracy: docs/binning_cache_dtype.md; speed and memory:
-        docs/benchmarks_cached.md).
+        memory, each kernel rounded to 16 bits and cast back to float32 for its convolution;
+        'int8' quarters it: weight-only int8 with a float32 scale per layer and output
+        channel (`kernel_quantization`), dequantized before each convolution. The 16-bit and
+        int8 caches are lossy approximations (accuracy: docs/binning_cache_dtype.md; speed
+        and memory: docs/benchmarks_cached.md).
     Returns:
       The sorted tuple of cached bins.
     """
@@ -554,7 +586,7 @@ class PuppetClassifier(keras.Model):
     centres, steps, depths = self.bin_table()
     kpu = self.puppet.kernels_per_unit
     affine = self.puppet.inference_affine(**self._puppet_scaling())
-    stored = {}
+    stored, scales = {}, ({} if dtype == "int8" else None)
     for b in wanted:
       # One bin per puppeteer call, integrated only as far as the bin's depth (a sample past
       # its depth keeps its state exactly, so the kernels it uses are the same). Each kernel
@@ -566,31 +598,44 @@ class PuppetClassifier(keras.Model):
       units = int(depths[b]) - 1
       kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
                                stack_repeated=False, units=units)
-      store = ((lambda k: k) if dtype == "float32"  # pylint: disable=unnecessary-lambda-assignment
-               else (lambda k: ops.cast(k, dtype)))
-      stages = []
+      def store(kernel):
+        """(kernel in the storage dtype as NumPy, its int8 scales or None)."""
+        if dtype == "int8":
+          return kernel_quantization.quantize_per_output_channel(kernel)
+        kernel = kernel if dtype == "float32" else ops.cast(kernel, dtype)
+        return ops.convert_to_numpy(kernel), None
+
+      stages, stage_scales = [], []
       for s, ((t_scale, _), rep) in enumerate(affine):
         transition, repeated = kernels[s]
         kernels[s] = None
-        folded = store(transition[0] * t_scale)
+        folded, folded_scale = store(transition[0] * t_scale)
         del transition
         # The stage's repeated kernels as one (layers, K, K, C, C) table, filled in a NumPy
         # buffer one folded kernel at a time while the generated ones are released; its
         # TensorFlow copy is made after that, so TensorFlow's CPU pool never holds the
         # generated kernels and the table at once (a `stack` would, and keep the excess).
         k, c_s = c.kernel_size, int(folded.shape[-1])
-        table = np.empty((units * kpu, k, k, c_s, c_s), ops.convert_to_numpy(folded).dtype)
+        table = np.empty((units * kpu, k, k, c_s, c_s), folded.dtype)
+        table_scale = np.empty((units * kpu, c_s), np.float32)
         for j in range(units * kpu):
-          table[j] = ops.convert_to_numpy(store(repeated[j][0] * rep[j][0]))
+          table[j], scale = store(repeated[j][0] * rep[j][0])
+          if scale is not None:
+            table_scale[j] = scale
           repeated[j] = None
         del repeated
-        stages.append((folded, ops.convert_to_tensor(table)))
+        stages.append((ops.convert_to_tensor(folded), ops.convert_to_tensor(table)))
+        if scales is not None:
+          stage_scales.append((ops.convert_to_tensor(folded_scale),
+                               ops.convert_to_tensor(table_scale)))
         del table, folded
       stored[int(b)] = stages
+      if scales is not None:
+        scales[int(b)] = stage_scales
       del kernels, stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale, dtype)
+                                      c.depth_scale, dtype, scales)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -600,7 +645,8 @@ class PuppetClassifier(keras.Model):
     self._reset_compiled_functions()
 
   def kernel_cache_info(self) -> Dict[str, Any]:
-    """What is cached: bins, stored kernel parameters, and whether it matches the weights."""
+    """What is cached: bins, stored kernel parameters, bytes (the kernels in their storage
+    dtype, plus the int8 cache's scales), and whether it matches the weights."""
     cache = self._kernel_cache
     if cache is None:
       return {"bins": (), "params": 0, "bytes_float32": 0, "bytes": 0, "dtype": None,
@@ -608,9 +654,8 @@ class PuppetClassifier(keras.Model):
     usable = self._usable_kernel_cache() is not None
     valid = usable and bool(ops.convert_to_numpy(self._kernel_cache_matches(cache)))
     params = cache.num_params()
-    itemsize = 4 if cache.dtype == "float32" else 2
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
-            "bytes": itemsize * params, "dtype": cache.dtype, "valid": valid}
+            "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid}
 
   def _usable_kernel_cache(self):
     cache = self._kernel_cache
