@@ -40,6 +40,11 @@ _FLOAT_SIGNATURE = flags.DEFINE_bool("float_signature", False, "Also add the flo
                                      "signature (float32 pixels in [0, 255]; a second copy of "
                                      "the graph).")
 
+_KERNEL_CACHE = flags.DEFINE_enum(
+    "kernel_cache", "none", ["none", "float32", "float16", "bfloat16", "int8"],
+    "A bucketed Puppet-CNN only: export every complexity bin's kernels in this dtype with the "
+    "model (serving runs them instead of the ODE; larger SavedModel; int8 is lossy).")
+
 flags.mark_flags_as_required(["model_path", "export_dir", "model_name"])
 
 
@@ -48,10 +53,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the progress
   model = model_loading.load_keras_model(_MODEL_PATH.value)
-  path = export.export_saved_model(model, _EXPORT_DIR.value, _MODEL_NAME.value,
-                                   version=_VERSION.value, top_k=_TOP_K.value,
-                                   class_names=_CLASS_NAMES.value,
-                                   float_signature=_FLOAT_SIGNATURE.value)
+  try:
+    path = export.export_saved_model(model, _EXPORT_DIR.value, _MODEL_NAME.value,
+                                     version=_VERSION.value, top_k=_TOP_K.value,
+                                     class_names=_CLASS_NAMES.value,
+                                     float_signature=_FLOAT_SIGNATURE.value,
+                                     kernel_cache=(None if _KERNEL_CACHE.value == "none"
+                                                   else _KERNEL_CACHE.value))
+  except (ValueError, FileExistsError) as e:
+    sys.exit(f"error: {e}")
   print(path)
 
 

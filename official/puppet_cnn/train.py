@@ -31,6 +31,11 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, logs and resul
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "If set, export a TF Serving SavedModel to "
     "<export_dir>/<model>/<version>/ after training/evaluation.")
+_EXPORT_KERNEL_CACHE = flags.DEFINE_enum(
+    "export_kernel_cache", "none", ["none", "float32", "float16", "bfloat16", "int8"],
+    "With --export_dir and --execution=bucketed: export every complexity bin's generated "
+    "kernels in this dtype with the SavedModel, so that serving runs the stored kernels "
+    "instead of the ODE (larger SavedModel; int8 is lossy). none: only the weights.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete an existing run in --model_dir and start over.")
 _LOGICAL_CPUS = flags.DEFINE_integer(
@@ -159,8 +164,10 @@ def main(argv):
   del argv
   from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
   from official.puppet_cnn import distribute_utils  # pylint: disable=import-outside-toplevel
+  kernel_cache = None if _EXPORT_KERNEL_CACHE.value == "none" else _EXPORT_KERNEL_CACHE.value
   try:
     config = config_from_flags()
+    train_lib.check_export_kernel_cache(config, kernel_cache)
   except (TypeError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   if _LOGICAL_CPUS.value:
@@ -168,7 +175,8 @@ def main(argv):
   from official.puppet_cnn.data.errors import DataError  # pylint: disable=import-outside-toplevel
   try:
     results = train_lib.run(config, _MODE.value, _MODEL_DIR.value,
-                            export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value)
+                            export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value,
+                            export_kernel_cache=kernel_cache)
   except (DataError, train_lib.RunError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")

@@ -253,10 +253,25 @@ def _load_for_eval(config: ExperimentConfig, splits: Splits, model_dir: str,
                           "(looked for best.keras and latest.weights.h5); train first")
 
 
+def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[str]) -> None:
+  """Raises ValueError unless `kernel_cache` (None or a cache dtype) fits the experiment."""
+  if kernel_cache is None:
+    return
+  from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
+  if kernel_cache not in CACHE_DTYPES:
+    raise ValueError(f"--export_kernel_cache must be one of {CACHE_DTYPES}, got "
+                     f"{kernel_cache!r}")
+  if not models.is_puppet(config.train.model) or config.model.execution != "bucketed":
+    raise ValueError("--export_kernel_cache needs a Puppet-CNN model with "
+                     "--execution=bucketed (and --complexity_bins > 0); got "
+                     f"--model={config.train.model} --execution={config.model.execution}")
+
+
 def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optional[str] = None,
         overwrite: bool = False, splits: Optional[Splits] = None,
         strategy: Optional[tf.distribute.Strategy] = None,
-        callbacks: Sequence[keras.callbacks.Callback] = ()) -> Dict[str, Any]:
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        export_kernel_cache: Optional[str] = None) -> Dict[str, Any]:
   """Trains and/or evaluates as `mode` says; returns the results dict ({} for mode=train).
 
   Args:
@@ -268,11 +283,15 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
     splits: datasets to use instead of building them from config.data (tests, notebooks).
     strategy: a tf.distribute strategy instead of config.train.distribution_strategy.
     callbacks: extra Keras callbacks for `fit` (run after the built-in ones).
+    export_kernel_cache: None: export the generating model (only the puppeteer's weights);
+      a cache dtype ('float32', 'float16', 'bfloat16', 'int8'): export every bin's kernels in
+      that dtype with it (a bucketed Puppet-CNN only; `serving/export.py`, "Kernel cache").
   """
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
   if not model_dir:
     raise ValueError("--model_dir is required")
+  check_export_kernel_cache(config, export_kernel_cache)
   t = config.train
   keras.utils.set_random_seed(t.seed)
   keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
@@ -316,7 +335,8 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
       model, _ = _load_for_eval(config, splits, model_dir, strategy, None)
     from official.puppet_cnn.serving import export  # pylint: disable=import-outside-toplevel
     path = export.export_saved_model(model, export_dir, model_name=t.model,
-                                     class_names=list(splits.class_names))
+                                     class_names=list(splits.class_names),
+                                     kernel_cache=export_kernel_cache)
     results["export_path"] = path
     logging.info("exported SavedModel to %s", path)
   return results

@@ -82,6 +82,24 @@ def test_bounded_while_loop_stops_early_and_respects_bound():
   assert (int(i), int(total)) == (5, 10)
 
 
+def test_sequential_while_loop_values_and_no_overlapping_iterations():
+  # Fibonacci pairs against a Python loop, with an early exit and a bound.
+  def run(limit, bound):
+    return backend_ops.sequential_while_loop(
+        lambda i, a, b: a < limit, lambda i, a, b: (i + 1, b, a + b),
+        (tf.constant(0), tf.constant(0), tf.constant(1)), maximum_iterations=bound)
+
+  i, a, b = [int(v) for v in run(50, 100)]
+  want = (0, 0, 1)
+  while want[1] < 50:
+    want = (want[0] + 1, want[2], want[1] + want[2])
+  assert (i, a, b) == want == (10, 55, 89)
+  assert [int(v) for v in run(50, 4)] == [4, 3, 5]
+  graph = tf.function(lambda: run(50, 100)).get_concrete_function().graph.as_graph_def()
+  loops = [n for n in graph.node if n.op in ("While", "StatelessWhile")]
+  assert loops and all(n.attr["parallel_iterations"].i == 1 for n in loops)
+
+
 def test_check_images_messages():
   with pytest.raises(ValueError, match="NaN or infinite"):
     backend_ops.check_images(np.array([[np.nan]], np.float32), 255.0)

@@ -271,3 +271,112 @@ def test_saved_model_cli_show_and_run(exported, keras_reference, tmp_path):
                              keras_reference["puppet_probabilities"], atol=1e-5)
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "depth.npy"),
                                 keras_reference["puppet_depth"])
+
+
+# ------------------------------------------------------------------------ kernel cache
+@pytest.fixture(scope="module")
+def bucketed():
+  """The tiny puppet with bucketed execution (16 bins), and its generating-path outputs."""
+  model = tiny_models.tiny_puppet(complexity_bins=16, execution="bucketed")
+  x = tiny_models.images()
+  return model, x, tiny_models.softmax(model(x, training=False))
+
+
+def _variable_bytes(path):
+  """Bytes of every variable in a SavedModel's checkpoint, by its dtype."""
+  reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+  dtypes = reader.get_variable_to_dtype_map()
+  return sum(int(np.prod(shape)) * dtypes[name].size
+             for name, shape in reader.get_variable_to_shape_map().items())
+
+
+def _largest_graph_constant(path):
+  """Elements of the largest Const tensor in a SavedModel's graph and function library."""
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  graph = proto.meta_graphs[0].graph_def
+  nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+  sizes = [int(np.prod([d.size for d in n.attr["value"].tensor.tensor_shape.dim]))
+           for n in nodes if n.op == "Const"]
+  return max(sizes)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp_path):
+  model, x, generated = bucketed
+  plain = export.export_saved_model(model, str(tmp_path), "plain")
+  path = export.export_saved_model(model, str(tmp_path), "cached", kernel_cache=dtype)
+  cache = model.kernel_cache_info()
+  assert cache["dtype"] == dtype and cache["bins"] == tuple(range(16)) and cache["valid"]
+  info = export.read_model_info(path)
+  assert info["kernel_cache"] == {"bins": list(range(16)), "dtype": dtype,
+                                  "bytes": cache["bytes"]}
+  assert export.read_model_info(plain)["kernel_cache"] is None
+  # The cache is stored with the variables (not as graph constants): the checkpoint grows
+  # by its bytes (plus the weight snapshot it is checked against), the graph does not.
+  assert _variable_bytes(path) - _variable_bytes(plain) >= cache["bytes"]
+  largest = max(int(np.prod(v.shape)) for v in model._kernel_cache.tensors())  # pylint: disable=protected-access
+  assert _largest_graph_constant(path) < largest, (_largest_graph_constant(path), largest)
+  loaded = tf.saved_model.load(path)
+  fn = loaded.signatures["serving_default"]
+  out = fn(images=tf.constant(x))["probabilities"].numpy()
+  want = tiny_models.softmax(model(x, training=False))  # the Keras model with the same cache
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  if dtype == "float32":  # the exact path: the generating model's probabilities
+    np.testing.assert_allclose(out, generated, atol=1e-5)
+  else:  # quantized: close to them, not equal
+    assert 0 < np.abs(out - generated).max() < 5e-2
+  # The served outputs come from the stored kernels: zeroing them changes the answer.
+  # (The cache's tensors: the kernels first, a transition and a table per stage and bin.)
+  kernels = loaded.kernel_cache_variables[:2 * len(tiny_models.TINY_PUPPET["stage_channels"])
+                                          * 16]
+  assert all(v.shape.rank >= 4 for v in kernels)
+  for v in kernels:
+    v.assign(tf.zeros_like(v))
+  changed = fn(images=tf.constant(x))["probabilities"].numpy()
+  assert np.abs(changed - out).max() > 1e-3
+  model.clear_kernel_cache()
+
+
+def test_cached_export_runs_in_the_session_loader(bucketed, tmp_path):
+  """TF Serving's TF1-style loader restores the cache variables (saved_model_cli run)."""
+  model, x, generated = bucketed
+  path = export.export_saved_model(model, str(tmp_path), "cached", kernel_cache="int8")
+  want = tiny_models.softmax(model(x, training=False))
+  model.clear_kernel_cache()
+  cli = SAVED_MODEL_CLI if os.path.exists(SAVED_MODEL_CLI) else shutil.which("saved_model_cli")
+  np.save(tmp_path / "x.npy", x)
+  run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                        "serving_default", "--inputs", f"images={tmp_path / 'x.npy'}",
+                        "--outdir", str(tmp_path / "out")], cwd=tmp_path, env=_clean_env(),
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), want, atol=1e-5)
+  assert np.abs(np.load(tmp_path / "out" / "probabilities.npy") - generated).max() > 0
+
+
+def test_kernel_cache_errors(bucketed, models, tmp_path):
+  with pytest.raises(ValueError, match="needs a Puppet-CNN with execution='bucketed'"):
+    export.export_saved_model(models["puppet"], str(tmp_path), "p", kernel_cache="int8")
+  with pytest.raises(ValueError, match="needs a Puppet-CNN with execution='bucketed'"):
+    export.export_saved_model(models["resnet"], str(tmp_path), "r", kernel_cache="int8")
+  model, _, _ = bucketed
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    export.export_saved_model(model, str(tmp_path), "b", kernel_cache="int4")
+  model.cache_kernels()
+  head = model.head.bias
+  saved = head.numpy()
+  head.assign(saved + 1.0)  # the head is not an input of the kernels: still valid
+  assert model.kernel_cache_info()["valid"]
+  head.assign(saved)
+  beta = [w for w in model.puppet.weights if w.path.endswith("beta")][0]
+  old = beta.numpy()
+  beta.assign(old + 0.5)
+  try:
+    with pytest.raises(ValueError, match="kernel cache is stale"):
+      export.export_saved_model(model, str(tmp_path), "b")
+    assert not os.path.exists(tmp_path / "b")
+  finally:
+    beta.assign(old)
+    model.clear_kernel_cache()

@@ -13,7 +13,7 @@ TINY_PUPPET = dict(stage_channels=(4, 8), max_depth=MAX_DEPTH, num_classes=NUM_C
                    input_shape=SHAPE)
 
 
-def tiny_puppet(seed: int = 0) -> PuppetClassifier:
+def tiny_puppet(seed: int = 0, **overrides) -> PuppetClassifier:
   """The tiny Puppet-CNN with informative outputs.
 
   Untrained, its ReLUs are dead at inference (moving statistics at their initial values), so
@@ -22,7 +22,7 @@ def tiny_puppet(seed: int = 0) -> PuppetClassifier:
   ReLUs alive: the probabilities then depend on each image's kernels and depth.
   """
   keras.utils.set_random_seed(seed)
-  model = PuppetClassifier(bn_momentum=0.0, **TINY_PUPPET)
+  model = PuppetClassifier(bn_momentum=0.0, **TINY_PUPPET, **overrides)
   rng = np.random.default_rng(seed)
   model(rng.integers(0, 256, (8,) + SHAPE).astype(np.uint8), training=True)
   for w in model.puppet.weights:

@@ -84,6 +84,22 @@ def test_impossible_flags_are_refused(argv, match):
     _config("--model_dir=/tmp/x", *argv)
 
 
+def test_export_kernel_cache_flag():
+  from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
+  assert tuple(FLAGS["export_kernel_cache"].parser.enum_values) == ("none",) + CACHE_DTYPES
+  bucketed = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed")
+  train_lib.check_export_kernel_cache(bucketed, "int8")
+  train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), None)
+  with pytest.raises(ValueError, match="needs a Puppet-CNN model with --execution=bucketed"):
+    train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), "int8")
+  with pytest.raises(ValueError, match="needs a Puppet-CNN model"):
+    train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x", "--model=resnet"),
+                                        "float32")
+  with pytest.raises(ValueError, match="must be one of"):
+    train_lib.check_export_kernel_cache(bucketed, "int4")
+
+
 def test_binary_reports_bad_flags_as_usage_errors(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train",
@@ -91,6 +107,12 @@ def test_binary_reports_bad_flags_as_usage_errors(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "--model must be one of" in proc.stderr and "Traceback" not in proc.stderr
+  proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train",
+                         f"--model_dir={tmp_path}", "--export_kernel_cache=int8"], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "--export_kernel_cache needs a Puppet-CNN model with --execution=bucketed" in (
+      proc.stderr)
   proc = subprocess.run([sys.executable, "-m", "official.puppet_cnn.train"], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "model_dir" in proc.stderr

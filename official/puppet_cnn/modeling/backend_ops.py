@@ -139,6 +139,22 @@ def bounded_while_loop(cond, body, loop_vars, maximum_iterations: int):
   return tuple(ops.fori_loop(0, maximum_iterations, lambda _, v: tuple(body(*v)), loop_vars))
 
 
+def sequential_while_loop(cond, body, loop_vars, maximum_iterations=None):
+  """`keras.ops.while_loop` whose iterations never overlap.
+
+  TensorFlow's `while_loop` runs up to 10 iterations at once by default: whatever in an
+  iteration does not depend on the previous one (in bucketed inference: fetching and
+  dequantizing the next layers' kernels, or the next bins' convolutions) starts early, and
+  each such iteration's tensors are alive at once. `parallel_iterations=1` makes the loop's
+  memory that of one iteration (docs/memory_profile.md). Other backends' loops are sequential.
+  """
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    return tf.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations,
+                         parallel_iterations=1)
+  return ops.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations)
+
+
 def check_images(images, pixel_max: float):
   """Raises a clear error for NaN, infinite or out-of-range pixels; returns `images`.
 

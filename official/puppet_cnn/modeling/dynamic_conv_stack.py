@@ -428,9 +428,9 @@ class DynamicConvStack(keras.layers.Layer):
           return i + 1, layer(y, kernel_at(s, r0 + 1), ops.take(shifts, r0 + 1, axis=0),
                               skip=x)
 
-        _, x = ops.while_loop(lambda i, x, n=repeats: i < n, body,
-                              (ops.convert_to_tensor(0, "int32"), x),
-                              maximum_iterations=units)
+        _, x = backend_ops.sequential_while_loop(
+            lambda i, x, n=repeats: i < n, body, (ops.convert_to_tensor(0, "int32"), x),
+            maximum_iterations=units)
       if self.pool_after[s]:
         x = backend_ops.group_max_pool(x, may_be_empty=False)
     return x

@@ -22,8 +22,9 @@ inference-mode kernels of every bin so that inference does not regenerate them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Iterator, List
 
 import keras
 import numpy as np
@@ -95,6 +96,22 @@ class _KernelCache:
       for transition, repeated in stages:
         total += int(np.prod(transition.shape)) + int(np.prod(repeated.shape))
     return total
+
+  def map(self, fn) -> "_KernelCache":
+    """A copy with `fn` applied to every stored tensor (kernels, scales and snapshot)."""
+    def tree(per_bin):
+      return {b: [tuple(fn(k) for k in pair) for pair in stages]
+              for b, stages in per_bin.items()}
+    return _KernelCache(self.n_bins, self.integrator, tree(self.kernels),
+                        [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
+                        None if self.scales is None else tree(self.scales))
+
+  def tensors(self) -> List[Any]:
+    """Every stored tensor, kernels first."""
+    out = [k for stages in self.kernels.values() for pair in stages for k in pair]
+    if self.scales is not None:
+      out += [k for stages in self.scales.values() for pair in stages for k in pair]
+    return out + list(self.snapshot)
 
   def num_bytes(self) -> int:
     """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
@@ -420,7 +437,7 @@ class PuppetClassifier(keras.Model):
       return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
 
     batch = ops.shape(bins)[0]
-    _, pooled = ops.while_loop(
+    _, pooled = backend_ops.sequential_while_loop(
         lambda i, _: i < ops.shape(occupied_ids)[0], body,
         (ops.convert_to_tensor(0, "int32"), ops.zeros((batch, width), "float32")),
         maximum_iterations=n)
@@ -656,6 +673,27 @@ class PuppetClassifier(keras.Model):
     params = cache.num_params()
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
             "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid}
+
+  @contextlib.contextmanager
+  def kernel_cache_stored_as(self, fn: Callable[[Any], Any]) -> Iterator[List[Any]]:
+    """Within the block, every tensor of the kernel cache is `fn(tensor)`.
+
+    For exporting: `fn=lambda t: tf.Variable(t, trainable=False)` makes a function traced in
+    the block read the cache from variables, which a SavedModel stores with its other
+    variables (captured tensors would be constants inside the graph). Yields the new tensors
+    (to be tracked by the exported module); an empty list without a usable cache. The
+    original cache is back after the block.
+    """
+    original = self._kernel_cache
+    cache = self._usable_kernel_cache()
+    if cache is None:
+      yield []
+      return
+    self._kernel_cache = cache.map(fn)
+    try:
+      yield self._kernel_cache.tensors()
+    finally:
+      self._kernel_cache = original
 
   def _usable_kernel_cache(self):
     cache = self._kernel_cache

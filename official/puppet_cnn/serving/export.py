@@ -25,12 +25,21 @@ The functions are traced in inference mode (`training=False`) and are not XLA-co
 trace keeps every data-dependent step in the graph (complexity, depth, the puppeteer's kernel
 generation and the bounded depth loop), so each request gets its own depth and kernels.
 
+Kernel cache: a bucketed Puppet-CNN exported with a kernel cache (`kernel_cache='int8'` here,
+or `model.cache_kernels(...)` before exporting) serves the cached bins from stored kernels
+instead of integrating the ODE per request (docs/benchmarks_cache_dtype.md: the speed of the
+static twin), and generates the others. The cache is saved as non-trainable variables next
+to the weights (`variables/`), not inside the graph, and is described in model_info.json; it
+makes the SavedModel larger (float32: roughly one set of the puppet's kernels per bin).
+Without a cache (the default) the SavedModel holds only the puppeteer's weights.
+
 The version is written to a hidden temporary folder and renamed into place, so a running
 server never sees a half-written version; an existing version is never overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -141,6 +150,9 @@ def model_info(model, model_name: str, top_k: int,
   if puppet:
     info["puppet_cnn_config"] = model.config.to_dict()
     info["parameter_breakdown"] = model.parameter_breakdown()
+    cache = model.kernel_cache_info()
+    info["kernel_cache"] = ({"bins": list(cache["bins"]), "dtype": cache["dtype"],
+                             "bytes": cache["bytes"]} if cache["valid"] else None)
   else:
     info["parameter_breakdown"] = {
         "total_stored": int(sum(int(np.prod(w.shape)) for w in model.weights))}
@@ -184,14 +196,20 @@ def build_serving_module(model, top_k: int, float_signature: bool = False):
   def serve(images):
     return serving_outputs(model, images, top_k)
 
-  signatures = {SERVING_DEFAULT: serve.get_concrete_function()}
-  if float_signature:
-    @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32, name=INPUT_NAME)],
-                 jit_compile=False, autograph=False)
-    def serve_float(images):
-      return serving_outputs(model, images, top_k)
+  @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32, name=INPUT_NAME)],
+               jit_compile=False, autograph=False)
+  def serve_float(images):
+    return serving_outputs(model, images, top_k)
 
-    signatures[FLOAT_SIGNATURE] = serve_float.get_concrete_function()
+  cache = (model.kernel_cache_stored_as(lambda t: tf.Variable(t, trainable=False))
+           if is_puppet_cnn(model) else contextlib.nullcontext([]))
+  with cache as cache_variables:
+    # Traced while the cache's tensors are variables: the graph reads them, the module
+    # tracks them, and the SavedModel stores them in variables/ (empty without a cache).
+    module.kernel_cache_variables = cache_variables
+    signatures = {SERVING_DEFAULT: serve.get_concrete_function()}
+    if float_signature:
+      signatures[FLOAT_SIGNATURE] = serve_float.get_concrete_function()
   return module, signatures
 
 
@@ -218,7 +236,7 @@ def _check_args(model, model_name, version, top_k, class_names):
 
 def export_saved_model(model, export_dir: str, model_name: str, version: Optional[int] = None,
                        top_k: int = 5, class_names: Optional[Sequence[str]] = None,
-                       float_signature: bool = False) -> str:
+                       float_signature: bool = False, kernel_cache: Optional[str] = None) -> str:
   """Writes `model` to `<export_dir>/<model_name>/<version>/` for TF Serving.
 
   Args:
@@ -231,15 +249,30 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     top_k: classes in `top_k_classes`; clipped to the number of classes.
     class_names: optional class names, stored in `assets.extra/model_info.json`.
     float_signature: also add the `float_images` signature (float32 pixels in [0, 255]).
+    kernel_cache: None (default): export the model as it is (with its kernel cache if it has
+      one). A storage dtype of `PuppetClassifier.cache_kernels` ('float32', 'float16',
+      'bfloat16', 'int8'): first cache every bin's kernels in that dtype (a bucketed
+      Puppet-CNN only; replaces the model's cache). See "Kernel cache" above.
 
   Returns:
     The version folder's path.
 
   Raises:
     FileExistsError: the explicit `version` already exists.
-    ValueError / TypeError: bad arguments (name, version, top_k, class names, model).
+    ValueError / TypeError: bad arguments (name, version, top_k, class names, model,
+      kernel_cache), or a stale kernel cache (the weights changed after `cache_kernels`).
   """
   num_classes, class_names = _check_args(model, model_name, version, top_k, class_names)
+  if kernel_cache is not None:
+    if not is_puppet_cnn(model) or model.config.execution != "bucketed":
+      raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
+                       "execution='bucketed' (complexity_bins > 0)")
+    model.cache_kernels(dtype=kernel_cache)
+  if is_puppet_cnn(model) and model.kernel_cache_info()["bins"] and not (
+      model.kernel_cache_info()["valid"]):
+    raise ValueError("the model's kernel cache is stale (its weights changed after "
+                     "cache_kernels()): call cache_kernels() again, or clear_kernel_cache() "
+                     "to export without one")
   top_k = min(int(top_k), num_classes)
   input_shape = model_input_shape(model)
   if not model.built:
