@@ -39,7 +39,7 @@ from absl import flags  # noqa: E402
 
 PHASES = ("build", "trace", "first call", "batch 1", "batch 64", "batch 256")
 MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cached16",
-          "puppet_cached8", "puppet_bucketed", "puppet_light")
+          "puppet_cached8", "puppet_frozen8", "puppet_bucketed", "puppet_light")
 
 
 def define_flags():

@@ -100,6 +100,17 @@ def test_sequential_while_loop_values_and_no_overlapping_iterations():
   assert loops and all(n.attr["parallel_iterations"].i == 1 for n in loops)
 
 
+def test_check_passes_values_and_raises_with_the_message():
+  x = tf.constant([1.0, 2.0])
+  assert backend_ops.check(tf.constant(True), x, "never").numpy().tolist() == [1.0, 2.0]
+  with pytest.raises(ValueError, match="bins are missing"):
+    backend_ops.check(tf.constant(False), x, "bins are missing")
+  fn = tf.function(lambda ok: backend_ops.check(ok, x, "bins are missing") * 2)
+  assert fn(tf.constant(True)).numpy().tolist() == [2.0, 4.0]
+  with pytest.raises(tf.errors.InvalidArgumentError, match="bins are missing"):
+    fn(tf.constant(False))
+
+
 def test_check_images_messages():
   with pytest.raises(ValueError, match="NaN or infinite"):
     backend_ops.check_images(np.array([[np.nan]], np.float32), 255.0)

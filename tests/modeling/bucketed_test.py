@@ -358,6 +358,48 @@ def test_int8_cache_is_the_float32_cache_quantized_per_output_channel(layout):
   _close(graph(tf.constant(images.astype(np.float32))), got, 1e-5)
 
 
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_cache_without_fallback_has_no_generating_path(layout, monkeypatch):
+  a, b = _pair(layout=layout)
+  images = _images()
+  want = np.asarray(a(images, training=False))
+  signature = tf.TensorSpec((None, 16, 16, 3), tf.float32)
+
+  def nodes(model):
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        signature).graph.as_graph_def()
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+  b.cache_kernels()
+  with_fallback = nodes(b)
+  assert b.cache_kernels(fallback=False) == tuple(range(16))
+  assert b.kernel_cache_info()["fallback"] is False
+  assert nodes(b) < 0.7 * with_fallback
+  calls = []
+  monkeypatch.setattr(PuppeteerODE, "call", lambda *args, **kw: calls.append(1))
+  graph = tf.function(lambda x: b(x, training=False))
+  _close(graph(tf.constant(images.astype(np.float32))), want)
+  _close(b(images, training=False), want)
+  assert not calls  # traced and run without the puppeteer
+  monkeypatch.undo()
+  # A bin it does not hold, or changed weights: an error, eagerly and in a graph.
+  message = "kernel cache was built with fallback=False"
+  deep = int(np.asarray(b(images[2:3], training=False, return_details=True)["depth"])[0])
+  assert deep == 3
+  b.cache_kernels(bins=[0], fallback=False)   # image 0 (H = 0) is in bin 0, image 2 is not
+  graph = tf.function(lambda x: b(x, training=False))
+  _close(graph(tf.constant(images[:1].astype(np.float32))), want[:1])
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    graph(tf.constant(images[:3].astype(np.float32)))
+  with pytest.raises(ValueError, match=message):
+    b(images[:3], training=False)
+  b.cache_kernels(fallback=False)
+  beta = [w for w in b.puppet.weights if w.path.endswith("beta")][0]
+  beta.assign(beta.numpy() + 0.5)
+  with pytest.raises(ValueError, match=message):
+    b(images, training=False)
+
+
 def ops_cast(x):
   return tf.cast(x, tf.float32).numpy()
 

@@ -311,7 +311,7 @@ def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp
   assert cache["dtype"] == dtype and cache["bins"] == tuple(range(16)) and cache["valid"]
   info = export.read_model_info(path)
   assert info["kernel_cache"] == {"bins": list(range(16)), "dtype": dtype,
-                                  "bytes": cache["bytes"]}
+                                  "bytes": cache["bytes"], "fallback": False}
   assert export.read_model_info(plain)["kernel_cache"] is None
   # The cache is stored with the variables (not as graph constants): the checkpoint grows
   # by its bytes (plus the weight snapshot it is checked against), the graph does not.
@@ -336,6 +336,12 @@ def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp
     v.assign(tf.zeros_like(v))
   changed = fn(images=tf.constant(x))["probabilities"].numpy()
   assert np.abs(changed - out).max() > 1e-3
+  # Exported without the generating fallback: a smaller graph than the same cache with it.
+  model.cache_kernels(dtype=dtype)
+  with_fallback = export.export_saved_model(model, str(tmp_path), "fallback")
+  assert export.read_model_info(with_fallback)["kernel_cache"]["fallback"] is True
+  size = lambda p: os.path.getsize(os.path.join(p, "saved_model.pb"))  # pylint: disable=unnecessary-lambda-assignment
+  assert size(path) < 0.8 * size(with_fallback), (size(path), size(with_fallback))
   model.clear_kernel_cache()
 
 

@@ -143,16 +143,38 @@ def sequential_while_loop(cond, body, loop_vars, maximum_iterations=None):
   """`keras.ops.while_loop` whose iterations never overlap.
 
   TensorFlow's `while_loop` runs up to 10 iterations at once by default: whatever in an
-  iteration does not depend on the previous one (in bucketed inference: fetching and
-  dequantizing the next layers' kernels, or the next bins' convolutions) starts early, and
-  each such iteration's tensors are alive at once. `parallel_iterations=1` makes the loop's
-  memory that of one iteration (docs/memory_profile.md). Other backends' loops are sequential.
+  iteration does not depend on the previous one starts early (in bucketed inference's layer
+  loop: fetching and dequantizing the next layers' kernels, before the layers that use them
+  run), and each such iteration's tensors are alive at once. `parallel_iterations=1` makes
+  the loop's memory that of one iteration (docs/memory_profile.md). Other backends' loops
+  are sequential.
   """
   if backend() == "tensorflow":
     import tensorflow as tf
     return tf.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations,
                          parallel_iterations=1)
   return ops.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations)
+
+
+def check(condition, value, message: str):
+  """`value`, once the scalar bool `condition` holds: eagerly a ValueError(message) when it
+  does not; inside a TensorFlow graph an InvalidArgumentError carrying `message` when the
+  graph runs (other backends' traced code: unchecked, as `check_images`)."""
+  if backend() == "tensorflow":
+    import tensorflow as tf
+    if tf.executing_eagerly():
+      if not bool(condition):
+        raise ValueError(message)
+      return value
+    with tf.control_dependencies([tf.debugging.Assert(condition, [message])]):
+      return tf.identity(value)
+  try:
+    ok = bool(ops.convert_to_numpy(condition))
+  except Exception:  # pylint: disable=broad-except  # a traced value: nothing to check
+    return value
+  if not ok:
+    raise ValueError(message)
+  return value
 
 
 def check_images(images, pixel_max: float):

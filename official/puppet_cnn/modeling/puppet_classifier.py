@@ -55,8 +55,9 @@ class _KernelCache:
   """
 
   def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
-               scales=None):
+               scales=None, fallback=True):
     self.n_bins = n_bins
+    self.fallback = fallback  # False: inference graphs have no generating path
     self.integrator = integrator
     self.depth_scale = depth_scale
     self.dtype = dtype
@@ -104,7 +105,7 @@ class _KernelCache:
               for b, stages in per_bin.items()}
     return _KernelCache(self.n_bins, self.integrator, tree(self.kernels),
                         [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
-                        None if self.scales is None else tree(self.scales))
+                        None if self.scales is None else tree(self.scales), self.fallback)
 
   def tensors(self) -> List[Any]:
     """Every stored tensor, kernels first."""
@@ -321,6 +322,30 @@ class PuppetClassifier(keras.Model):
     occupied = counts > 0
     width = channels[-1]
     puppet_kwargs = dict(self._puppet_scaling(), channels=channels)
+    cache = None
+    if not training:
+      cache = self._usable_kernel_cache() if channels == c.channels else None
+    if cache is not None:
+      valid = self._kernel_cache_matches(cache)
+      cached = np.zeros((n,), bool)
+      cached[list(cache.bins)] = True
+      uncached = ops.logical_and(occupied, ops.logical_not(cached))
+      if not cache.fallback:
+        # A cache without the generating fallback: nothing is generated, so a stale cache
+        # or a sample in an uncached bin is an error, never a silent wrong answer.
+        ok = ops.logical_and(valid, ops.logical_not(ops.any(uncached)))
+        message = ("the kernel cache was built with fallback=False, and this batch needs "
+                   "kernels it does not hold (a complexity bin that is not cached, or weights "
+                   "changed since cache_kernels()): call cache_kernels() again (bins=None "
+                   "caches every bin), or with fallback=True")
+        # Everything downstream depends on these three: nothing runs before the check.
+        features, bins, occupied = (backend_ops.check(ok, t, message)
+                                    for t in (features, bins, occupied))
+        need = None
+      else:
+        need = ops.logical_or(uncached, ops.logical_and(occupied, ops.logical_not(valid)))
+    else:
+      need = occupied
     if training or c.bucketed_inference == "per_bin":
       parts = backend_ops.partition(features, bins, n)
       rows = backend_ops.partition(ops.arange(batch, dtype="int32"), bins, n)
@@ -332,15 +357,6 @@ class PuppetClassifier(keras.Model):
       pooled = [ops.mean(o, axis=(1, 2)) for o in outputs]
       return backend_ops.stitch(rows, pooled)
 
-    cache = self._usable_kernel_cache() if channels == c.channels else None
-    if cache is not None:
-      valid = self._kernel_cache_matches(cache)
-      cached = np.zeros((n,), bool)
-      cached[list(cache.bins)] = True
-      need = ops.logical_and(occupied, ops.logical_or(ops.logical_not(cached),
-                                                      ops.logical_not(valid)))
-    else:
-      need = occupied
     # Inference batch norm is folded into the kernels (conv + shift + ReLU per layer): the
     # cached kernels were folded when cached, generated ones are folded here. The scales and
     # shifts are computed once per call from the current weights; a valid cache was built
@@ -349,17 +365,24 @@ class PuppetClassifier(keras.Model):
     if c.bucketed_inference == "loop":
       return self._infer_bucketed_loop(features, bins, occupied, need, cache, affine,
                                        channels)
-    kernels_for = self._generate_bin_kernels(need, counts, training=False, channels=channels)
+    kernels_for = (None if need is None else
+                   self._generate_bin_kernels(need, counts, training=False, channels=channels))
     kpu = self.puppet.kernels_per_unit
     pooled = []
     for b in range(n):
+      if need is None and b not in cache.kernels:  # no fallback: checked to be empty
+        pooled.append(ops.zeros((0, width), "float32"))
+        continue
+
       def run(b=b):
         layers = (depths[b] - 1) * kpu
 
         def generated():
           return self.puppet.fold_kernels(kernels_for(b, eager=True), affine, layers=layers)
 
-        if cache is not None and b in cache.kernels:
+        if need is None:
+          kernels = cache.load(b)
+        elif cache is not None and b in cache.kernels:
           kernels = ops.cond(valid, lambda: cache.load(b), generated)
         else:
           kernels = generated()
@@ -383,7 +406,9 @@ class PuppetClassifier(keras.Model):
     n = c.complexity_bins
     _, _, depths = self.bin_table()
     width = channels[-1]
-    generated, position = self._generate_inference_kernels(need, channels)
+    # need=None: a cache without fallback, every occupied bin checked to be cached.
+    generated, position = (None, None) if need is None else (
+        self._generate_inference_kernels(need, channels))
 
     # Where each bin's kernels come from: its slot among the cached bins (each cached bin
     # keeps a stage's repeated kernels as one table, so a `switch` over the bins returns the
@@ -393,25 +418,16 @@ class PuppetClassifier(keras.Model):
     stored = [list(zip(cache.kernels[b], cache.stage_scales(b))) for b in cached_bins]
     slot = np.zeros((n,), np.int32)
     slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
-    slot = ops.where(need, len(cached_bins), ops.convert_to_tensor(slot))
+    slot = ops.convert_to_tensor(slot)
+    if need is not None:
+      slot = ops.where(need, len(cached_bins), slot)
     dequantize = kernel_quantization.dequantize
 
     def switch(index, branches):
       return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
 
     def kernel_at(s, j, b, p):
-      (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
       source = backend_ops.gather(slot, b)
-      if j is None:
-        branches = [lambda t=t: dequantize(t[s][0][0], t[s][1][0]) for t in stored]
-        branches.append(lambda: backend_ops.gather(t_gen, p) * t_scale)
-        return switch(source, branches)
-      # Layer j of the bin's generated state (a switch over the layers, so that the
-      # generated kernels need no stacking copy), folded with layer j's scale.
-      generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
-                          for i in range(len(r_gen))]
-      if not stored:
-        return switch(j, generated_layers)
 
       def cached():
         # The bin's stored table (and its int8 scales), then layer j of it.
@@ -420,6 +436,18 @@ class PuppetClassifier(keras.Model):
         table, scales = switch(source, [lambda t=t: (t[s][0][1], t[s][1][1]) for t in stored])
         return dequantize(table[j], scales[j])
 
+      transitions = [lambda t=t: dequantize(t[s][0][0], t[s][1][0]) for t in stored]
+      if generated is None:
+        return switch(source, transitions) if j is None else cached()
+      (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
+      if j is None:
+        return switch(source, transitions + [lambda: backend_ops.gather(t_gen, p) * t_scale])
+      # Layer j of the bin's generated state (a switch over the layers, so that the
+      # generated kernels need no stacking copy), folded with layer j's scale.
+      generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
+                          for i in range(len(r_gen))]
+      if not stored:
+        return switch(j, generated_layers)
       return ops.cond(source < len(stored), cached, lambda: switch(j, generated_layers))
 
     occupied_ids = backend_ops.nonzero(occupied)
@@ -429,7 +457,7 @@ class PuppetClassifier(keras.Model):
     def body(i, out):
       b = backend_ops.gather(occupied_ids, i)
       rows = backend_ops.nonzero(ops.equal(bins, b))
-      p = backend_ops.gather(position, b)
+      p = None if position is None else backend_ops.gather(position, b)
       x = self.puppet.call_indexed(
           backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, b, p),
           backend_ops.gather(depth_table, b), affine, **puppet_kwargs)
@@ -437,7 +465,12 @@ class PuppetClassifier(keras.Model):
       return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
 
     batch = ops.shape(bins)[0]
-    _, pooled = backend_ops.sequential_while_loop(
+    # Bins run concurrently (TensorFlow's default, up to 10 iterations at once: each bin's
+    # convolutions use the cores that a small bin leaves idle; 1.05x to 1.18x the throughput
+    # of one bin at a time, docs/benchmarks_cache_dtype.md); inside a bin the layers are
+    # sequential (`DynamicConvStack.call_indexed`), so only one kernel per bin is ever
+    # dequantized at a time.
+    _, pooled = ops.while_loop(
         lambda i, _: i < ops.shape(occupied_ids)[0], body,
         (ops.convert_to_tensor(0, "int32"), ops.zeros((batch, width), "float32")),
         maximum_iterations=n)
@@ -543,7 +576,8 @@ class PuppetClassifier(keras.Model):
     return kernels, position
 
   # ------------------------------------------------------------------ inference kernel cache
-  def cache_kernels(self, bins=None, images=None, dtype: str = "float32"):
+  def cache_kernels(self, bins=None, images=None, dtype: str = "float32",
+                    fallback: bool = True):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
@@ -573,7 +607,13 @@ class PuppetClassifier(keras.Model):
         'int8' quarters it: weight-only int8 with a float32 scale per layer and output
         channel (`kernel_quantization`), dequantized before each convolution. The 16-bit and
         int8 caches are lossy approximations (accuracy: docs/binning_cache_dtype.md; speed
-        and memory: docs/benchmarks_cached.md).
+        and memory: docs/benchmarks_cache_dtype.md).
+      fallback: True (default): inference graphs keep the generating path, used for the bins
+        that are not cached and whenever the cache is stale. False: they have none (a
+        smaller graph that takes less memory to trace and run, docs/memory_profile.md); a
+        batch with an image in an uncached bin, or a call after the weights changed, then
+        raises an error instead. Meant for serving a fixed model with every bin cached
+        (`bins=None`), e.g. an exported SavedModel.
     Returns:
       The sorted tuple of cached bins.
     """
@@ -652,7 +692,7 @@ class PuppetClassifier(keras.Model):
       del kernels, stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale, dtype, scales)
+                                      c.depth_scale, dtype, scales, bool(fallback))
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -667,12 +707,13 @@ class PuppetClassifier(keras.Model):
     cache = self._kernel_cache
     if cache is None:
       return {"bins": (), "params": 0, "bytes_float32": 0, "bytes": 0, "dtype": None,
-              "valid": False}
+              "valid": False, "fallback": None}
     usable = self._usable_kernel_cache() is not None
     valid = usable and bool(ops.convert_to_numpy(self._kernel_cache_matches(cache)))
     params = cache.num_params()
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
-            "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid}
+            "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid,
+            "fallback": cache.fallback}
 
   @contextlib.contextmanager
   def kernel_cache_stored_as(self, fn: Callable[[Any], Any]) -> Iterator[List[Any]]:

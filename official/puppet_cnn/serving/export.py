@@ -25,13 +25,17 @@ The functions are traced in inference mode (`training=False`) and are not XLA-co
 trace keeps every data-dependent step in the graph (complexity, depth, the puppeteer's kernel
 generation and the bounded depth loop), so each request gets its own depth and kernels.
 
-Kernel cache: a bucketed Puppet-CNN exported with a kernel cache (`kernel_cache='int8'` here,
-or `model.cache_kernels(...)` before exporting) serves the cached bins from stored kernels
-instead of integrating the ODE per request (docs/benchmarks_cache_dtype.md: the speed of the
-static twin), and generates the others. The cache is saved as non-trainable variables next
-to the weights (`variables/`), not inside the graph, and is described in model_info.json; it
-makes the SavedModel larger (float32: roughly one set of the puppet's kernels per bin).
-Without a cache (the default) the SavedModel holds only the puppeteer's weights.
+Kernel cache: a bucketed Puppet-CNN exported with a kernel cache serves the cached bins from
+stored kernels instead of integrating the ODE per request (docs/benchmarks_cache_dtype.md:
+about the speed of the static twin). `kernel_cache='int8'` (or another dtype) here caches
+every bin without the generating fallback, so the served graph has no puppeteer
+(`cache_kernels(fallback=False)`: smaller, less memory; the served weights never change, and
+a request the cache cannot serve would be an error, not a wrong answer). A cache made with
+`model.cache_kernels(...)` before exporting is exported as it is (with its fallback, by
+default). The cache is saved as non-trainable variables next to the weights (`variables/`),
+not inside the graph, and is described in model_info.json; it makes the SavedModel larger
+(float32: roughly one set of the puppet's kernels per bin, int8 a quarter). Without a cache
+(the default) the SavedModel holds only the puppeteer's weights.
 
 The version is written to a hidden temporary folder and renamed into place, so a running
 server never sees a half-written version; an existing version is never overwritten.
@@ -152,7 +156,8 @@ def model_info(model, model_name: str, top_k: int,
     info["parameter_breakdown"] = model.parameter_breakdown()
     cache = model.kernel_cache_info()
     info["kernel_cache"] = ({"bins": list(cache["bins"]), "dtype": cache["dtype"],
-                             "bytes": cache["bytes"]} if cache["valid"] else None)
+                             "bytes": cache["bytes"], "fallback": cache["fallback"]}
+                            if cache["valid"] else None)
   else:
     info["parameter_breakdown"] = {
         "total_stored": int(sum(int(np.prod(w.shape)) for w in model.weights))}
@@ -251,7 +256,8 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     float_signature: also add the `float_images` signature (float32 pixels in [0, 255]).
     kernel_cache: None (default): export the model as it is (with its kernel cache if it has
       one). A storage dtype of `PuppetClassifier.cache_kernels` ('float32', 'float16',
-      'bfloat16', 'int8'): first cache every bin's kernels in that dtype (a bucketed
+      'bfloat16', 'int8'): first cache every bin's kernels in that dtype without the
+      generating fallback (`cache_kernels(dtype=..., fallback=False)`: a bucketed
       Puppet-CNN only; replaces the model's cache). See "Kernel cache" above.
 
   Returns:
@@ -267,7 +273,7 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     if not is_puppet_cnn(model) or model.config.execution != "bucketed":
       raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
                        "execution='bucketed' (complexity_bins > 0)")
-    model.cache_kernels(dtype=kernel_cache)
+    model.cache_kernels(dtype=kernel_cache, fallback=False)
   if is_puppet_cnn(model) and model.kernel_cache_info()["bins"] and not (
       model.kernel_cache_info()["valid"]):
     raise ValueError("the model's kernel cache is stale (its weights changed after "
