@@ -41,7 +41,7 @@ _FLOAT_SIGNATURE = flags.DEFINE_bool("float_signature", False, "Also add the flo
                                      "the graph).")
 
 _KERNEL_CACHE = flags.DEFINE_enum(
-    "kernel_cache", "none", ["none", "float32", "float16", "bfloat16", "int8"],
+    "kernel_cache", "none", ["none"] + list(export.CACHE_DTYPES),
     "A bucketed Puppet-CNN only: export every complexity bin's kernels in this dtype with the "
     "model (serving runs them instead of the ODE; larger SavedModel; int8 is lossy).")
 

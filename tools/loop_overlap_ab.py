@@ -13,8 +13,9 @@ on all of them alike:
   all_serial   bins and layers sequential
   all_overlap  bins and layers concurrent (TensorFlow's default for both loops)
 
-It prints the median time per call at batches 64 and 256 and each variant's ratio to
-`shipped`, and checks that all three give the same logits. Memory is not measured here (one
+It prints each variant's `parallel_iterations` values (of every loop in its graph, the
+generating fallback's included), the median time per call at batches 64 and 256 and each
+variant's ratio to `shipped`, and checks that all three give the same logits. Memory is not measured here (one
 process holds all three): see tools/memory_profile.py.
 """
 
@@ -30,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16", "int8"],
-                           "Kernel-cache dtype.")
+from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # noqa: E402
+
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(CACHE_DTYPES), "Kernel-cache dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 11, "Timed calls per variant and batch.")
 _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", ["64", "128", "256", "512"],
                                     "Puppet stage channels (default: the full puppet).")
@@ -44,7 +46,8 @@ VARIANTS = ("shipped", "all_serial", "all_overlap")
 
 
 def run(dtype, repeats, stage_channels, max_depth, bins, data_dir):
-  """Returns {batch: {variant: median seconds}} and the largest logit difference."""
+  """Returns ({batch: {variant: median seconds}}, the largest logit difference, the image
+  source, {variant: sorted parallel_iterations of its loops})."""
   import numpy as np
   import tensorflow as tf
   import benchmark
@@ -66,16 +69,19 @@ def run(dtype, repeats, stage_channels, max_depth, bins, data_dir):
           c, b, v, maximum_iterations=maximum_iterations), keras_loop),
   }
   signature = [tf.TensorSpec((None, size, size, 3), tf.float32)]
-  functions = {}
+  functions, overlap = {}, {}
   for name in VARIANTS:
     layer_loop, bin_loop = patches[name]
     backend_ops.sequential_while_loop, tf.while_loop = layer_loop, bin_loop
     try:
       fn = tf.function(lambda x: model(x, training=False), input_signature=signature)
-      fn.get_concrete_function()
+      graph = fn.get_concrete_function().graph.as_graph_def()
       functions[name] = fn
     finally:
       backend_ops.sequential_while_loop, tf.while_loop = shipped_loop, keras_loop
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    overlap[name] = sorted({n.attr["parallel_iterations"].i for n in nodes
+                            if n.op in ("While", "StatelessWhile")})
   out, logits = {}, {}
   for batch in (64, 256):
     x = tf.constant(images[:batch].astype(np.float32))
@@ -90,17 +96,19 @@ def run(dtype, repeats, stage_channels, max_depth, bins, data_dir):
         times[name].append(time.perf_counter() - start)
     out[batch] = {name: float(np.median(t)) for name, t in times.items()}
   error = max(float(np.abs(logits[n] - logits["shipped"]).max()) for n in VARIANTS)
-  return out, error, source
+  return out, error, source, overlap
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  medians, error, source = run(_DTYPE.value, _REPEATS.value,
+  medians, error, source, overlap = run(_DTYPE.value, _REPEATS.value,
                                [int(c) for c in _STAGE_CHANNELS.value], _MAX_DEPTH.value,
                                _BINS.value, _DATA_DIR.value or os.environ.get(
                                    "PUPPET_CNN_DATA_DIR"))
   print(f"images: {source}; cache {_DTYPE.value}; {_REPEATS.value} interleaved calls each")
+  for name in VARIANTS:
+    print(f"loops of {name}: parallel_iterations {overlap[name]}")
   for batch, row in medians.items():
     cells = ", ".join(f"{n} {row[n]:.3f} s ({row[n] / row['shipped']:.2f}x)" for n in VARIANTS)
     print(f"batch {batch}: {cells}")

@@ -165,6 +165,8 @@ def main(argv):
   from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
   from official.puppet_cnn import distribute_utils  # pylint: disable=import-outside-toplevel
   kernel_cache = None if _EXPORT_KERNEL_CACHE.value == "none" else _EXPORT_KERNEL_CACHE.value
+  if kernel_cache and not _EXPORT_DIR.value:
+    raise app.UsageError("--export_kernel_cache needs --export_dir (it says what to export)")
   try:
     config = config_from_flags()
     train_lib.check_export_kernel_cache(config, kernel_cache)

@@ -356,6 +356,18 @@ def test_int8_cache_is_the_float32_cache_quantized_per_output_channel(layout):
   assert 0 < error <= 3e-2, error
   graph = tf.function(lambda x: b(x, training=False))
   _close(graph(tf.constant(images.astype(np.float32))), got, 1e-5)
+  # Exactly what a float32 cache of the kernels dequantized in NumPy (q * scale, each
+  # layer with its own scales) computes: the scales are used with the right layers.
+  dequantized = {
+      k: [(np.asarray(t, np.float32) * np.asarray(t_scale),
+           np.asarray(r, np.float32) * np.asarray(r_scale)[:, None, None, None, :])
+          for (t, r), (t_scale, r_scale) in zip(cache.kernels[k], cache.scales[k])]
+      for k in bins}
+  b._kernel_cache = type(cache)(  # pylint: disable=protected-access
+      cache.n_bins, cache.integrator,
+      {k: [(tf.constant(t), tf.constant(r)) for t, r in v] for k, v in dequantized.items()},
+      cache.snapshot, cache.depth_scale)
+  _close(b(images, training=False), got, 1e-5)
 
 
 @pytest.mark.parametrize("layout", ["loop", "per_bin"])

@@ -307,6 +307,9 @@ def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp
   model, x, generated = bucketed
   plain = export.export_saved_model(model, str(tmp_path), "plain")
   path = export.export_saved_model(model, str(tmp_path), "cached", kernel_cache=dtype)
+  assert model.kernel_cache_info()["bins"] == ()  # the model is left as it was: no cache
+  # What the export must serve: the Keras model with the same cache.
+  model.cache_kernels(dtype=dtype, fallback=False)
   cache = model.kernel_cache_info()
   assert cache["dtype"] == dtype and cache["bins"] == tuple(range(16)) and cache["valid"]
   info = export.read_model_info(path)
@@ -349,8 +352,8 @@ def test_cached_export_runs_in_the_session_loader(bucketed, tmp_path):
   """TF Serving's TF1-style loader restores the cache variables (saved_model_cli run)."""
   model, x, generated = bucketed
   path = export.export_saved_model(model, str(tmp_path), "cached", kernel_cache="int8")
-  want = tiny_models.softmax(model(x, training=False))
-  model.clear_kernel_cache()
+  with model.temporary_kernel_cache(dtype="int8", fallback=False):
+    want = tiny_models.softmax(model(x, training=False))
   cli = SAVED_MODEL_CLI if os.path.exists(SAVED_MODEL_CLI) else shutil.which("saved_model_cli")
   np.save(tmp_path / "x.npy", x)
   run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
@@ -367,9 +370,19 @@ def test_kernel_cache_errors(bucketed, models, tmp_path):
     export.export_saved_model(models["puppet"], str(tmp_path), "p", kernel_cache="int8")
   with pytest.raises(ValueError, match="needs a Puppet-CNN with execution='bucketed'"):
     export.export_saved_model(models["resnet"], str(tmp_path), "r", kernel_cache="int8")
-  model, _, _ = bucketed
-  with pytest.raises(ValueError, match="dtype must be one of"):
+  model, x, generated = bucketed
+  with pytest.raises(ValueError, match="kernel_cache must be None or one of"):
     export.export_saved_model(model, str(tmp_path), "b", kernel_cache="int4")
+  # The model's own cache survives an export that caches for itself, also a failed one.
+  model.cache_kernels(bins=[0, 1], dtype="float16")
+  path = export.export_saved_model(model, str(tmp_path), "own", kernel_cache="int8")
+  assert export.read_model_info(path)["kernel_cache"]["dtype"] == "int8"
+  with pytest.raises(FileExistsError):
+    export.export_saved_model(model, str(tmp_path), "own", version=1, kernel_cache="int8")
+  own = model.kernel_cache_info()
+  assert own["bins"] == (0, 1) and own["dtype"] == "float16" and own["fallback"] is True
+  np.testing.assert_allclose(tiny_models.softmax(model(x, training=False)), generated,
+                             atol=2e-3)  # bins 0-1 from the float16 cache, the rest generated
   model.cache_kernels()
   head = model.head.bias
   saved = head.numpy()

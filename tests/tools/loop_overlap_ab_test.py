@@ -21,6 +21,11 @@ def test_tiny_run_times_every_variant(tmp_path):
     ratios = re.findall(r"(shipped|all_serial|all_overlap) [\d.]+ s \(([\d.]+)x\)", line[0])
     assert [name for name, _ in ratios] == ["shipped", "all_serial", "all_overlap"]
     assert float(ratios[0][1]) == 1.0 and all(float(r) > 0 for _, r in ratios)
+  # The variants really differ: layer loops at 1 and the bin loop (and the generating
+  # fallback's loops) at TensorFlow's default 10 in the shipped graph.
+  assert "loops of shipped: parallel_iterations [1, 10]" in proc.stdout
+  assert "loops of all_serial: parallel_iterations [1]" in proc.stdout
+  assert "loops of all_overlap: parallel_iterations [10]" in proc.stdout
   difference = float(re.search(r"between variants: (\S+)", proc.stdout).group(1))
   assert difference <= 1e-3
   assert "uniform random images" in proc.stdout

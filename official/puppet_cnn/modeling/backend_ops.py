@@ -159,7 +159,8 @@ def sequential_while_loop(cond, body, loop_vars, maximum_iterations=None):
 def check(condition, value, message: str):
   """`value`, once the scalar bool `condition` holds: eagerly a ValueError(message) when it
   does not; inside a TensorFlow graph an InvalidArgumentError carrying `message` when the
-  graph runs (other backends' traced code: unchecked, as `check_images`)."""
+  graph runs. Other backends: eager values only (a traced condition raises
+  NotImplementedError rather than go unchecked)."""
   if backend() == "tensorflow":
     import tensorflow as tf
     if tf.executing_eagerly():
@@ -170,8 +171,10 @@ def check(condition, value, message: str):
       return tf.identity(value)
   try:
     ok = bool(ops.convert_to_numpy(condition))
-  except Exception:  # pylint: disable=broad-except  # a traced value: nothing to check
-    return value
+  except Exception as e:  # pylint: disable=broad-except  # a traced value
+    raise NotImplementedError(
+        f"this run-time check needs TensorFlow inside traced functions (KERAS_BACKEND="
+        f"{backend()}): {message}") from e
   if not ok:
     raise ValueError(message)
   return value

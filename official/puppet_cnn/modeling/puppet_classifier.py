@@ -50,7 +50,8 @@ class _KernelCache:
   """Inference-mode kernels per bin (puppet batch norm folded in), with the weights they
   were generated from.
 
-  Deliberately not a Keras/TF trackable: it is never saved with the model, and it does not
+  Deliberately not a Keras/TF trackable: it is never saved with the model (`.keras`,
+  weights), and it does not
   change the model's weights or parameter counts.
   """
 
@@ -107,20 +108,18 @@ class _KernelCache:
                         [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
                         None if self.scales is None else tree(self.scales), self.fallback)
 
-  def tensors(self) -> List[Any]:
-    """Every stored tensor, kernels first."""
+  def tensors(self, snapshot: bool = True) -> List[Any]:
+    """Every stored tensor: kernels, then int8 scales, then (with `snapshot`) the weight
+    snapshot."""
     out = [k for stages in self.kernels.values() for pair in stages for k in pair]
     if self.scales is not None:
       out += [k for stages in self.scales.values() for pair in stages for k in pair]
-    return out + list(self.snapshot)
+    return out + (list(self.snapshot) if snapshot else [])
 
   def num_bytes(self) -> int:
     """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
-    tensors = [k for stages in self.kernels.values() for pair in stages for k in pair]
-    if self.scales is not None:
-      tensors += [k for stages in self.scales.values() for pair in stages for k in pair]
     return sum(int(np.prod(k.shape)) * _ITEMSIZE[keras.backend.standardize_dtype(k.dtype)]
-               for k in tensors)
+               for k in self.tensors(snapshot=False))
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -589,14 +588,16 @@ class PuppetClassifier(keras.Model):
     The cache is safe against staleness: it keeps a copy of every weight it depends on (the
     puppeteer's and the puppet's batch norm, trainable and moving statistics) and each call
     compares the current weights with that copy; if any differs (training, `load_weights`,
-    an assignment) the stale kernels are not used and the kernels are generated on the fly
-    as without a cache (correct, but slower: call `cache_kernels()` again). Changing
-    `integrator` drops the cache. It is never saved.
+    an assignment) the stale kernels are not used: with `fallback=True` (the default) the
+    kernels are generated on the fly as without a cache (correct, but slower: call
+    `cache_kernels()` again), with `fallback=False` the call raises. Changing `integrator`
+    drops the cache. It is never saved with the model (`.keras`, weights); a SavedModel
+    export can include it (`serving/export.py`).
 
     Call it after training or loading and before tracing your own `tf.function`s (a function
     traced before the cache existed keeps generating); Keras's predict/evaluate functions are
     reset here. Needs execution='bucketed'. Bins without cached kernels are generated on the
-    fly.
+    fly (with `fallback=True`; without, a batch that needs them raises).
 
     Args:
       bins: bin indices to cache; None: every bin (or the bins of `images`).
@@ -674,10 +675,10 @@ class PuppetClassifier(keras.Model):
         # generated kernels and the table at once (a `stack` would, and keep the excess).
         k, c_s = c.kernel_size, int(folded.shape[-1])
         table = np.empty((units * kpu, k, k, c_s, c_s), folded.dtype)
-        table_scale = np.empty((units * kpu, c_s), np.float32)
+        table_scale = np.empty((units * kpu, c_s), np.float32) if scales is not None else None
         for j in range(units * kpu):
           table[j], scale = store(repeated[j][0] * rep[j][0])
-          if scale is not None:
+          if table_scale is not None:
             table_scale[j] = scale
           repeated[j] = None
         del repeated
@@ -714,6 +715,17 @@ class PuppetClassifier(keras.Model):
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
             "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid,
             "fallback": cache.fallback}
+
+  @contextlib.contextmanager
+  def temporary_kernel_cache(self, **cache_kwargs) -> Iterator[tuple]:
+    """`cache_kernels(**cache_kwargs)` for the block only; the previous cache (or none) is
+    back afterwards, also when the block raises. Yields the cached bins."""
+    previous = self._kernel_cache
+    try:
+      yield self.cache_kernels(**cache_kwargs)
+    finally:
+      self._kernel_cache = previous
+      self._reset_compiled_functions()
 
   @contextlib.contextmanager
   def kernel_cache_stored_as(self, fn: Callable[[Any], Any]) -> Iterator[List[Any]]:

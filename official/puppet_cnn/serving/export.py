@@ -23,14 +23,17 @@ Signatures (all outputs are batched, B = number of images):
 
 The functions are traced in inference mode (`training=False`) and are not XLA-compiled. The
 trace keeps every data-dependent step in the graph (complexity, depth, the puppeteer's kernel
-generation and the bounded depth loop), so each request gets its own depth and kernels.
+generation, or the kernel cache, and the bounded depth loop), so each request gets its own
+depth and kernels.
 
 Kernel cache: a bucketed Puppet-CNN exported with a kernel cache serves the cached bins from
 stored kernels instead of integrating the ODE per request (docs/benchmarks_cache_dtype.md:
 about the speed of the static twin). `kernel_cache='int8'` (or another dtype) here caches
-every bin without the generating fallback, so the served graph has no puppeteer
-(`cache_kernels(fallback=False)`: smaller, less memory; the served weights never change, and
-a request the cache cannot serve would be an error, not a wrong answer). A cache made with
+every bin without the generating fallback, so the served graph has no generating path
+(`cache_kernels(fallback=False)`: a smaller graph, less memory; the served weights never
+change, and a request the cache cannot serve would be an error, not a wrong answer). The
+cache's copy of the weights it was built from (about 1.3 MB for the full puppet) is saved
+and checked on every request, like the Keras model's. A cache made with
 `model.cache_kernels(...)` before exporting is exported as it is (with its fallback, by
 default). The cache is saved as non-trainable variables next to the weights (`variables/`),
 not inside the graph, and is described in model_info.json; it makes the SavedModel larger
@@ -55,6 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES
 from official.puppet_cnn.modeling.puppet_classifier import PuppetClassifier
 
 SERVING_DEFAULT = "serving_default"
@@ -201,11 +205,6 @@ def build_serving_module(model, top_k: int, float_signature: bool = False):
   def serve(images):
     return serving_outputs(model, images, top_k)
 
-  @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32, name=INPUT_NAME)],
-               jit_compile=False, autograph=False)
-  def serve_float(images):
-    return serving_outputs(model, images, top_k)
-
   cache = (model.kernel_cache_stored_as(lambda t: tf.Variable(t, trainable=False))
            if is_puppet_cnn(model) else contextlib.nullcontext([]))
   with cache as cache_variables:
@@ -214,6 +213,11 @@ def build_serving_module(model, top_k: int, float_signature: bool = False):
     module.kernel_cache_variables = cache_variables
     signatures = {SERVING_DEFAULT: serve.get_concrete_function()}
     if float_signature:
+      @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32, name=INPUT_NAME)],
+                   jit_compile=False, autograph=False)
+      def serve_float(images):
+        return serving_outputs(model, images, top_k)
+
       signatures[FLOAT_SIGNATURE] = serve_float.get_concrete_function()
   return module, signatures
 
@@ -258,7 +262,8 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
       one). A storage dtype of `PuppetClassifier.cache_kernels` ('float32', 'float16',
       'bfloat16', 'int8'): first cache every bin's kernels in that dtype without the
       generating fallback (`cache_kernels(dtype=..., fallback=False)`: a bucketed
-      Puppet-CNN only; replaces the model's cache). See "Kernel cache" above.
+      Puppet-CNN only) for the export; the model's own cache (or none) is back afterwards.
+      See "Kernel cache" above.
 
   Returns:
     The version folder's path.
@@ -269,11 +274,23 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
       kernel_cache), or a stale kernel cache (the weights changed after `cache_kernels`).
   """
   num_classes, class_names = _check_args(model, model_name, version, top_k, class_names)
-  if kernel_cache is not None:
-    if not is_puppet_cnn(model) or model.config.execution != "bucketed":
-      raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
-                       "execution='bucketed' (complexity_bins > 0)")
-    model.cache_kernels(dtype=kernel_cache, fallback=False)
+  args = (model, export_dir, model_name, version, top_k, num_classes, class_names,
+          float_signature)
+  if kernel_cache is None:
+    return _write_version(*args)
+  if not is_puppet_cnn(model) or model.config.execution != "bucketed":
+    raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
+                     "execution='bucketed' (complexity_bins > 0)")
+  if kernel_cache not in CACHE_DTYPES:
+    raise ValueError(f"kernel_cache must be None or one of {CACHE_DTYPES}, got "
+                     f"{kernel_cache!r}")
+  with model.temporary_kernel_cache(dtype=kernel_cache, fallback=False):
+    return _write_version(*args)
+
+
+def _write_version(model, export_dir, model_name, version, top_k, num_classes, class_names,
+                   float_signature) -> str:
+  """`export_saved_model` after its arguments were checked."""
   if is_puppet_cnn(model) and model.kernel_cache_info()["bins"] and not (
       model.kernel_cache_info()["valid"]):
     raise ValueError("the model's kernel cache is stale (its weights changed after "
