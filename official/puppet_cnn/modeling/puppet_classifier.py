@@ -51,8 +51,8 @@ class _KernelCache:
   were generated from.
 
   Deliberately not a Keras/TF trackable: it is never saved with the model (`.keras`,
-  weights), and it does not
-  change the model's weights or parameter counts.
+  weights; a SavedModel export can include it), and it does not change the model's weights
+  or parameter counts.
   """
 
   def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
