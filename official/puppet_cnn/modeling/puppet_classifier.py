@@ -83,9 +83,6 @@ class _KernelCache:
   def load(self, b):
     """Bin b's kernels in float32 (cast or dequantized from the storage dtype), per stage
     `(transition, [repeated kernels...])` (each a slice of the stored table)."""
-    if self.dtype == "float32":
-      return [(t, [repeated[j] for j in range(repeated.shape[0])])
-              for t, repeated in self.kernels[b]]
     return [(kernel_quantization.dequantize(t, t_scale),
              [kernel_quantization.dequantize(repeated[j],
                                              None if r_scale is None else r_scale[j])

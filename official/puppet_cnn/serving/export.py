@@ -291,8 +291,8 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
 def _write_version(model, export_dir, model_name, version, top_k, num_classes, class_names,
                    float_signature) -> str:
   """`export_saved_model` after its arguments were checked."""
-  if is_puppet_cnn(model) and model.kernel_cache_info()["bins"] and not (
-      model.kernel_cache_info()["valid"]):
+  cache = model.kernel_cache_info() if is_puppet_cnn(model) else {}
+  if cache.get("bins") and not cache["valid"]:
     raise ValueError("the model's kernel cache is stale (its weights changed after "
                      "cache_kernels()): call cache_kernels() again, or clear_kernel_cache() "
                      "to export without one")
