@@ -16,6 +16,13 @@ the benchmark images, records its resident size (VmRSS), resets the peak (VmHWM,
   batch 64     two calls at batch 64
   batch 256    two calls at batch 256
 
+The `saved_*` models measure what a server holds: the model (`saved_static_twin`: the twin;
+`saved_frozen8`: `puppet_frozen8`, every bin cached in int8 without the generating path) is
+first exported by `official.puppet_cnn.serving.export_saved_model` in a separate process, and
+the measuring process only loads the SavedModel (`tf.saved_model.load`, phase "build") and
+calls its `serving_default` signature on uint8 pixels ("trace" fetches the signature, which
+is already traced). No weights are generated in that process, so nothing of the build stays.
+
 The table gives each phase's resident size and peak as growth over the post-import baseline,
 in MB, and the step from the previous phase. Writes `--output` (docs/memory_profile.md),
 keeping its hand-written notes block.
@@ -38,8 +45,10 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PHASES = ("build", "trace", "first call", "batch 1", "batch 64", "batch 256")
+SAVED_MODELS = {"saved_static_twin": "static_twin", "saved_frozen8": "puppet_frozen8"}
 MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cached16",
-          "puppet_cached8", "puppet_frozen8", "puppet_bucketed", "puppet_light")
+          "puppet_cached8", "puppet_frozen8", "puppet_bucketed", "puppet_light") + tuple(
+              SAVED_MODELS)
 
 
 def define_flags():
@@ -75,14 +84,24 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   def mark(phase):
     out["phases"].append({"phase": phase, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM")})
 
-  model, notes = benchmark._build(spec, calibration)  # pylint: disable=protected-access
-  out["notes"] = notes
-  mark("build")
-  fn = tf.function(lambda x: model(x, training=False),
-                   input_signature=[tf.TensorSpec((None,) + images.shape[1:], tf.float32)])
-  fn.get_concrete_function()
-  mark("trace")
-  batch = {b: tf.constant(images[:b].astype(np.float32)) for b in (1, 64, 256)}
+  if spec.get("saved_model"):
+    loaded = tf.saved_model.load(spec["saved_model"])
+    out["notes"] = spec.get("export_notes", {})
+    mark("build")
+    signature = loaded.signatures["serving_default"]
+    fn = lambda x: signature(images=x)["probabilities"]  # pylint: disable=unnecessary-lambda-assignment
+    mark("trace")
+    dtype = np.uint8
+  else:
+    model, notes = benchmark._build(spec, calibration)  # pylint: disable=protected-access
+    out["notes"] = notes
+    mark("build")
+    fn = tf.function(lambda x: model(x, training=False),
+                     input_signature=[tf.TensorSpec((None,) + images.shape[1:], tf.float32)])
+    fn.get_concrete_function()
+    mark("trace")
+    dtype = np.float32
+  batch = {b: tf.constant(images[:b].astype(dtype)) for b in (1, 64, 256)}
   fn(batch[1]).numpy()
   mark("first call")
   fn(batch[1]).numpy()
@@ -94,7 +113,33 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
+def export_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """Builds the model of spec['model'] (as tools/benchmark.py does) and exports it to
+  spec['export_dir'] for TF Serving; returns the version folder and the build notes."""
+  import benchmark
+  from official.puppet_cnn.serving.export import export_saved_model
+  _, _, _, calibration = benchmark._load_images(spec["data_dir"])  # pylint: disable=protected-access
+  model, notes = benchmark._build(spec, calibration)  # pylint: disable=protected-access
+  path = export_saved_model(model, spec["export_dir"], spec["model"], version=1)
+  notes["saved_model_mb"] = sum(os.path.getsize(os.path.join(d, f))
+                                for d, _, files in os.walk(path) for f in files) / 1e6
+  return {"saved_model": path, "export_notes": notes}
+
+
 def _run(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """Measures one model in a fresh process (a `saved_*` model: exported in another one
+  first)."""
+  if spec["model"] in SAVED_MODELS:
+    with tempfile.TemporaryDirectory() as export_dir:
+      exported = _subprocess(dict(spec, model=SAVED_MODELS[spec["model"]], export=True,
+                                  export_dir=export_dir))
+      if exported.get("error"):
+        return {"error": "export: " + exported["error"]}
+      return _subprocess(dict(spec, **exported))
+  return _subprocess(spec)
+
+
+def _subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "spec.json")
     with open(path, "w") as f:
@@ -144,6 +189,9 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       n = r["notes"]
       lines.append(f"- {m}: kernel cache of bins {n['cached_bins']}, {n['cache_mb']:.0f} MB "
                    f"({n.get('cache_dtype', 'float32')}), built in {n['cache_s']:.1f} s")
+    if r.get("notes", {}).get("saved_model_mb") is not None:
+      lines.append(f"- {m}: served from a SavedModel of {r['notes']['saved_model_mb']:.1f} MB "
+                   "(loaded in the measuring process; exported in another)")
   first = next((r for r in results.values() if not r.get("error")), {})
   lines += [f"- Images: {first.get('images', '-')}", ""]
   return lines
@@ -154,8 +202,9 @@ def main(argv):
   if _WORKER.value:
     with open(_WORKER.value) as f:
       spec = json.load(f)
+    result = export_worker(spec) if spec.get("export") else run_worker(spec)
     with open(_WORKER.value + ".out", "w") as f:
-      json.dump(run_worker(spec), f)
+      json.dump(result, f)
     return
   from official.puppet_cnn import reports
   unknown = [m for m in _MODELS.value if m not in MODELS]

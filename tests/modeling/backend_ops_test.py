@@ -100,6 +100,30 @@ def test_sequential_while_loop_values_and_no_overlapping_iterations():
   assert loops and all(n.attr["parallel_iterations"].i == 1 for n in loops)
 
 
+def test_selector_returns_each_tensor_without_a_branch_per_tensor():
+  rng = np.random.default_rng(0)
+  # Tables of different lengths (bins of different depths), one of them empty.
+  tables = [rng.standard_normal((n, 3, 3, 2, 4)).astype(np.float32) for n in (2, 0, 5, 1)]
+  select = backend_ops.selector([tf.constant(t) for t in tables])
+  for i, t in enumerate(tables):
+    np.testing.assert_array_equal(select(tf.constant(i)).numpy(), t)
+  fn = tf.function(lambda i, j: select(i)[j])
+  concrete = fn.get_concrete_function(tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32))
+  assert concrete.structured_outputs.shape.as_list() == [3, 3, 2, 4]  # shared dims kept
+  for i, t in enumerate(tables):
+    for j in range(len(t)):
+      np.testing.assert_array_equal(fn(tf.constant(i), tf.constant(j)).numpy(), t[j])
+  graph = concrete.graph.as_graph_def()
+  assert not graph.library.function  # no branch functions
+  assert not [n for n in graph.node if n.op in ("Case", "StatelessCase", "If", "StatelessIf")]
+  one = tf.constant(tables[0])
+  assert backend_ops.selector([one])(tf.constant(0)) is one
+  with pytest.raises(ValueError, match="share a rank and a dtype"):
+    backend_ops.selector([tf.zeros((2, 3)), tf.zeros((2, 3), tf.int8)])
+  with pytest.raises(ValueError, match="at least one tensor"):
+    backend_ops.selector([])
+
+
 def test_check_passes_values_and_raises_with_the_message():
   x = tf.constant([1.0, 2.0])
   assert backend_ops.check(tf.constant(True), x, "never").numpy().tolist() == [1.0, 2.0]

@@ -412,6 +412,22 @@ def test_cache_without_fallback_has_no_generating_path(layout, monkeypatch):
     b(images, training=False)
 
 
+def test_loop_graph_has_no_function_per_cached_bin():
+  # The loop picks a bin's cached kernels with one selector per stage, not with a branch
+  # per bin: each branch would be a function of its own, instantiated when the graph first
+  # runs (with 16 bins, ~100 MB for the full puppet; docs/memory_profile.md). The graph's
+  # functions are the same with 2 and 16 cached bins.
+  signature = tf.TensorSpec((None, 16, 16, 3), tf.float32)
+  libraries = []
+  for bins in (2, 16):
+    _, b = _pair(bins=bins)
+    assert len(b.cache_kernels(dtype="int8", fallback=False)) == bins
+    graph = tf.function(lambda x, b=b: b(x, training=False)).get_concrete_function(
+        signature).graph.as_graph_def()
+    libraries.append(len(graph.library.function))
+  assert libraries[0] == libraries[1], libraries
+
+
 def ops_cast(x):
   return tf.cast(x, tf.float32).numpy()
 

@@ -156,6 +156,50 @@ def sequential_while_loop(cond, body, loop_vars, maximum_iterations=None):
   return ops.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations)
 
 
+def selector(tensors):
+  """`select(index)` -> `tensors[index]` for an int32 scalar tensor `index`: picks one of
+  several stored tensors (bucketed inference: one kernel table per cached bin) at run time.
+
+  The tensors must share a dtype and a rank; their shapes may differ (the result's static
+  shape keeps the dimensions they share). TensorFlow: the tensors go into one TensorList
+  when `selector` is called (a list of references: nothing is copied) and `select` is one
+  `TensorListGetItem`, which returns the chosen tensor itself. A `switch` with a branch per
+  tensor gives the same values but puts one function per branch in the graph, each
+  instantiated when the graph first runs: with 16 bins, 128 of them for the full puppet,
+  about 100 MB more memory (docs/memory_profile.md). Other backends: `keras.ops.switch`.
+  """
+  tensors = list(tensors)
+  if not tensors:
+    raise ValueError("selector needs at least one tensor")
+  if len(tensors) == 1:
+    return lambda index: tensors[0]
+  if backend() != "tensorflow":
+    return lambda index: ops.switch(index, [lambda t=t: t for t in tensors])
+  import tensorflow as tf
+  tensors = [tf.convert_to_tensor(t) for t in tensors]
+  shapes = [t.shape.as_list() for t in tensors]
+  if len({len(sh) for sh in shapes}) != 1 or len({t.dtype for t in tensors}) != 1:
+    raise ValueError(f"selector: tensors must share a rank and a dtype, got "
+                     f"{[(sh, t.dtype.name) for sh, t in zip(shapes, tensors)]}")
+  element_shape = [dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes)]
+  dtype = tensors[0].dtype
+  handle = tf.raw_ops.EmptyTensorList(element_shape=tf.constant(
+      [-1 if d is None else d for d in element_shape], tf.int32),
+      max_num_elements=len(tensors), element_dtype=dtype)
+  for t in tensors:
+    handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
+
+  def select(index):
+    out = tf.raw_ops.TensorListGetItem(
+        input_handle=handle, index=tf.cast(index, tf.int32),
+        element_shape=tf.constant([-1 if d is None else d for d in element_shape], tf.int32),
+        element_dtype=dtype)
+    out.set_shape(element_shape)
+    return out
+
+  return select
+
+
 def check(condition, value, message: str):
   """`value`, once the scalar bool `condition` holds: eagerly a ValueError(message) when it
   does not; inside a TensorFlow graph an InvalidArgumentError carrying `message` when the

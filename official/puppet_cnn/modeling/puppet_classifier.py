@@ -406,45 +406,54 @@ class PuppetClassifier(keras.Model):
     generated, position = (None, None) if need is None else (
         self._generate_inference_kernels(need, channels))
 
-    # Where each bin's kernels come from: its slot among the cached bins (each cached bin
-    # keeps a stage's repeated kernels as one table, so a `switch` over the bins returns the
-    # bin's table, the stored tensor itself, and layer j is a slice of it: no copy), or the
-    # kernels generated in this call for the bins that `need` generating (folded here).
+    # Where each bin's kernels come from: its slot among the cached bins, or the kernels
+    # generated in this call for the bins that `need` generating (slot len(cached bins);
+    # folded here). Each cached bin keeps a stage's repeated kernels as one table; a
+    # `selector` per stage (built once, outside the loop) returns the bin's table, the stored
+    # tensor itself, and layer j is a slice of it: no copy, and no branch per bin in the
+    # graph.
     cached_bins = list(cache.bins) if cache is not None else []
-    stored = [list(zip(cache.kernels[b], cache.stage_scales(b))) for b in cached_bins]
     slot = np.zeros((n,), np.int32)
     slot[cached_bins] = np.arange(len(cached_bins), dtype=np.int32)
     slot = ops.convert_to_tensor(slot)
     if need is not None:
       slot = ops.where(need, len(cached_bins), slot)
     dequantize = kernel_quantization.dequantize
+    int8 = cache is not None and cache.scales is not None
+    pick = []  # per stage: selectors of the transitions, their int8 scales, the repeated
+               # tables and their int8 scales (None for float storage)
+    for s in range(len(channels) if cached_bins else 0):
+      stages = [cache.kernels[b][s] for b in cached_bins]
+      scales = [cache.stage_scales(b)[s] for b in cached_bins]
+      pick.append([backend_ops.selector([t for t, _ in stages]),
+                   backend_ops.selector([t for t, _ in scales]) if int8 else None,
+                   backend_ops.selector([r for _, r in stages]),
+                   backend_ops.selector([r for _, r in scales]) if int8 else None])
 
-    def switch(index, branches):
-      return branches[0]() if len(branches) == 1 else ops.switch(index, branches)
+    def cached_kernel(s, j, source):
+      t, t_scale, table, scales = pick[s]
+      if j is None:
+        return dequantize(t(source), None if t_scale is None else t_scale(source))
+      return dequantize(table(source)[j], None if scales is None else scales(source)[j])
 
     def kernel_at(s, j, b, p):
       source = backend_ops.gather(slot, b)
-
-      def cached():
-        # The bin's stored table (and its int8 scales), then layer j of it.
-        if cache.scales is None:
-          return dequantize(switch(source, [lambda t=t: t[s][0][1] for t in stored])[j], None)
-        table, scales = switch(source, [lambda t=t: (t[s][0][1], t[s][1][1]) for t in stored])
-        return dequantize(table[j], scales[j])
-
-      transitions = [lambda t=t: dequantize(t[s][0][0], t[s][1][0]) for t in stored]
       if generated is None:
-        return switch(source, transitions) if j is None else cached()
+        return cached_kernel(s, j, source)
       (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
-      if j is None:
-        return switch(source, transitions + [lambda: backend_ops.gather(t_gen, p) * t_scale])
-      # Layer j of the bin's generated state (a switch over the layers, so that the
-      # generated kernels need no stacking copy), folded with layer j's scale.
-      generated_layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
-                          for i in range(len(r_gen))]
-      if not stored:
-        return switch(j, generated_layers)
-      return ops.cond(source < len(stored), cached, lambda: switch(j, generated_layers))
+
+      def make():
+        if j is None:
+          return backend_ops.gather(t_gen, p) * t_scale
+        # Layer j of the bin's generated state (a switch over the layers, so that the
+        # generated kernels need no stacking copy), folded with layer j's scale.
+        layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
+                  for i in range(len(r_gen))]
+        return layers[0]() if len(layers) == 1 else ops.switch(j, layers)
+
+      if not cached_bins:
+        return make()
+      return ops.cond(source < len(cached_bins), lambda: cached_kernel(s, j, source), make)
 
     occupied_ids = backend_ops.nonzero(occupied)
     depth_table = ops.convert_to_tensor(np.asarray(depths, np.int32))
