@@ -436,20 +436,26 @@ class PuppetClassifier(keras.Model):
         return dequantize(t(source), None if t_scale is None else t_scale(source))
       return dequantize(table(source)[j], None if scales is None else scales(source)[j])
 
+    # The generated kernels of a stage's repeated layers (each (M, K, K, C, C), M the bins
+    # generated) and their folding scales, picked by layer with a selector (no stacking
+    # copy, no branch per layer).
+    generated_layers = []
+    for s in range(len(channels) if generated is not None else 0):
+      r_gen, r_affine = generated[s][1], affine[s][1]
+      generated_layers.append(
+          (backend_ops.selector(r_gen), ops.stack([scale for scale, _ in r_affine]))
+          if r_gen else (None, None))
+
     def kernel_at(s, j, b, p):
       source = backend_ops.gather(slot, b)
       if generated is None:
         return cached_kernel(s, j, source)
-      (t_gen, r_gen), ((t_scale, _), r_affine) = generated[s], affine[s]
 
       def make():
         if j is None:
-          return backend_ops.gather(t_gen, p) * t_scale
-        # Layer j of the bin's generated state (a switch over the layers, so that the
-        # generated kernels need no stacking copy), folded with layer j's scale.
-        layers = [lambda i=i: backend_ops.gather(r_gen[i], p) * r_affine[i][0]
-                  for i in range(len(r_gen))]
-        return layers[0]() if len(layers) == 1 else ops.switch(j, layers)
+          return backend_ops.gather(generated[s][0], p) * affine[s][0][0]
+        layer, scales = generated_layers[s]
+        return backend_ops.gather(layer(j), p) * backend_ops.gather(scales, j)
 
       if not cached_bins:
         return make()
