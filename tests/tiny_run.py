@@ -8,7 +8,7 @@ from official.puppet_cnn.experiment_config import ExperimentConfig
 from official.puppet_cnn.experiment_config import TrainConfig
 from tests.data import fake_data
 
-DATA_DIR = fake_data.real_cifar10_dir()
+DATA_DIR = fake_data.real_cifar10_folder()
 # (4, 8) stages, max_depth 3: the model the hand counts in the tests refer to.
 MODEL = dict(stage_channels=(4, 8), max_depth=3)
 

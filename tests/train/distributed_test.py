@@ -11,7 +11,7 @@ import pytest
 from tests.data import fake_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DATA_DIR = fake_data.real_cifar10_dir()
+DATA_DIR = fake_data.real_cifar10_folder()
 pytestmark = pytest.mark.skipif(DATA_DIR is None, reason="real CIFAR-10 not found: set "
                                 "PUPPET_CNN_DATA_DIR or put it in <repo>/../shared/data")
 

@@ -14,7 +14,7 @@ from official.puppet_cnn.experiment_config import ExperimentConfig
 from official.puppet_cnn.experiment_config import TrainConfig
 from tests.data import fake_data
 
-DATA_DIR = fake_data.real_cifar10_dir()
+DATA_DIR = fake_data.real_cifar10_folder()
 pytestmark = pytest.mark.skipif(DATA_DIR is None, reason="real CIFAR-10 not found: set "
                                 "PUPPET_CNN_DATA_DIR or put it in <repo>/../shared/data")
 
