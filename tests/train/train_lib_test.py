@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -55,9 +56,15 @@ class _Epochs(keras.callbacks.Callback):
     self.seen.append(epoch)
 
 
-def test_train_and_eval_writes_results(tmp_path):
-  model_dir = str(tmp_path / "run")
-  results = train_lib.run(_config(), "train_and_eval", model_dir)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished 2-epoch train_and_eval run: read by one test, copied by another."""
+  model_dir = str(tmp_path_factory.mktemp("finished") / "run")
+  return model_dir, train_lib.run(_config(), "train_and_eval", model_dir)
+
+
+def test_train_and_eval_writes_results(finished_run):
+  model_dir, results = finished_run
   on_disk = json.load(open(os.path.join(model_dir, "results.json")))
   assert on_disk["num_test_images"] == 96 == results["num_test_images"]
   assert 0.0 <= on_disk["top1"] <= on_disk["top5"] <= 1.0
@@ -86,37 +93,40 @@ def test_train_and_eval_writes_results(tmp_path):
 def test_interrupted_run_resumes_from_last_finished_epoch(tmp_path):
   model_dir = str(tmp_path / "run")
   with pytest.raises(KeyboardInterrupt):
-    train_lib.run(_config(epochs=3), "train", model_dir, callbacks=[_Interrupt(after=2)])
+    train_lib.run(_config(epochs=2), "train", model_dir, callbacks=[_Interrupt(after=1)])
   state = json.load(open(os.path.join(model_dir, "training_state.json")))
-  assert state["epochs_done"] == 2 and not state["finished"]
+  assert state["epochs_done"] == 1 and not state["finished"]
   seen = _Epochs()
-  train_lib.run(_config(epochs=3), "train", model_dir, callbacks=[seen])
-  assert seen.seen == [2]  # only the missing epoch ran
-  assert _csv_epochs(model_dir) == [0, 1, 2]
+  train_lib.run(_config(epochs=2), "train", model_dir, callbacks=[seen])
+  assert seen.seen == [1]  # only the missing epoch ran
+  assert _csv_epochs(model_dir) == [0, 1]
   state = json.load(open(os.path.join(model_dir, "training_state.json")))
-  assert state["epochs_done"] == 3 and state["finished"]
+  assert state["epochs_done"] == 2 and state["finished"]
 
 
-def test_finished_run_is_not_retrained_or_overwritten(tmp_path):
+def test_finished_run_is_not_retrained_or_overwritten(tmp_path, finished_run):
   model_dir = str(tmp_path / "run")
-  train_lib.run(_config(epochs=1), "train", model_dir)
+  shutil.copytree(finished_run[0], model_dir)  # a copy: the fixture's run stays as it was
   weights = os.path.join(model_dir, "checkpoints", "latest.weights.h5")
   stamp = os.path.getmtime(weights)
   seen = _Epochs()
-  results = train_lib.run(_config(epochs=1), "train_and_eval", model_dir, callbacks=[seen])
+  results = train_lib.run(_config(), "train_and_eval", model_dir, callbacks=[seen])
   assert seen.seen == [] and os.path.getmtime(weights) == stamp
   assert results["num_test_images"] == 96
   # More epochs continue the same run.
-  train_lib.run(_config(epochs=2), "train", model_dir, callbacks=[seen])
-  assert seen.seen == [1]
+  train_lib.run(_config(epochs=3), "train", model_dir, callbacks=[seen])
+  assert seen.seen == [2]
   # A different config in the same model_dir is refused, naming the difference.
-  other = _config(epochs=2)
+  other = _config(epochs=3)
   other.train.learning_rate = 0.5
   with pytest.raises(ValueError, match="learning_rate"):
     train_lib.run(other, "train", model_dir)
-  # --overwrite starts over.
+  # --overwrite starts over (with 1 epoch: the 3 epochs on disk, if kept, would run none).
+  other = _config(epochs=1)
+  other.train.learning_rate = 0.5
   train_lib.run(other, "train", model_dir, overwrite=True, callbacks=[seen])
-  assert seen.seen[-2:] == [0, 1]
+  assert seen.seen == [2, 0]
+  assert _csv_epochs(model_dir) == [0]
 
 
 def test_baseline_trains_through_the_same_pipeline(tmp_path):
@@ -152,18 +162,22 @@ class _Scales(keras.callbacks.Callback):
 
 def test_incremental_depth_refines_on_schedule_and_resumes(tmp_path):
   model_dir = str(tmp_path / "run")
-  config = _config(epochs=3, depth_refinements=1, refine_every_epochs=2)
-  assert [config.train.depth_scale_at(e) for e in range(3)] == [0.5, 0.5, 1.0]
+  assert [_config(epochs=3, depth_refinements=1, refine_every_epochs=2).train.depth_scale_at(e)
+          for e in range(3)] == [0.5, 0.5, 1.0]
+  # Trained on the shortest such schedule: one epoch at 0.5 (kept, not refined, at its
+  # start), then one at full depth.
+  config = _config(epochs=2, depth_refinements=1, refine_every_epochs=1)
+  assert [config.train.depth_scale_at(e) for e in range(2)] == [0.5, 1.0]
   seen = _Scales()
   with pytest.raises(KeyboardInterrupt):
-    train_lib.run(config, "train", model_dir, callbacks=[seen, _Interrupt(after=2)])
-  assert seen.seen == [(0, 0.5), (1, 0.5)]
-  # Resumed after epoch 2: the model restarts at 0.5 and is refined to full depth.
+    train_lib.run(config, "train", model_dir, callbacks=[seen, _Interrupt(after=1)])
+  assert seen.seen == [(0, 0.5)]
+  # Resumed after epoch 1: the model restarts at 0.5 and is refined to full depth.
   seen = _Scales()
   results = train_lib.run(config, "train_and_eval", model_dir, callbacks=[seen])
-  assert seen.seen == [(2, 1.0)]
+  assert seen.seen == [(1, 1.0)]
   state = json.load(open(os.path.join(model_dir, "training_state.json")))
-  assert state["best_epoch"] == 3  # the best checkpoint is chosen among full-depth epochs
+  assert state["best_epoch"] == 2  # the best checkpoint is chosen among full-depth epochs
   assert results["depth_scale"] == 1.0
   best = keras.models.load_model(os.path.join(model_dir, "checkpoints", "best.keras"))
   assert best.depth_scale == 1.0
