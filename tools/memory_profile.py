@@ -37,6 +37,8 @@ import sys
 import tempfile
 from typing import Any, Dict, List
 
+import numpy as np
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TOOLS))
 sys.path.insert(0, TOOLS)
@@ -66,6 +68,10 @@ def define_flags():
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
                                   "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
   _OUTPUT = flags.DEFINE_string("output", "docs/memory_profile.md", "Markdown report.")
+  global _ROUNDS
+  _ROUNDS = flags.DEFINE_integer("rounds", 1, "Fresh processes per model, in rounds that "
+                                 "visit every model once (in a rotated order); the table "
+                                 "gives the median of each number over the rounds.", lower_bound=1)
   _WORKER = flags.DEFINE_string("worker", None, "Internal: run one model from this JSON spec.")
 
 
@@ -154,6 +160,46 @@ def _subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
       return json.load(f)
 
 
+def median_result(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+  """One model's runs folded into one: the median of each phase's resident size and peak,
+  both as growth over each run's own baseline (base_kb 0), and the spread of the batch-64
+  peak ("spread_kb": min, max). A failed run makes the result an error."""
+  failed = [r for r in runs if r.get("error")]
+  if failed:
+    return failed[0]
+  out = dict(runs[-1], base_kb=0, phases=[])
+  for i, phase in enumerate(PHASES):
+    out["phases"].append({"phase": phase, **{
+        key: float(np.median([r["phases"][i][key] - r["base_kb"] for r in runs]))
+        for key in ("rss_kb", "hwm_kb")}})
+  b64 = [r["phases"][PHASES.index("batch 64")]["hwm_kb"] - r["base_kb"] for r in runs]
+  out["spread_kb"] = (min(b64), max(b64))
+  out["runs"] = len(runs)
+  return out
+
+
+def ratio_lines(results: Dict[str, Dict[str, Any]]) -> List[str]:
+  """Each model's peak at batch 64 (growth) against its twin's: `static_twin` for models
+  built in the process, `saved_static_twin` for the `saved_*` ones; with the spread over
+  the rounds."""
+  b64 = PHASES.index("batch 64")
+
+  def peak(r):
+    return (r["phases"][b64]["hwm_kb"] - r["base_kb"]) / 1e3
+
+  lines = []
+  for m, r in results.items():
+    twin = "saved_static_twin" if m in SAVED_MODELS else "static_twin"
+    if m == twin or r.get("error") or twin not in results or results[twin].get("error"):
+      continue
+    spread = ", ".join(f"{name} {x['spread_kb'][0] / 1e3:.0f}-{x['spread_kb'][1] / 1e3:.0f} MB"
+                       for name, x in ((m, r), (twin, results[twin])) if x.get("spread_kb"))
+    lines.append(f"- {m}: peak at batch 64 {peak(r):.0f} MB, {peak(r) / peak(results[twin]):.2f}x "
+                 f"{twin}'s {peak(results[twin]):.0f} MB"
+                 + (f" (over the rounds: {spread})" if spread else ""))
+  return lines + ([""] if lines else [])
+
+
 def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> List[str]:
   lines = ["# Memory: where a model's inference memory goes", "",
            "Written by `tools/memory_profile.py`.", "",
@@ -164,7 +210,10 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
            f"{header['twin_depth']} per stage",
            "- Each model in a fresh process; MB (10^6 bytes) of growth over the process's "
            "resident size after imports and data loading: resident now / peak so far "
-           "(+ step of the peak from the previous phase)", ""]
+           "(+ step of the peak from the previous phase)" + (
+               f"; each number the median of {header['rounds']} processes per model (rounds "
+               "that visit every model once, in a rotated order)"
+               if header.get("rounds", 1) > 1 else ""), ""]
   models = list(results)
   lines += ["| phase | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
   for i, phase in enumerate(PHASES):
@@ -194,6 +243,7 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
                    "(loaded in the measuring process; exported in another)")
   first = next((r for r in results.values() if not r.get("error")), {})
   lines += [f"- Images: {first.get('images', '-')}", ""]
+  lines += ratio_lines(results)
   return lines
 
 
@@ -214,10 +264,14 @@ def main(argv):
   spec = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
               twin_depth=_TWIN_DEPTH.value, data_dir=_DATA_DIR.value,
               light_state=min(256, max(channels)), light_rank=min(32, min(256, max(channels)) - 1))
-  results = {}
-  for model in _MODELS.value:
-    print(f"{model} ...", flush=True)
-    results[model] = _run(dict(spec, model=model))
+  runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in _MODELS.value}
+  models = list(_MODELS.value)
+  for r in range(_ROUNDS.value):
+    for model in models[r % len(models):] + models[:r % len(models)]:
+      print(f"round {r + 1}/{_ROUNDS.value}: {model} ...", flush=True)
+      runs[model].append(_run(dict(spec, model=model)))
+  results = {m: median_result(runs[m]) for m in models}
+  spec["rounds"] = _ROUNDS.value
   header = dict(command=reports.command_line(), machine=reports.machine_line(), **spec)
   reports.write(_OUTPUT.value, "\n".join(report_lines(header, results)))
   print(f"wrote {_OUTPUT.value}")

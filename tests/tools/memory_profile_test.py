@@ -38,6 +38,37 @@ def test_tiny_run_writes_the_report(tmp_path):
                                            ("saved_frozen8", "int8")], sizes
   assert sizes[1][1] == "[0, 1, 2, 3]"
   assert re.search(r"saved_frozen8: served from a SavedModel of [\d.]+ MB", report)
+  assert re.search(r"- puppet_cached: peak at batch 64 \d+ MB, [\d.]+x static_twin's", report)
+
+
+def _run(base, values):
+  """A fake worker result: base_kb, and (rss_kb, hwm_kb) per phase."""
+  return {"base_kb": base, "phases": [{"phase": p, "rss_kb": base + r, "hwm_kb": base + h}
+                                      for p, (r, h) in zip(memory_profile.PHASES, values)]}
+
+
+def test_rounds_are_folded_into_medians_and_ratios_by_hand():
+  phases = len(memory_profile.PHASES)
+  # Three runs with different baselines: medians of the growth, not of the raw sizes.
+  runs = [_run(1000, [(10, 20)] * phases), _run(5000, [(30, 40)] * phases),
+          _run(200, [(20, 90)] * phases)]
+  folded = memory_profile.median_result(runs)
+  assert folded["base_kb"] == 0 and folded["runs"] == 3
+  assert all(p["rss_kb"] == 20 and p["hwm_kb"] == 40 for p in folded["phases"])
+  assert folded["spread_kb"] == (20, 90)
+  assert memory_profile.median_result(runs + [{"error": "boom"}]) == {"error": "boom"}
+  twin = memory_profile.median_result([_run(0, [(0, 50_000)] * phases)])
+  saved_twin = memory_profile.median_result([_run(0, [(0, 100_000)] * phases)])
+  puppet = memory_profile.median_result([_run(0, [(0, 90_000)] * phases),
+                                         _run(0, [(0, 110_000)] * phases)])
+  lines = memory_profile.ratio_lines({"static_twin": twin, "puppet_cached": puppet,
+                                      "saved_static_twin": saved_twin, "saved_frozen8": puppet})
+  # 100 MB against 50 MB and against 100 MB; each model against its own kind of twin.
+  assert lines[0].startswith("- puppet_cached: peak at batch 64 100 MB, 2.00x static_twin's 50 MB")
+  assert "puppet_cached 90-110 MB, static_twin 50-50 MB" in lines[0]
+  assert lines[1].startswith("- saved_frozen8: peak at batch 64 100 MB, 1.00x "
+                             "saved_static_twin's 100 MB")
+  assert memory_profile.ratio_lines({"puppet_cached": puppet}) == []  # no twin, no ratio
 
 
 def test_unknown_model_is_refused(tmp_path):
