@@ -8,9 +8,9 @@ from tests import tiny_run
 pytestmark = pytest.mark.skipif(tiny_run.DATA_DIR is None, reason="real CIFAR-10 not found")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return tiny_run.train_tiny_run(str(tmp_path_factory.mktemp("sweeps") / "run"))
+@pytest.fixture
+def run_dir(tiny_run_dir):
+  return tiny_run_dir  # trained once per session (tests/conftest.py); only read here
 
 
 def _accuracy(model, splits):

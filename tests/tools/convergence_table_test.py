@@ -13,8 +13,8 @@ import convergence_table  # noqa: E402  pylint: disable=wrong-import-position
 pytestmark = pytest.mark.skipif(tiny_run.DATA_DIR is None, reason="real CIFAR-10 not found")
 
 
-def test_report_has_a_row_per_integrator_and_scale(tmp_path):
-  run = tiny_run.train_tiny_run(str(tmp_path / "run"))
+def test_report_has_a_row_per_integrator_and_scale(tiny_run_dir):
+  run = tiny_run_dir  # tests/tiny_run.py's default run, shared with tests/sweeps_test.py
   text = convergence_table.report([run], ["0.5", "1", "2"], ["euler", "midpoint"],
                                   tiny_run.DATA_DIR, None, 0, "cmd")
   rows = [line for line in text.splitlines() if line.startswith("| euler")
