@@ -53,10 +53,16 @@ the first 64. Labels: CIFAR-10's (or random). The kernel cache holds the bins of
 The tool writes --output (docs/benchmarks.md) with the machine, backend, the exact command,
 medians and spreads, ratios against the static twin and what was skipped and why. Jobs stop
 starting once --time_budget_s is spent; a job over --job_timeout_s or --max_rss_mb is killed.
+
+--parallel_jobs=N (default 1) runs up to N speed jobs at a time, for smoke tests (tests/tools/
+benchmark_test.py) on a machine with spare cores: each job's memory is still its own, but
+concurrent jobs disturb each other's times, and the time budget is checked when a job is
+queued (all at the start), not when it starts. The report says so.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import platform
@@ -96,7 +102,7 @@ def define_flags():
   global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
   global _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
-  global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER, _INFER_SIGNATURE
+  global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER, _INFER_SIGNATURE, _PARALLEL_JOBS
   _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
   _SIZES = flags.DEFINE_list("sizes", None, "Puppet sizes to run, in order: full "
                              "(64-128-256-512) and/or small (16-32-64). Default: full, "
@@ -144,6 +150,9 @@ def define_flags():
   _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown report.")
   _JSON_OUTPUT = flags.DEFINE_string("json_output", None, "Also write the raw results here.")
   _WORKER = flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec file.")
+  _PARALLEL_JOBS = flags.DEFINE_integer(
+      "parallel_jobs", 1, "Speed jobs run at a time (smoke tests only: concurrent jobs "
+      "disturb each other's times; see the module docstring).", lower_bound=1)
 
 
 # =================================================================================== worker
@@ -846,6 +855,8 @@ def main(argv):
   if set(_STUDY.value) - {"speed", "binning"}:
     raise app.UsageError("--study takes speed and/or binning")
   sections = []
+  pool = (concurrent.futures.ThreadPoolExecutor(_PARALLEL_JOBS.value)
+          if _PARALLEL_JOBS.value > 1 and "speed" in _STUDY.value else None)
   baseline_rows: Dict[tuple, Dict[str, Any]] = {}
   with tempfile.TemporaryDirectory() as tmp:
     data_file = os.path.join(tmp, "images.npz")
@@ -905,6 +916,9 @@ def main(argv):
                         infer_batches=[1, 64] if model in _NO_B256.value else [1, 64, 256])
             print(f"[{elapsed:6.0f} s] {size} {model} xla={'on' if xla else 'off'} {phase} ...",
                   flush=True)
+            if pool is not None:  # collected below, after every job is queued
+              row[phase] = pool.submit(_run_job, spec, _JOB_TIMEOUT.value, _MAX_RSS_MB.value)
+              continue
             result = _run_job(spec, _JOB_TIMEOUT.value, _MAX_RSS_MB.value)
             row[phase] = result
             print(f"          done in {result['wall_s']:.0f} s"
@@ -913,6 +927,19 @@ def main(argv):
             baseline_rows[(model, xla)] = row
           section["rows"].append(row)
       sections.append(section)
+    if pool is not None:  # before the data file goes
+      pool.shutdown(wait=True)
+      for section in sections:
+        for row in section["rows"]:  # shared baseline rows hold the same futures
+          for phase in PHASES:
+            if isinstance(row.get(phase), concurrent.futures.Future):
+              row[phase] = row[phase].result()
+              print(f"{section['size']} {row['model']} xla={'on' if row['xla'] else 'off'} "
+                    f"{phase}: done in {row[phase]['wall_s']:.0f} s"
+                    + (f": {row[phase]['error']}" if row[phase].get("error") else ""),
+                    flush=True)
+      header["notes"].append(f"jobs ran {_PARALLEL_JOBS.value} at a time (--parallel_jobs): "
+                             "their times disturb each other (a smoke test, not a measurement)")
   if _NO_B256.value:
     header["notes"].append(f"batch 256 not measured for: {', '.join(_NO_B256.value)} "
                            "(--no_b256)")

@@ -58,7 +58,7 @@ def test_tiny_run_writes_the_report(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
          "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light,puppet_cached8",
          "--xla=off", "--repeats=2", "--warmup=0", "--bins=4",
-         "--no_b256=puppet_cached,puppet_cached8",
+         "--no_b256=puppet_cached,puppet_cached8", "--parallel_jobs=2",
          f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -73,7 +73,8 @@ def test_tiny_run_writes_the_report(tmp_path):
                  # The light puppeteer at this size: a state of 8 (the widest stage), rank 7.
                  "puppet_light (state_channels=8, generator_rank=7; not the paper's)",
                  "| puppet_cached8 | off |", "int8 kernel cache (puppet_cached8",
-                 "traced once with a None batch dimension"):
+                 "traced once with a None batch dimension",
+                 "jobs ran 2 at a time (--parallel_jobs)"):
     assert needle in report, needle
   results = json.load(open(raw))
   rows = {r["model"]: r for r in results["sections"][0]["rows"]}
