@@ -24,6 +24,9 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   x86 CPUs) mishandle empty batches: Conv2D returns its input's channel count and the max-pool
   gradient aborts the process. An empty group runs no kernel at all (`tf.cond`), in the
   forward and the backward pass.
+* `selector`: picks one of several stored tensors by a run-time index (bucketed inference:
+  a cached bin's kernel table). TensorFlow: a TensorList and one `TensorListGetItem`, no
+  copy and no function per tensor in the graph; elsewhere `keras.ops.switch`.
 * `check_images`: a run-time check that raises a clear error for NaN, infinite or
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
@@ -166,7 +169,9 @@ def selector(tensors):
   `TensorListGetItem`, which returns the chosen tensor itself. A `switch` with a branch per
   tensor gives the same values but puts one function per branch in the graph, each
   instantiated when the graph first runs: with 16 bins, 128 of them for the full puppet,
-  about 100 MB more memory (docs/memory_profile.md). Other backends: `keras.ops.switch`.
+  about 100 MB more memory (docs/memory_profile.md). Other backends: `keras.ops.switch`,
+  whose branches must then have equal shapes (bucketed execution, the only caller, is
+  TensorFlow-only).
   """
   tensors = list(tensors)
   if not tensors:
