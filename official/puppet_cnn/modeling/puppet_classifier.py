@@ -395,8 +395,9 @@ class PuppetClassifier(keras.Model):
     The bins that `need` generating (no valid cached kernels) are generated together in one
     puppeteer call; each iteration gathers one bin's samples, runs them through
     `DynamicConvStack.call_indexed` with every kernel picked by (bin, layer) from the cache
-    or from the generated kernels (a `switch` on the bin's source), and scatters the pooled
-    features back to the samples' rows. Returns pooled (B, C).
+    or from the generated kernels (a `cond` on the bin's source; within each, a
+    `backend_ops.selector` picks the bin's table or the layer's kernels), and scatters the
+    pooled features back to the samples' rows. Returns pooled (B, C).
     """
     c = self.config
     n = c.complexity_bins
