@@ -56,6 +56,7 @@ MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cache
 def define_flags():
   """Defined only when run as a binary, so tests can import this module beside others."""
   global _MODELS, _STAGE_CHANNELS, _MAX_DEPTH, _TWIN_DEPTH, _BINS, _DATA_DIR, _OUTPUT, _WORKER
+  global _ROUNDS
   _MODELS = flags.DEFINE_list("models", ["static_twin", "puppet_cached", "puppet_cached16"],
                               f"Models, each in its own process: {MODELS}.")
   _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", ["64", "128", "256", "512"],
@@ -68,7 +69,6 @@ def define_flags():
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
                                   "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
   _OUTPUT = flags.DEFINE_string("output", "docs/memory_profile.md", "Markdown report.")
-  global _ROUNDS
   _ROUNDS = flags.DEFINE_integer("rounds", 1, "Fresh processes per model, in rounds that "
                                  "visit every model once (in a rotated order); the table "
                                  "gives the median of each number over the rounds.", lower_bound=1)
@@ -124,11 +124,11 @@ def export_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   spec['export_dir'] for TF Serving; returns the version folder and the build notes."""
   import benchmark
   from official.puppet_cnn.serving.export import export_saved_model
+  from official.puppet_cnn.serving.model_size import directory_bytes
   _, _, _, calibration = benchmark._load_images(spec["data_dir"])  # pylint: disable=protected-access
   model, notes = benchmark._build(spec, calibration)  # pylint: disable=protected-access
   path = export_saved_model(model, spec["export_dir"], spec["model"], version=1)
-  notes["saved_model_mb"] = sum(os.path.getsize(os.path.join(d, f))
-                                for d, _, files in os.walk(path) for f in files) / 1e6
+  notes["saved_model_mb"] = directory_bytes(path) / 1e6
   return {"saved_model": path, "export_notes": notes}
 
 

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import pickle
-import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -62,29 +61,28 @@ def real_cifar10_folder() -> Optional[str]:
   key = hashlib.sha1(f"{os.path.realpath(archive)}:{stat.st_size}:{stat.st_mtime_ns}"
                      .encode()).hexdigest()[:12]
   root = os.path.join(tempfile.gettempdir(), f"puppet_cnn_tests_cifar10_{key}")
-  wanted = CIFAR10_MEMBERS + ("batches.meta",)
-  if all(os.path.isfile(os.path.join(root, "cifar-10-batches-py", m)) for m in wanted):
+  if all(os.path.isfile(os.path.join(root, "cifar-10-batches-py", m)) for m in CIFAR10_MEMBERS):
     return root
+  from official.puppet_cnn.data import cifar  # pylint: disable=import-outside-toplevel
+  try:
+    members = cifar._read_archive(cifar.get_spec("cifar10"), archive)  # pylint: disable=protected-access
+  except cifar.DataError:
+    return found
   staging = None
   try:
     staging = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", dir=os.path.dirname(root))
     folder = os.path.join(staging, "cifar-10-batches-py")
     os.makedirs(folder)
-    with tarfile.open(archive, mode="r|*") as tar:
-      for member in tar:
-        base = posixpath.basename(member.name.rstrip("/"))
-        if member.isfile() and base in wanted:
-          with open(os.path.join(folder, base), "wb") as f:
-            shutil.copyfileobj(tar.extractfile(member), f)
-    if not all(os.path.isfile(os.path.join(folder, m)) for m in wanted):
-      return found
+    for name, (payload, _) in members.items():
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(payload)
     try:
       os.rename(staging, root)
       staging = None
     except OSError:  # another process renamed its copy first
       pass
     return root
-  except (OSError, tarfile.TarError, EOFError):
+  except OSError:
     return found
   finally:
     if staging is not None:

@@ -188,16 +188,15 @@ def selector(tensors):
                      f"{[(sh, t.dtype.name) for sh, t in zip(shapes, tensors)]}")
   element_shape = [dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes)]
   dtype = tensors[0].dtype
-  handle = tf.raw_ops.EmptyTensorList(element_shape=tf.constant(
-      [-1 if d is None else d for d in element_shape], tf.int32),
-      max_num_elements=len(tensors), element_dtype=dtype)
+  shape = tf.constant([-1 if d is None else d for d in element_shape], tf.int32)
+  handle = tf.raw_ops.EmptyTensorList(element_shape=shape, max_num_elements=len(tensors),
+                                      element_dtype=dtype)
   for t in tensors:
     handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
 
   def select(index):
     out = tf.raw_ops.TensorListGetItem(
-        input_handle=handle, index=tf.cast(index, tf.int32),
-        element_shape=tf.constant([-1 if d is None else d for d in element_shape], tf.int32),
+        input_handle=handle, index=tf.cast(index, tf.int32), element_shape=shape,
         element_dtype=dtype)
     out.set_shape(element_shape)
     return out
