@@ -10,7 +10,13 @@ throughput at batch 64 and 256, the time of one training step at batch 64, and p
 Each (model, XLA, phase) job runs in a fresh Python subprocess, so that its peak resident
 memory (VmHWM of /proc/self/status, Linux; reset with /proc/self/clear_refs after imports and
 data loading) is its own; memory is reported as that peak and as its growth over the
-process's resident size after imports and data loading, before the model is built. Times are medians over --repeats timed calls (default 5) after the first call
+process's resident size after imports and data loading, before the model is built. Next to
+it, the peak of the bytes TensorFlow's CPU allocator had handed out to live tensors over the
+same span (`tf.config.experimental.get_memory_info('CPU:0')`, reset with the resident peak;
+oneDNN's allocator, the default on x86, tracks it; "-" where it does not): the model's
+tensors (weights, kernel caches, activations, gradients) without what the process holds
+around them (traced graphs and their instantiated functions, memory the allocators keep
+after it was freed). Times are medians over --repeats timed calls (default 5) after the first call
 (tracing) and --warmup untimed calls; spreads are [min, max]. Inference is a `tf.function`
 (`jit_compile` per the XLA setting) of `model(x, training=False)`, traced once for any batch
 size (`--infer_signature=dynamic`, as a SavedModel's serving signature is) or once per batch
@@ -40,6 +46,8 @@ Models (`--models`):
                    generator_rank=--light_generator_rank (G's C x C pointwise matrix as
                    (C x r)(r x C)). Not the paper's puppeteer: the report gives its targets
                    apart from the paper-faithful modes'.
+  puppet_light_remat  puppet_light with generator_remat=True (training only, like
+                   puppet_remat; reported with puppet_light).
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -81,11 +89,12 @@ from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_cached_per_bin", "puppet_remat")
+LIGHT_MODELS = ("puppet_light", "puppet_light_remat")  # the lighter puppeteer (not the paper's)
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
 CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin") + tuple(LOSSY_CACHE_DTYPES)
-APPROXIMATE_MODELS = ("puppet_light",) + tuple(LOSSY_CACHE_DTYPES)  # targets reported apart
+APPROXIMATE_MODELS = LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES)  # targets reported apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
@@ -246,6 +255,9 @@ def _build(spec, calibration):
       "puppet_light": dict(complexity_bins=spec["bins"], execution="bucketed",
                            generator_rank=spec["light_rank"],
                            state_channels=spec["light_state"]),
+      "puppet_light_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
+                                 generator_rank=spec["light_rank"],
+                                 state_channels=spec["light_state"], generator_remat=True),
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -276,6 +288,25 @@ def _time_calls(fn, repeats: int, warmup: int):
   return {"times": times, "first_call_s": first}
 
 
+def _reset_tensor_peak() -> bool:
+  """Resets the peak of TensorFlow's CPU allocator statistics; False where it keeps none."""
+  import tensorflow as tf
+  try:
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    return True
+  except (ValueError, RuntimeError):
+    return False
+
+
+def _tensor_peak_kb() -> Optional[int]:
+  """Peak kB in live tensors since `_reset_tensor_peak` (None where not tracked)."""
+  import tensorflow as tf
+  try:
+    return int(tf.config.experimental.get_memory_info("CPU:0")["peak"] // 1024)
+  except (ValueError, RuntimeError):
+    return None
+
+
 def _reset_peak_rss() -> bool:
   """Resets VmHWM to the current resident size (Linux >= 4.0: clear_refs 5)."""
   try:
@@ -298,6 +329,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
   gc.collect()
   rss_base = _proc_status_kb("VmRSS")
   peak_reset = _reset_peak_rss()
+  tracked = _reset_tensor_peak()
   model, notes = _build(spec, calibration)
   result: Dict[str, Any] = {"notes": notes, "rss_base_kb": rss_base, "peak_reset": peak_reset}
   xla = spec["xla"]
@@ -313,6 +345,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     result["latency_b1"] = _time_calls(lambda i: fn(singles[i % 64]).numpy(), repeats, warmup)
     result["batch_64"] = _time_calls(lambda i: fn(batches[64]).numpy(), repeats, warmup)
     result["hwm_b64_kb"] = _proc_status_kb("VmHWM")
+    result["tensor_peak_b64_kb"] = _tensor_peak_kb() if tracked else None
     if 256 in spec["infer_batches"]:
       result["batch_256"] = _time_calls(lambda i: fn(batches[256]).numpy(), repeats, warmup)
       result["hwm_b256_kb"] = _proc_status_kb("VmHWM")
@@ -331,6 +364,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     x, y = images[:TRAIN_BATCH].astype(np.float32), labels[:TRAIN_BATCH]
     result["train_64"] = _time_calls(lambda i: model.train_on_batch(x, y), repeats, warmup)
     result["hwm_train_kb"] = _proc_status_kb("VmHWM")
+    result["tensor_peak_train_kb"] = _tensor_peak_kb() if tracked else None
   return result
 
 
@@ -429,10 +463,12 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_remat", "puppet_light") + CACHED_MODELS and xla:
+  if model in ("puppet_bucketed", "puppet_remat") + LIGHT_MODELS + CACHED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model == "puppet_remat" and phase == "infer":
     return "inference does not store activations: same as puppet_bucketed"
+  if model == "puppet_light_remat" and phase == "infer":
+    return "inference does not store activations: same as puppet_light"
   if model in CACHED_MODELS and phase == "train":
     return "training regenerates kernels: same as puppet_bucketed"
   return None
@@ -540,6 +576,14 @@ def _fmt_throughput(entry, batch: int) -> str:
     return "-"
   s = _stats(entry["times"])
   return f"{batch / s['median']:.1f} [{batch / s['max']:.1f}, {batch / s['min']:.1f}]"
+
+
+def _fmt_kb(kb) -> str:
+  return "-" if kb is None else f"{kb / 1024.0:.0f}"
+
+
+def _kb_value(result, key) -> Optional[float]:
+  return None if not result or result.get(key) is None else float(result[key])
 
 
 def _fmt_mem(hwm_kb, base_kb) -> str:
@@ -678,8 +722,9 @@ def _section_lines(section) -> List[str]:
         "(a kernel cache: every cached bin), and training also keeps their gradients")
   lines.append("")
   lines += ["| model | XLA | latency b1 | images/s b64 | images/s b256 | train step b64 | "
-            "peak MB infer (growth) | peak MB train (growth) | notes |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "peak MB infer (growth) | peak MB train (growth) | tensor peak MB infer / train "
+            "| notes |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   for row in section["rows"]:
     inf, tr = row.get("infer") or {}, row.get("train") or {}
     notes = []
@@ -710,13 +755,16 @@ def _section_lines(section) -> List[str]:
         f"| {_fmt_throughput(inf.get('batch_64'), 64)} | {_fmt_throughput(inf.get('batch_256'), 256)} "
         f"| {_fmt_time(tr.get('train_64'), 1.0, 's')} "
         f"| {_fmt_mem(inf.get('hwm_b64_kb'), inf.get('rss_base_kb'))} "
-        f"| {_fmt_mem(tr.get('hwm_train_kb'), tr.get('rss_base_kb'))} | {'; '.join(notes)} |")
+        f"| {_fmt_mem(tr.get('hwm_train_kb'), tr.get('rss_base_kb'))} "
+        f"| {_fmt_kb(inf.get('tensor_peak_b64_kb'))} / {_fmt_kb(tr.get('tensor_peak_train_kb'))} "
+        f"| {'; '.join(notes)} |")
   lines += ["", "Ratios against the static twin with the same XLA setting (throughput: model / "
             "twin, higher is better; training time and memory: model / twin, lower is better; "
             "memory as growth over the post-import baseline, and as total peak):", "",
             "| model | XLA | throughput b64 | throughput b256 | latency b1 | train step b64 | "
-            "memory infer growth (peak) | memory train growth (peak) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "memory infer growth (peak) | memory train growth (peak) | tensor peak infer / "
+            "train |",
+            "|---|---|---|---|---|---|---|---|---|"]
   twins = {r["xla"]: r for r in section["rows"] if r["model"] == "static_twin"}
   for row in section["rows"]:
     twin = twins.get(row["xla"])
@@ -732,16 +780,19 @@ def _section_lines(section) -> List[str]:
         f"| {_ratio(_median(tinf, 'batch_256'), _median(inf, 'batch_256'))} "
         f"| {_ratio(_median(inf, 'latency_b1'), _median(tinf, 'latency_b1'))} "
         f"| {_ratio(_median(tr, 'train_64'), _median(ttr, 'train_64'))} "
-        f"| {mem(inf, tinf, 'hwm_b64_kb')} | {mem(tr, ttr, 'hwm_train_kb')} |")
+        f"| {mem(inf, tinf, 'hwm_b64_kb')} | {mem(tr, ttr, 'hwm_train_kb')} "
+        f"| {_ratio(_kb_value(inf, 'tensor_peak_b64_kb'), _kb_value(tinf, 'tensor_peak_b64_kb'))}"
+        f" / {_ratio(_kb_value(tr, 'tensor_peak_train_kb'), _kb_value(ttr, 'tensor_peak_train_kb'))}"
+        " |")
   lines += ["", "Targets (batch 64, against the twin at the puppet's mean depth; best puppet "
             "mode per target, XLA off), with the paper's G:", ""]
   for t in _targets(section, PAPER_G_MODELS):
     lines.append(f"- {t}")
-  if any(r["model"] == "puppet_light" for r in section["rows"]):
+  if any(r["model"] in LIGHT_MODELS for r in section["rows"]):
     lines += ["", f"With the lighter puppeteer of puppet_light (state_channels="
               f"{section['light_state']}, generator_rank={section['light_rank']}; not the "
               "paper's):", ""]
-    for t in _targets(section, ("puppet_light",)):
+    for t in _targets(section, LIGHT_MODELS):
       lines.append(f"- {t}")
   int8 = [m for m in ("puppet_cached8", "puppet_frozen8")
           if any(r["model"] == m for r in section["rows"])]

@@ -1,6 +1,7 @@
 """tools/benchmark.py: the static twin, the helpers, and one tiny end-to-end run."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -56,7 +57,7 @@ def test_tiny_run_writes_the_report(tmp_path):
   output = os.path.join(tmp_path, "benchmarks.md")
   raw = os.path.join(tmp_path, "raw.json")
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
-         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light,puppet_cached8",
+         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_light,puppet_cached8,puppet_light_remat",
          "--xla=off", "--repeats=2", "--warmup=0", "--bins=4",
          "--no_b256=puppet_cached,puppet_cached8", "--parallel_jobs=2",
          f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
@@ -74,7 +75,9 @@ def test_tiny_run_writes_the_report(tmp_path):
                  "puppet_light (state_channels=8, generator_rank=7; not the paper's)",
                  "| puppet_cached8 | off |", "int8 kernel cache (puppet_cached8",
                  "traced once with a None batch dimension",
-                 "jobs ran 2 at a time (--parallel_jobs)"):
+                 "jobs ran 2 at a time (--parallel_jobs)", "| puppet_light_remat | off |",
+                 "tensor peak MB infer / train", "inference does not store activations: "
+                 "same as puppet_light"):
     assert needle in report, needle
   results = json.load(open(raw))
   rows = {r["model"]: r for r in results["sections"][0]["rows"]}
@@ -84,6 +87,21 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
   assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]
   assert rows["puppet_light"]["train"]["train_64"]["times"]
+  assert rows["puppet_light_remat"]["train"]["train_64"]["times"]
+  # The allocator's tensor peak (tracked by oneDNN's CPU allocator, TensorFlow's default on
+  # x86) holds at least every weight of the twin, and in training each weight's gradient and
+  # momentum as well: 4 bytes each, counted here from the model rebuilt by hand.
+  if platform.machine() == "x86_64" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+    section = results["sections"][0]
+    config = PuppetCNNConfig(num_classes=10, stage_channels=(4, 8), max_depth=3)
+    model = benchmark.build_static_twin(config, section["twin_depth"])
+    weights = 4 * sum(int(np.prod(w.shape)) for w in model.weights)
+    trainable = 4 * sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert 1024 * twin["infer"]["tensor_peak_b64_kb"] >= weights
+    assert 1024 * twin["train"]["tensor_peak_train_kb"] >= weights + 2 * trainable
+    # and less than the process's own growth, which includes it
+    assert twin["train"]["tensor_peak_train_kb"] < (twin["train"]["hwm_train_kb"]
+                                                   - twin["train"]["rss_base_kb"])
   # The int8 cache holds the same bins in a quarter of the bytes plus its float32 scales (a
   # few output channels per kernel in this tiny puppet), and its rounding is measured.
   small, full = rows["puppet_cached8"]["infer"]["notes"], rows["puppet_cached"]["infer"]["notes"]
