@@ -671,7 +671,12 @@ def write_report(path: str, header: Dict[str, Any], sections: List[Dict[str, Any
            "runs; the table gives the peak resident size (VmHWM, /proc/self/status) in MB and, "
            "in parentheses, its growth over that baseline (model, kernel cache, traced "
            "graphs, activations, gradients). Inference peak is read after the batch-1 and "
-           "batch-64 measurements (before batch 256); training peak after the training steps.",
+           "batch-64 measurements (before batch 256); training peak after the training steps. "
+           "'Tensor peak': the most bytes TensorFlow's CPU allocator had in live tensors over "
+           "the same span (`tf.config.experimental.get_memory_info('CPU:0')`, reset with the "
+           "resident peak; '-' where the allocator keeps no statistics, e.g. oneDNN off): the "
+           "model's tensors, without the traced graphs and the memory allocators keep after "
+           "it is freed.",
            f"- Binned modes: complexity_bins = {header['bins']} (equal bins on [0, 8] bits)",
            f"- Time budget {header['time_budget_s']:.0f} s, job limit "
            f"{header['job_timeout_s']:.0f} s, RSS limit {header['max_rss_mb']:.0f} MB", ""]
