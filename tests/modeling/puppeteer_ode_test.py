@@ -67,6 +67,11 @@ def test_euler_trajectory_matches_float64_reference(init, rank, width):
   dl = np.tanh(1 / h.astype(np.float64))
   depth = np.array([1, 3], np.int32)
   kernels = layer(h, dl.astype(np.float32), depth, training=False)
+  # The same kernels one at a time (what cache_kernels consumes), checked against the same
+  # float64 reference below: (stage, j) in trajectory order, j None for the transition.
+  streamed = list(layer.iter_kernels(h, dl.astype(np.float32), depth))
+  assert [(s, j) for s, j, _ in streamed] == [(s, j) for s in range(2) for j in (None, 0, 1)]
+  streamed = {(s, j): kernel for s, j, kernel in streamed}
 
   for b in range(2):
     fill = math.exp(1 - h[b] ** -2.0)
@@ -81,10 +86,13 @@ def test_euler_trajectory_matches_float64_reference(init, rank, width):
       want = _np_kernel(state, c_prev, c, 3)
       got = kernels[s][0][b].numpy()
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(streamed[s, None][b].numpy(), want, rtol=1e-4, atol=1e-6)
       for j in range(2):  # repeated kernels; the state freezes once the sample is done
         if depth[b] > j + 1:
           state = state + dl[b] * _np_generator(layer, state)
           np.testing.assert_allclose(kernels[s][1][b, j].numpy(), _np_kernel(state, c, c, 3),
+                                     rtol=1e-4, atol=1e-6)
+          np.testing.assert_allclose(streamed[s, j][b].numpy(), _np_kernel(state, c, c, 3),
                                      rtol=1e-4, atol=1e-6)
       c_prev = c
 

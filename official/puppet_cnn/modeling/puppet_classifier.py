@@ -658,52 +658,55 @@ class PuppetClassifier(keras.Model):
     kpu = self.puppet.kernels_per_unit
     affine = self.puppet.inference_affine(**self._puppet_scaling())
     stored, scales = {}, ({} if dtype == "int8" else None)
+    k = c.kernel_size
+
+    def store(kernel):
+      """(kernel in the storage dtype as NumPy, its int8 scales or None)."""
+      if dtype == "int8":
+        return kernel_quantization.quantize_per_output_channel(kernel)
+      kernel = kernel if dtype == "float32" else ops.cast(kernel, dtype)
+      return ops.convert_to_numpy(kernel), None
+
     for b in wanted:
-      # One bin per puppeteer call, integrated only as far as the bin's depth (a sample past
-      # its depth keeps its state exactly, so the kernels it uses are the same). Each kernel
-      # is folded (and cast) and its generated buffer released before the next: only one
-      # bin's generated kernels and one folded copy exist at a time.
+      # One bin at a time, integrated only as far as the bin's depth (a sample past its depth
+      # keeps its state exactly, so the kernels it uses are the same). The puppeteer hands
+      # over one kernel at a time (`iter_kernels`); each is folded, stored in the storage
+      # dtype in a NumPy buffer and released before the next is computed, so the build never
+      # holds more than one generated float32 kernel: TensorFlow's CPU allocator, which keeps
+      # the largest set of temporaries it has served pooled and resident (oneDNN's, the
+      # default on x86), then pools about one kernel instead of a bin's whole set.
       index = np.asarray([b], np.int32)
       h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
                                       ops.convert_to_tensor(steps[index]))
       units = int(depths[b]) - 1
-      kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
-                               stack_repeated=False, units=units)
-      def store(kernel):
-        """(kernel in the storage dtype as NumPy, its int8 scales or None)."""
-        if dtype == "int8":
-          return kernel_quantization.quantize_per_output_channel(kernel)
-        kernel = kernel if dtype == "float32" else ops.cast(kernel, dtype)
-        return ops.convert_to_numpy(kernel), None
-
+      layers = units * kpu
       stages, stage_scales = [], []
-      for s, ((t_scale, _), rep) in enumerate(affine):
-        transition, repeated = kernels[s]
-        kernels[s] = None
-        folded, folded_scale = store(transition[0] * t_scale)
-        del transition
-        # The stage's repeated kernels as one (layers, K, K, C, C) table, filled in a NumPy
-        # buffer one folded kernel at a time while the generated ones are released; its
-        # TensorFlow copy is made after that, so TensorFlow's CPU pool never holds the
-        # generated kernels and the table at once (a `stack` would, and keep the excess).
-        k, c_s = c.kernel_size, int(folded.shape[-1])
-        table = np.empty((units * kpu, k, k, c_s, c_s), folded.dtype)
-        table_scale = np.empty((units * kpu, c_s), np.float32) if scales is not None else None
-        for j in range(units * kpu):
-          table[j], scale = store(repeated[j][0] * rep[j][0])
+      folded = folded_scale = table = table_scale = None
+      for s, j, kernel in self.puppeteer.iter_kernels(
+          h, dl, ops.convert_to_tensor(depths[index]), units=units):
+        (t_scale, _), rep = affine[s]
+        if j is None:
+          folded, folded_scale = store(kernel[0] * t_scale)
+          # The stage's repeated kernels as one (layers, K, K, C, C) table, filled in a NumPy
+          # buffer one folded kernel at a time; its TensorFlow copy is made once it is full.
+          c_s = int(folded.shape[-1])
+          table = np.empty((layers, k, k, c_s, c_s), folded.dtype)
+          table_scale = np.empty((layers, c_s), np.float32) if scales is not None else None
+        else:
+          table[j], scale = store(kernel[0] * rep[j][0])
           if table_scale is not None:
             table_scale[j] = scale
-          repeated[j] = None
-        del repeated
-        stages.append((ops.convert_to_tensor(folded), ops.convert_to_tensor(table)))
-        if scales is not None:
-          stage_scales.append((ops.convert_to_tensor(folded_scale),
-                               ops.convert_to_tensor(table_scale)))
-        del table, folded
+        del kernel
+        if (j is None and layers == 0) or j == layers - 1:  # the stage is complete
+          stages.append((ops.convert_to_tensor(folded), ops.convert_to_tensor(table)))
+          if scales is not None:
+            stage_scales.append((ops.convert_to_tensor(folded_scale),
+                                 ops.convert_to_tensor(table_scale)))
+          folded = folded_scale = table = table_scale = None
       stored[int(b)] = stages
       if scales is not None:
         scales[int(b)] = stage_scales
-      del kernels, stages
+      del stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
                                       c.depth_scale, dtype, scales, bool(fallback))

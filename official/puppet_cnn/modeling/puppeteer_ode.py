@@ -345,26 +345,67 @@ class PuppeteerODE(keras.layers.Layer):
            depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
            channels: Sequence[int] | None = None, active_rows_only: bool = False):
     training = bool(training)
+    units, channels = self._resolve(units, channels)
+    if active_rows_only and (stack_repeated or not depth_sorted):
+      raise ValueError("PuppeteerODE: active_rows_only needs depth_sorted=True and "
+                       "stack_repeated=False")
+    stats: list = []
+    per_stage = [[None, []] for _ in channels]
+    for s, j, kernel in self._kernels(complexity, step, depth, training, stats, state_weight,
+                                      depth_sorted, units, channels, active_rows_only):
+      if j is None:
+        per_stage[s][0] = kernel
+      else:
+        per_stage[s][1].append(kernel)
+    kernels = []
+    for (transition, repeated), c_out in zip(per_stage, channels):
+      if not stack_repeated:
+        pass
+      elif repeated:
+        repeated = ops.stack(repeated, axis=1)
+      else:
+        repeated = ops.zeros((ops.shape(ops.cast(step, "float32"))[0], 0, self.kernel_size, self.kernel_size,
+                              c_out, c_out), "float32")
+      kernels.append((transition, repeated))
+    if training and stats:
+      self._update_moving_statistics(stats)
+    return kernels
+
+  def iter_kernels(self, complexity, step, depth, units: int | None = None,
+                   channels: Sequence[int] | None = None):
+    """Inference-mode kernels one at a time, in the order the trajectory produces them.
+
+    Yields `(stage, j, kernel)`: j is None for the stage's transition kernel (N, K, K, C_in,
+    C_s), else repeated kernel j (N, K, K, C_s, C_s); the same kernels as `call(...,
+    training=False)`. Called eagerly, each kernel can be consumed (folded, quantized, stored)
+    before the next one is computed, so that only one generated kernel exists at a time:
+    what `PuppetClassifier.cache_kernels` does, instead of holding a bin's whole kernel set
+    in memory while it stores it.
+    """
+    units, channels = self._resolve(units, channels)
+    yield from self._kernels(complexity, step, depth, False, [], None, False, units, channels,
+                             False)
+
+  def _resolve(self, units, channels):
     units = self.max_depth - 1 if units is None else int(units)
     channels = self.stage_channels if channels is None else tuple(int(c) for c in channels)
     if units < 0 or len(channels) != len(self.stage_channels) or min(channels) < 1:
       raise ValueError(f"PuppeteerODE: need units >= 0 and {len(self.stage_channels)} positive "
                        f"stage widths, got units={units}, channels={channels}")
-    if active_rows_only and (stack_repeated or not depth_sorted):
-      raise ValueError("PuppeteerODE: active_rows_only needs depth_sorted=True and "
-                       "stack_repeated=False")
+    return units, channels
+
+  def _kernels(self, complexity, step, depth, training, stats, state_weight, depth_sorted,
+               units, channels, active_rows_only):
+    """The trajectory: yields (stage, j or None, kernel) as `iter_kernels` documents."""
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
     depth = ops.cast(depth, "int32")
     weight = None if state_weight is None else ops.cast(state_weight, "float32")
     state = self.initial_state(complexity)
-    stats: list = []
-    kernels = []
     c_prev = self.input_channels
-    for c_out in channels:
+    for s, c_out in enumerate(channels):
       state = self.integrate_step(state, dl, None, training, stats, weight)
-      transition = self.kernel_from_state(state, c_prev, c_out)
-      repeated = []
+      yield s, None, self.kernel_from_state(state, c_prev, c_out)
       for j in range(units * self.kernels_per_unit):
         unit = j // self.kernels_per_unit + 1
         if depth_sorted:
@@ -374,21 +415,10 @@ class PuppeteerODE(keras.layers.Layer):
           state = self.integrate_step(state, dl, active, training, stats, weight)
         if active_rows_only:
           done = ops.sum(ops.cast(depth <= unit, "int32"))
-          repeated.append(self.kernel_from_state(state[done:], c_out, c_out))
+          yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
         else:
-          repeated.append(self.kernel_from_state(state, c_out, c_out))
-      if not stack_repeated:
-        pass
-      elif repeated:
-        repeated = ops.stack(repeated, axis=1)
-      else:
-        repeated = ops.zeros((ops.shape(dl)[0], 0, self.kernel_size, self.kernel_size,
-                              c_out, c_out), "float32")
-      kernels.append((transition, repeated))
+          yield s, j, self.kernel_from_state(state, c_out, c_out)
       c_prev = c_out
-    if training and stats:
-      self._update_moving_statistics(stats)
-    return kernels
 
   def _update_moving_statistics(self, stats):
     """One moving-average update per call, from the mean of the per-step batch statistics."""
