@@ -779,6 +779,7 @@ def _section_lines(section) -> List[str]:
     tinf, ttr = twin.get("infer"), twin.get("train")
     mem = lambda r, t, k: (f"{_ratio(_growth_mb(r, k), _growth_mb(t, k))} "  # pylint: disable=unnecessary-lambda-assignment
                            f"({_ratio(_peak_mb(r, k), _peak_mb(t, k))})")
+    tensors = lambda r, t, k: _ratio(_kb_value(r, k), _kb_value(t, k))  # pylint: disable=unnecessary-lambda-assignment
     lines.append(
         f"| {row['model']} | {'on' if row['xla'] else 'off'} "
         f"| {_ratio(_median(tinf, 'batch_64'), _median(inf, 'batch_64'))} "
@@ -786,9 +787,8 @@ def _section_lines(section) -> List[str]:
         f"| {_ratio(_median(inf, 'latency_b1'), _median(tinf, 'latency_b1'))} "
         f"| {_ratio(_median(tr, 'train_64'), _median(ttr, 'train_64'))} "
         f"| {mem(inf, tinf, 'hwm_b64_kb')} | {mem(tr, ttr, 'hwm_train_kb')} "
-        f"| {_ratio(_kb_value(inf, 'tensor_peak_b64_kb'), _kb_value(tinf, 'tensor_peak_b64_kb'))}"
-        f" / {_ratio(_kb_value(tr, 'tensor_peak_train_kb'), _kb_value(ttr, 'tensor_peak_train_kb'))}"
-        " |")
+        f"| {tensors(inf, tinf, 'tensor_peak_b64_kb')} "
+        f"/ {tensors(tr, ttr, 'tensor_peak_train_kb')} |")
   lines += ["", "Targets (batch 64, against the twin at the puppet's mean depth; best puppet "
             "mode per target, XLA off), with the paper's G:", ""]
   for t in _targets(section, PAPER_G_MODELS):

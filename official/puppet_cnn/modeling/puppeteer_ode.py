@@ -357,15 +357,11 @@ class PuppeteerODE(keras.layers.Layer):
         per_stage[s][0] = kernel
       else:
         per_stage[s][1].append(kernel)
-    kernels = []
+    kernels, k = [], self.kernel_size
     for (transition, repeated), c_out in zip(per_stage, channels):
-      if not stack_repeated:
-        pass
-      elif repeated:
-        repeated = ops.stack(repeated, axis=1)
-      else:
-        repeated = ops.zeros((ops.shape(ops.cast(step, "float32"))[0], 0, self.kernel_size, self.kernel_size,
-                              c_out, c_out), "float32")
+      if stack_repeated:
+        repeated = (ops.stack(repeated, axis=1) if repeated else ops.zeros(
+            (ops.shape(transition)[0], 0, k, k, c_out, c_out), "float32"))
       kernels.append((transition, repeated))
     if training and stats:
       self._update_moving_statistics(stats)
