@@ -582,10 +582,6 @@ def _fmt_kb(kb) -> str:
   return "-" if kb is None else f"{kb / 1024.0:.0f}"
 
 
-def _kb_value(result, key) -> Optional[float]:
-  return None if not result or result.get(key) is None else float(result[key])
-
-
 def _fmt_mem(hwm_kb, base_kb) -> str:
   if hwm_kb is None:
     return "-"
@@ -779,7 +775,7 @@ def _section_lines(section) -> List[str]:
     tinf, ttr = twin.get("infer"), twin.get("train")
     mem = lambda r, t, k: (f"{_ratio(_growth_mb(r, k), _growth_mb(t, k))} "  # pylint: disable=unnecessary-lambda-assignment
                            f"({_ratio(_peak_mb(r, k), _peak_mb(t, k))})")
-    tensors = lambda r, t, k: _ratio(_kb_value(r, k), _kb_value(t, k))  # pylint: disable=unnecessary-lambda-assignment
+    tensors = lambda r, t, k: _ratio(_peak_mb(r, k), _peak_mb(t, k))  # pylint: disable=unnecessary-lambda-assignment
     lines.append(
         f"| {row['model']} | {'on' if row['xla'] else 'off'} "
         f"| {_ratio(_median(tinf, 'batch_64'), _median(inf, 'batch_64'))} "
