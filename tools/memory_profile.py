@@ -17,7 +17,9 @@ the benchmark images, records its resident size (VmRSS), resets the peak (VmHWM,
   batch 256    two calls at batch 256
 
 The `saved_*` models measure what a server holds: the model (`saved_static_twin`: the twin;
-`saved_frozen8`: `puppet_frozen8`, every bin cached in int8 without the generating path) is
+`saved_frozen8`: `puppet_frozen8`, every bin cached in int8 without the generating path;
+`saved_nearest8`: `puppet_nearest8`, the calibration images' bins in int8, the others served
+by the nearest cached bin) is
 first exported by `official.puppet_cnn.serving.export_saved_model` in a separate process, and
 the measuring process only loads the SavedModel (`tf.saved_model.load`, phase "build") and
 calls its `serving_default` signature on uint8 pixels ("trace" fetches the signature, which
@@ -47,9 +49,11 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PHASES = ("build", "trace", "first call", "batch 1", "batch 64", "batch 256")
-SAVED_MODELS = {"saved_static_twin": "static_twin", "saved_frozen8": "puppet_frozen8"}
+SAVED_MODELS = {"saved_static_twin": "static_twin", "saved_frozen8": "puppet_frozen8",
+                "saved_nearest8": "puppet_nearest8"}
 MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cached16",
-          "puppet_cached8", "puppet_frozen8", "puppet_bucketed", "puppet_light") + tuple(
+          "puppet_cached8", "puppet_frozen8", "puppet_nearest8", "puppet_bucketed",
+          "puppet_light") + tuple(
               SAVED_MODELS)
 
 

@@ -36,6 +36,11 @@ _EXPORT_KERNEL_CACHE = flags.DEFINE_enum(
     "With --export_dir and --execution=bucketed: export every complexity bin's generated "
     "kernels in this dtype with the SavedModel, so that serving runs the stored kernels "
     "instead of the ODE (larger SavedModel; int8 is lossy). none: only the weights.")
+_EXPORT_KERNEL_CACHE_BINS = flags.DEFINE_enum(
+    "export_kernel_cache_bins", "all", ["all", "train"],
+    "With --export_kernel_cache: all: cache every complexity bin; train: only the bins the "
+    "training images fall into (a smaller SavedModel), an image in another bin being "
+    "served by the nearest cached bin (its kernels and depth).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete an existing run in --model_dir and start over.")
 _LOGICAL_CPUS = flags.DEFINE_integer(
@@ -169,7 +174,8 @@ def main(argv):
     raise app.UsageError("--export_kernel_cache needs --export_dir (it says what to export)")
   try:
     config = config_from_flags()
-    train_lib.check_export_kernel_cache(config, kernel_cache)
+    train_lib.check_export_kernel_cache(config, kernel_cache,
+                                        _EXPORT_KERNEL_CACHE_BINS.value)
   except (TypeError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   if _LOGICAL_CPUS.value:
@@ -178,7 +184,8 @@ def main(argv):
   try:
     results = train_lib.run(config, _MODE.value, _MODEL_DIR.value,
                             export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value,
-                            export_kernel_cache=kernel_cache)
+                            export_kernel_cache=kernel_cache,
+                            export_kernel_cache_bins=_EXPORT_KERNEL_CACHE_BINS.value)
   except (DataError, train_lib.RunError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")

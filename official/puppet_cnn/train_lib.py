@@ -30,6 +30,7 @@ import time
 from typing import Any, Dict, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -253,9 +254,19 @@ def _load_for_eval(config: ExperimentConfig, splits: Splits, model_dir: str,
                           "(looked for best.keras and latest.weights.h5); train first")
 
 
-def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[str]) -> None:
-  """Raises ValueError unless `kernel_cache` (None or a cache dtype) fits the experiment."""
+EXPORT_CACHE_BINS = ("all", "train")
+
+
+def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[str],
+                              cache_bins: str = "all") -> None:
+  """Raises ValueError unless `kernel_cache` (None or a cache dtype) and `cache_bins` fit
+  the experiment."""
+  if cache_bins not in EXPORT_CACHE_BINS:
+    raise ValueError(f"--export_kernel_cache_bins must be one of {EXPORT_CACHE_BINS}, got "
+                     f"{cache_bins!r}")
   if kernel_cache is None:
+    if cache_bins != "all":
+      raise ValueError("--export_kernel_cache_bins=train needs --export_kernel_cache")
     return
   from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
   if kernel_cache not in CACHE_DTYPES:
@@ -267,11 +278,22 @@ def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[s
                      f"--model={config.train.model} --execution={config.model.execution}")
 
 
+def training_bins(model, splits: Splits) -> tuple:
+  """The complexity bins that one epoch of the training split's images fall into."""
+  seen = set()
+  for images, _ in splits.train.take(splits.steps_per_epoch):
+    seen.update(model.occupied_bins(np.asarray(images)))
+  logging.info("complexity bins of one epoch of training images (%d batches): %s",
+               splits.steps_per_epoch, sorted(seen))
+  return tuple(sorted(seen))
+
+
 def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optional[str] = None,
         overwrite: bool = False, splits: Optional[Splits] = None,
         strategy: Optional[tf.distribute.Strategy] = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
-        export_kernel_cache: Optional[str] = None) -> Dict[str, Any]:
+        export_kernel_cache: Optional[str] = None,
+        export_kernel_cache_bins: str = "all") -> Dict[str, Any]:
   """Trains and/or evaluates as `mode` says; returns the results dict ({} for mode=train).
 
   Args:
@@ -286,12 +308,15 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
     export_kernel_cache: None: export the generating model (only the puppeteer's weights);
       a cache dtype ('float32', 'float16', 'bfloat16', 'int8'): export every bin's kernels in
       that dtype with it (a bucketed Puppet-CNN only; `serving/export.py`, "Kernel cache").
+    export_kernel_cache_bins: with `export_kernel_cache`: 'all' (default) caches every bin;
+      'train' only the bins the training split's images fall into, an image in another bin
+      being served by the nearest cached bin (`cache_kernels(fallback='nearest')`).
   """
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
   if not model_dir:
     raise ValueError("--model_dir is required")
-  check_export_kernel_cache(config, export_kernel_cache)
+  check_export_kernel_cache(config, export_kernel_cache, export_kernel_cache_bins)
   t = config.train
   keras.utils.set_random_seed(t.seed)
   keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
@@ -334,9 +359,14 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
     if model is None:
       model, _ = _load_for_eval(config, splits, model_dir, strategy, None)
     from official.puppet_cnn.serving import export  # pylint: disable=import-outside-toplevel
+    cache_bins = None
+    if export_kernel_cache and export_kernel_cache_bins == "train":
+      cache_bins = training_bins(model, splits)
+      results["export_kernel_cache_bins"] = list(cache_bins)
     path = export.export_saved_model(model, export_dir, model_name=t.model,
                                      class_names=list(splits.class_names),
-                                     kernel_cache=export_kernel_cache)
+                                     kernel_cache=export_kernel_cache,
+                                     kernel_cache_bins=cache_bins)
     results["export_path"] = path
     logging.info("exported SavedModel to %s", path)
   return results

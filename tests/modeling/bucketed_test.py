@@ -412,6 +412,59 @@ def test_cache_without_fallback_has_no_generating_path(layout, monkeypatch):
     b(images, training=False)
 
 
+def _nearest_reference(cached, k):
+  """The cached bin nearest to bin k, the higher one on a tie (a plain loop)."""
+  best = None
+  for c in sorted(cached):
+    if best is None or abs(c - k) <= abs(best - k):
+      best = c
+  return best
+
+
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_nearest_fallback_runs_uncached_bins_as_the_nearest_cached_bin(layout, monkeypatch):
+  a, b = _pair(layout=layout)
+  images = _images()
+  own = b(images, return_details=True)["complexity_bin"].numpy()   # bins 0, 1, 8, 13
+  cached = (1, 5)  # bin 3 lies midway; images in bins 8 and 13 drop from depth 3 to 2
+  assert b.cache_kernels(bins=cached, dtype="float32", fallback="nearest") == cached
+  assert b.kernel_cache_info()["fallback"] == "nearest"
+  table = b._kernel_cache.nearest_bins()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(table, [_nearest_reference(cached, k) for k in range(16)])
+  assert table[3] == 5 and table[0] == 1 and table[15] == 5
+  served = np.array([_nearest_reference(cached, int(k)) for k in own])
+  centres, _, depths = b.bin_table()
+  assert set(own) - set(cached) and (depths[served] != depths[own]).any()
+  # Reference: the generating per-sample model, each image given its served bin's centre
+  # as its complexity (so its kernels and depth are those of that bin).
+  monkeypatch.setattr(a.complexity_layer, "call",
+                      lambda x, *args, **kwargs: tf.gather(centres.astype(np.float32), served))
+  want = np.asarray(a(images, training=False))
+  monkeypatch.undo()
+  calls = []
+  monkeypatch.setattr(PuppeteerODE, "call", lambda *args, **kw: calls.append(1))
+  _close(b(images, training=False), want)
+  _close(tf.function(lambda x: b(x, training=False))(tf.constant(images.astype(np.float32))),
+         want)
+  assert not calls  # nothing generated
+  monkeypatch.undo()
+  details = b(images, training=False, return_details=True)
+  np.testing.assert_array_equal(details["complexity_bin"].numpy(), served)
+  np.testing.assert_array_equal(details["depth"].numpy(), depths[served])
+  # Training is not served from the cache: every image keeps its own bin.
+  np.testing.assert_array_equal(
+      b(images, training=True, return_details=True)["complexity_bin"].numpy(), own)
+  # A stale cache raises, as without a fallback.
+  beta = [w for w in b.puppet.weights if w.path.endswith("beta")][0]
+  beta.assign(beta.numpy() + 0.5)
+  with pytest.raises(ValueError, match="built with fallback='nearest'"):
+    b(images, training=False)
+  with pytest.raises(ValueError, match="fallback must be one of"):
+    b.cache_kernels(fallback="closest")
+  with pytest.raises(ValueError, match="needs at least one bin"):
+    b.cache_kernels(bins=[], fallback="nearest")
+
+
 def test_loop_graph_has_no_function_per_cached_bin():
   # The loop picks a bin's cached kernels with one selector per stage, not with a branch
   # per bin: each branch would be a function of its own, instantiated when the graph first

@@ -348,6 +348,33 @@ def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp
   model.clear_kernel_cache()
 
 
+def test_export_with_the_cache_of_some_bins_serves_the_others_from_the_nearest(bucketed,
+                                                                             tmp_path):
+  model, x, generated = bucketed
+  own = model(x, training=False, return_details=True)
+  bins = sorted(set(own["complexity_bin"].numpy().tolist()))
+  assert len(bins) >= 2
+  keep = bins[-1:]  # one bin: every image is served by it
+  path = export.export_saved_model(model, str(tmp_path), "some", kernel_cache="float32",
+                                   kernel_cache_bins=keep)
+  assert model.kernel_cache_info()["bins"] == ()
+  info = export.read_model_info(path)["kernel_cache"]
+  assert info["bins"] == keep and info["fallback"] == "nearest"
+  full = export.export_saved_model(model, str(tmp_path), "all", kernel_cache="float32")
+  assert _variable_bytes(path) < _variable_bytes(full)
+  out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
+  # Every image ran at the kept bin's depth; the images of that bin get exactly the
+  # generating model's probabilities, the others differ (they ran as another bin).
+  depths = model.bin_table()[2]
+  np.testing.assert_array_equal(out["depth"].numpy(), np.full(len(x), depths[keep[0]]))
+  same = own["complexity_bin"].numpy() == keep[0]
+  probabilities = out["probabilities"].numpy()
+  np.testing.assert_allclose(probabilities[same], generated[same], atol=1e-5)
+  assert np.abs(probabilities[~same] - generated[~same]).max() > 1e-4
+  with pytest.raises(ValueError, match="kernel_cache_bins needs kernel_cache"):
+    export.export_saved_model(model, str(tmp_path), "x", kernel_cache_bins=keep)
+
+
 def test_cached_export_runs_in_the_session_loader(bucketed, tmp_path):
   """TF Serving's TF1-style loader restores the cache variables (saved_model_cli run)."""
   model, x, generated = bucketed

@@ -192,3 +192,33 @@ def test_incremental_depth_needs_enough_epochs():
   with pytest.raises(ValueError, match="Puppet-CNN"):
     TrainConfig(model="resnet", epochs=4, depth_refinements=1)
   assert TrainConfig(epochs=9, depth_refinements=2).refinement_interval == 3
+
+
+def test_training_bins_are_the_bins_of_one_epoch_of_training_images():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn import PuppetClassifier  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.data.datasets import Splits  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  images = np.zeros((10, 16, 16, 3), np.uint8)
+  for i in range(10):  # i + 1 grey levels: H = log2(i + 1) bits (equal counts per level)
+    images[i] = (np.arange(256).reshape(16, 16) % (i + 1) * 20)[..., None]
+  images[9] = rng.integers(0, 256, (16, 16, 3))  # near 8 bits
+  labels = np.zeros((10,), np.int32)
+  train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4, drop_remainder=True)
+  splits = Splits(train=train.repeat(), val=None, test=train, num_classes=5,
+                  class_names=tuple("abcde"), image_shape=(16, 16, 3), num_train=10,
+                  num_val=0, num_test=10, batch_size=4)
+  model = PuppetClassifier(stage_channels=(4, 8), max_depth=3, num_classes=5,
+                           input_shape=(16, 16, 3), complexity_bins=16, execution="bucketed")
+  # One epoch is 2 batches of 4 (the remainder dropped): images 0..7. Their bins from H
+  # (eq. 8, tested on its own in complexity_test.py) and the bin formula floor(H * 16 / 8).
+  from official.puppet_cnn.modeling import complexity as cx  # pylint: disable=import-outside-toplevel
+  h = np.asarray(cx.image_complexity(images), np.float64)
+  bins = np.minimum(np.floor(h * 16 / 8), 15).astype(int)
+  want = sorted(set(bins[:8].tolist()))
+  assert bins[9] not in want and len(want) >= 3  # image 9 (noise) is not in the epoch
+  assert train_lib.training_bins(model, splits) == tuple(want)
+  with pytest.raises(ValueError, match="--export_kernel_cache_bins must be one of"):
+    train_lib.check_export_kernel_cache(_config(), "int8", "test")
+  with pytest.raises(ValueError, match="needs --export_kernel_cache"):
+    train_lib.check_export_kernel_cache(_config(), None, "train")

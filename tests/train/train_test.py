@@ -88,8 +88,11 @@ def test_export_kernel_cache_flag():
   from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
   from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
   assert tuple(FLAGS["export_kernel_cache"].parser.enum_values) == ("none",) + CACHE_DTYPES
+  assert tuple(FLAGS["export_kernel_cache_bins"].parser.enum_values) == ("all", "train")
+  assert FLAGS["export_kernel_cache_bins"].default == "all"
   bucketed = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed")
   train_lib.check_export_kernel_cache(bucketed, "int8")
+  train_lib.check_export_kernel_cache(bucketed, "int8", "train")
   train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), None)
   with pytest.raises(ValueError, match="needs a Puppet-CNN model with --execution=bucketed"):
     train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), "int8")

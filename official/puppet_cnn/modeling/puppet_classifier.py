@@ -43,6 +43,8 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# `cache_kernels(fallback=...)`: generate uncached bins, raise, or serve the nearest cached bin.
+CACHE_FALLBACKS = (True, False, "nearest")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
@@ -58,7 +60,9 @@ class _KernelCache:
   def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
                scales=None, fallback=True):
     self.n_bins = n_bins
-    self.fallback = fallback  # False: inference graphs have no generating path
+    self.fallback = fallback  # True: uncached bins are generated; False / 'nearest':
+                              # inference graphs have no generating path (an uncached bin
+                              # raises / is served by the nearest cached bin)
     self.integrator = integrator
     self.depth_scale = depth_scale
     self.dtype = dtype
@@ -72,6 +76,18 @@ class _KernelCache:
   @property
   def bins(self):
     return tuple(sorted(self.kernels))
+
+  def nearest_bins(self) -> np.ndarray:
+    """(n_bins,) int32: for each bin, the cached bin nearest to it (itself when cached; an
+    uncached bin midway between two cached ones goes to the higher, deeper one)."""
+    cached = np.asarray(self.bins, np.int64)
+    if not len(cached):
+      raise ValueError("an empty kernel cache has no nearest bin")
+    out = np.empty((self.n_bins,), np.int32)
+    for b in range(self.n_bins):
+      distance = np.abs(cached - b)
+      out[b] = cached[distance == distance.min()].max()
+    return out
 
   def stage_scales(self, b):
     """Bin b's per-stage (transition scale, repeated scales); (None, None) per stage for
@@ -203,6 +219,8 @@ class PuppetClassifier(keras.Model):
     if c.complexity_bins:
       centres, steps, depths = self.bin_table()
       bins = complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity)
+      if not training:
+        bins = self._served_bins(bins)
       h_used = ops.take(ops.convert_to_tensor(centres), bins)
       dl = ops.take(ops.convert_to_tensor(steps), bins)
       depth = ops.take(ops.convert_to_tensor(depths), bins)
@@ -247,6 +265,15 @@ class PuppetClassifier(keras.Model):
         details["complexity_bin"] = bins
       return details
     return logits
+
+  def _served_bins(self, bins):
+    """Inference: each sample's bin as the model serves it. With a kernel cache built with
+    `fallback='nearest'`, a sample in an uncached bin runs as a sample of the nearest cached
+    bin (that bin's kernels and depth); otherwise its own bin."""
+    cache = self._usable_kernel_cache()
+    if cache is None or cache.fallback != "nearest":
+      return bins
+    return ops.take(ops.convert_to_tensor(cache.nearest_bins()), bins)
 
   def _kernel_complexity(self, h, dl):
     """The H and step the puppeteer integrates with (a fixed H without parameter adaptation).
@@ -326,14 +353,15 @@ class PuppetClassifier(keras.Model):
       cached = np.zeros((n,), bool)
       cached[list(cache.bins)] = True
       uncached = ops.logical_and(occupied, ops.logical_not(cached))
-      if not cache.fallback:
+      if cache.fallback is not True:
         # A cache without the generating fallback: nothing is generated, so a stale cache
-        # or a sample in an uncached bin is an error, never a silent wrong answer.
+        # or a sample in an uncached bin is an error, never a silent wrong answer. (With
+        # fallback='nearest', `call` has already moved every sample to a cached bin.)
         ok = ops.logical_and(valid, ops.logical_not(ops.any(uncached)))
-        message = ("the kernel cache was built with fallback=False, and this batch needs "
-                   "kernels it does not hold (a complexity bin that is not cached, or weights "
-                   "changed since cache_kernels()): call cache_kernels() again (bins=None "
-                   "caches every bin), or with fallback=True")
+        message = (f"the kernel cache was built with fallback={cache.fallback!r}, and this "
+                   "batch needs kernels it does not hold (a complexity bin that is not "
+                   "cached, or weights changed since cache_kernels()): call cache_kernels() "
+                   "again (bins=None caches every bin), or with fallback=True")
         # Everything downstream depends on these three: nothing runs before the check.
         features, bins, occupied = (backend_ops.check(ok, t, message)
                                     for t in (features, bins, occupied))
@@ -588,8 +616,23 @@ class PuppetClassifier(keras.Model):
     return kernels, position
 
   # ------------------------------------------------------------------ inference kernel cache
+  def occupied_bins(self, images, batch_size: int = 256) -> tuple:
+    """The sorted tuple of complexity bins that raw `images` (N, H, W, C) fall into, e.g. the
+    bins to cache for a dataset (`cache_kernels(bins=...)`); computed `batch_size` images at
+    a time. Needs complexity_bins > 0."""
+    c = self.config
+    if not c.complexity_bins:
+      raise ValueError("occupied_bins needs complexity_bins > 0")
+    images = np.asarray(images)
+    seen = set()
+    for start in range(0, len(images), batch_size):
+      h = self.complexity_layer(ops.cast(images[start:start + batch_size], "float32"))
+      seen.update(int(v) for v in ops.convert_to_numpy(complexity_lib.complexity_bin(
+          h, c.complexity_bins, c.complexity.max_complexity)))
+    return tuple(sorted(seen))
+
   def cache_kernels(self, bins=None, images=None, dtype: str = "float32",
-                    fallback: bool = True):
+                    fallback: bool | str = True):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
@@ -603,14 +646,15 @@ class PuppetClassifier(keras.Model):
     compares the current weights with that copy; if any differs (training, `load_weights`,
     an assignment) the stale kernels are not used: with `fallback=True` (the default) the
     kernels are generated on the fly as without a cache (correct, but slower: call
-    `cache_kernels()` again), with `fallback=False` the call raises. Changing `integrator`
+    `cache_kernels()` again), with `fallback=False` or 'nearest' the call raises. Changing
+    `integrator`
     drops the cache. It is never saved with the model (`.keras`, weights); a SavedModel
     export can include it (`serving/export.py`).
 
     Call it after training or loading and before tracing your own `tf.function`s (a function
     traced before the cache existed keeps generating); Keras's predict/evaluate functions are
     reset here. Needs execution='bucketed'. Bins without cached kernels are generated on the
-    fly (with `fallback=True`; without, a batch that needs them raises).
+    fly (`fallback=True`), raise (False) or run as the nearest cached bin ('nearest').
 
     Args:
       bins: bin indices to cache; None: every bin (or the bins of `images`).
@@ -627,7 +671,14 @@ class PuppetClassifier(keras.Model):
         smaller graph that takes less memory to trace and run, docs/memory_profile.md); a
         batch with an image in an uncached bin, or a call after the weights changed, then
         raises an error instead. Meant for serving a fixed model with every bin cached
-        (`bins=None`), e.g. an exported SavedModel.
+        (`bins=None`), e.g. an exported SavedModel. 'nearest': no generating path either,
+        and an image in an uncached bin runs as an image of the nearest cached bin (its
+        kernels and its depth; midway between two, the higher bin): a coarser binning
+        where the cache has gaps, so that a cache of the bins a dataset occupies (`images=`
+        a sample of the training set) serves any image, in a fraction of all bins' memory.
+        Inference outputs (`return_details`) then give the bin, step and depth the image ran
+        with. What it costs in accuracy: docs/binning_cache_dtype.md. A stale cache raises,
+        as with False.
     Returns:
       The sorted tuple of cached bins.
     """
@@ -637,21 +688,22 @@ class PuppetClassifier(keras.Model):
                        f"this model has execution={c.execution!r}")
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
+    if not (isinstance(fallback, (bool, np.bool_)) or fallback == "nearest"):
+      raise ValueError(f"cache_kernels: fallback must be one of {CACHE_FALLBACKS}, got "
+                       f"{fallback!r}")
+    fallback = bool(fallback) if isinstance(fallback, (bool, np.bool_)) else "nearest"
     if not self.built:
       self.build()
     n = c.complexity_bins
     if images is not None:
-      seen = set()
-      images = np.asarray(images)
-      for start in range(0, len(images), 256):
-        h = self.complexity_layer(ops.cast(images[start:start + 256], "float32"))
-        seen.update(int(v) for v in ops.convert_to_numpy(
-            complexity_lib.complexity_bin(h, n, c.complexity.max_complexity)))
+      seen = set(self.occupied_bins(images))
       wanted = sorted(seen if bins is None else seen & {int(b) for b in bins})
     else:
       wanted = sorted({int(b) for b in (range(n) if bins is None else bins)})
     if any(not 0 <= b < n for b in wanted):
       raise ValueError(f"bins must be in [0, {n}), got {wanted}")
+    if fallback == "nearest" and not wanted:
+      raise ValueError("cache_kernels(fallback='nearest') needs at least one bin to cache")
     snapshot = [ops.convert_to_tensor(np.array(ops.convert_to_numpy(w)))
                 for w in self._kernel_cache_inputs()]
     centres, steps, depths = self.bin_table()
@@ -709,7 +761,7 @@ class PuppetClassifier(keras.Model):
       del stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale, dtype, scales, bool(fallback))
+                                      c.depth_scale, dtype, scales, fallback)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 

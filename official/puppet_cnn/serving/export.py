@@ -31,7 +31,11 @@ stored kernels instead of integrating the ODE per request (docs/benchmarks_cache
 about the speed of the static twin). `kernel_cache='int8'` (or another dtype) here caches
 every bin without the generating fallback, so the served graph has no generating path
 (`cache_kernels(fallback=False)`: a smaller graph, less memory; the served weights never
-change, and a request the cache cannot serve would be an error, not a wrong answer). The
+change, and a request the cache cannot serve would be an error, not a wrong answer). With
+`kernel_cache_bins` it caches only those bins (e.g. the bins of the training images,
+`PuppetClassifier.occupied_bins`) and a request in another bin runs as the nearest cached bin
+(`fallback='nearest'`): a smaller SavedModel that still serves every image
+(docs/memory_profile.md, docs/binning_cache_dtype.md). The
 cache's copy of the weights it was built from (about 1.3 MB for the full puppet) is saved
 and checked on every request, like the Keras model's. A cache made with
 `model.cache_kernels(...)` before exporting is exported as it is (with its fallback, by
@@ -245,7 +249,8 @@ def _check_args(model, model_name, version, top_k, class_names):
 
 def export_saved_model(model, export_dir: str, model_name: str, version: Optional[int] = None,
                        top_k: int = 5, class_names: Optional[Sequence[str]] = None,
-                       float_signature: bool = False, kernel_cache: Optional[str] = None) -> str:
+                       float_signature: bool = False, kernel_cache: Optional[str] = None,
+                       kernel_cache_bins: Optional[Sequence[int]] = None) -> str:
   """Writes `model` to `<export_dir>/<model_name>/<version>/` for TF Serving.
 
   Args:
@@ -264,6 +269,9 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
       generating fallback (`cache_kernels(dtype=..., fallback=False)`: a bucketed
       Puppet-CNN only) for the export; the model's own cache (or none) is back afterwards.
       See "Kernel cache" above.
+    kernel_cache_bins: with `kernel_cache`: cache only these bins, and serve an image in
+      another bin with the nearest cached bin's kernels and depth
+      (`cache_kernels(bins=..., fallback='nearest')`). None (default): every bin.
 
   Returns:
     The version folder's path.
@@ -277,6 +285,8 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
   args = (model, export_dir, model_name, version, top_k, num_classes, class_names,
           float_signature)
   if kernel_cache is None:
+    if kernel_cache_bins is not None:
+      raise ValueError("kernel_cache_bins needs kernel_cache (the cache's storage dtype)")
     return _write_version(*args)
   if not is_puppet_cnn(model) or model.config.execution != "bucketed":
     raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
@@ -284,7 +294,11 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
   if kernel_cache not in CACHE_DTYPES:
     raise ValueError(f"kernel_cache must be None or one of {CACHE_DTYPES}, got "
                      f"{kernel_cache!r}")
-  with model.temporary_kernel_cache(dtype=kernel_cache, fallback=False):
+  if kernel_cache_bins is None:
+    cache_kwargs = dict(fallback=False)
+  else:
+    cache_kwargs = dict(bins=[int(b) for b in kernel_cache_bins], fallback="nearest")
+  with model.temporary_kernel_cache(dtype=kernel_cache, **cache_kwargs):
     return _write_version(*args)
 
 
