@@ -98,3 +98,25 @@ def test_binning_sweep_rows_per_cache_dtype(run_dir):
   assert abs(rows[2]["agreement"] - rows[1]["agreement"]) <= 0.1
   assert abs(rows[2]["top1"] - rows[1]["top1"]) <= 0.1
   assert "| 16 | bucketed, float16 kernel cache |" in sweeps.binning_markdown(rows)
+
+
+def test_binning_sweep_nearest_rows_run_every_image_as_a_cached_bin(run_dir):
+  # Only one bin cached (the most common among the test images): every image runs at that
+  # bin's depth, and `moved` counts the images of the other bins; bins from H by hand.
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  h = np.concatenate([model.predict_details(np.asarray(x))["complexity"]
+                      for x, _ in splits.test]).astype(np.float64)
+  own = np.clip(np.floor(h * 8 / 8), 0, 7).astype(int)
+  keep = int(np.bincount(own).argmax())
+  rows = sweeps.binning_sweep(model, splits.test, splits.num_test, [8],
+                              nearest_bins=lambda: (keep,))
+  assert [(r["bins"], r.get("cache_bins")) for r in rows] == [(8, None), (8, "nearest")]
+  row = rows[1]
+  assert row["cached_bins"] == [keep]
+  assert row["moved"] == pytest.approx(np.mean(own != keep)) and 0 < row["moved"] < 1
+  centre = (keep + 0.5) * 8 / 8
+  assert row["mean_depth"] == pytest.approx(np.clip(np.floor(1 / np.tanh(1 / centre)), 1, 3))
+  assert (f"| 8 | bucketed, only bins {keep} cached, the nearest for the rest "
+          f"({100 * row['moved']:.2f}% of the images) |") in sweeps.binning_markdown(rows)
+  assert sweeps._bin_ranges([7, 8, 9, 12, 14, 15]) == "7-9, 12, 14-15"  # pylint: disable=protected-access
+  assert model.complexity_bins == 0 and model._kernel_cache is None  # pylint: disable=protected-access

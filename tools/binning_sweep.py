@@ -24,6 +24,7 @@ sys.path.insert(0, REPO)
 
 from official.puppet_cnn import reports  # noqa: E402  pylint: disable=wrong-import-position
 from official.puppet_cnn import sweeps  # noqa: E402  pylint: disable=wrong-import-position
+from official.puppet_cnn import train_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +40,10 @@ def define_flags():
                     "rows (float32, float16, bfloat16, int8): one row each; 16-bit caches "
                     "round the kernels, int8 quantizes them per output channel "
                     "(PuppetClassifier.cache_kernels).")
+  flags.DEFINE_bool("nearest_rows", False, "Also each bucketed row with only the bins of one "
+                    "epoch of training images cached, the other bins served by the nearest "
+                    "cached bin (cache_kernels(fallback='nearest'), what "
+                    "--export_kernel_cache_bins=train exports).")
   flags.DEFINE_string("data_dir", None, "Overrides the runs' data_dir.")
   flags.DEFINE_integer("limit", None, "Evaluate on the first N test images only.")
   flags.DEFINE_string("output", "docs/binning.md", "Markdown file to write.")
@@ -59,14 +64,16 @@ def parse_bins(values) -> list:
 
 
 def report(model_dirs, bins, execution, data_dir, limit, command,
-           cache_dtypes=("float32",)) -> str:
+           cache_dtypes=("float32",), nearest_rows: bool = False) -> str:
   """The Markdown report for each run."""
   parts = reports.header("Complexity binning", "tools/binning_sweep.py", command) + [""]
   for model_dir in model_dirs:
     model, splits = sweeps.load_run(model_dir, data_dir, limit)
     trained = model.config.complexity_bins
+    nearest = ((lambda model=model, splits=splits: train_lib.training_bins(model, splits))
+               if nearest_rows else None)
     rows = sweeps.binning_sweep(model, splits.test, splits.num_test, parse_bins(bins),
-                                execution, cache_dtypes)
+                                execution, cache_dtypes, nearest_bins=nearest)
     parts += [f"## `{model_dir}`", "",
               f"Trained with {f'{trained} complexity bins' if trained else 'exact H'}; "
               f"{splits.num_test} test images.", "", sweeps.binning_markdown(rows)]
@@ -77,7 +84,7 @@ def main(argv):
   del argv
   command = reports.command_line()
   text = report(FLAGS.model_dir, FLAGS.bins, FLAGS.execution, FLAGS.data_dir, FLAGS.limit,
-                command, FLAGS.cache_dtypes)
+                command, FLAGS.cache_dtypes, FLAGS.nearest_rows)
   reports.write(FLAGS.output, text)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -148,9 +148,16 @@ def _predicted_classes(model: PuppetClassifier, dataset: tf.data.Dataset) -> np.
   return np.concatenate([predict(images).numpy() for images, _ in dataset])
 
 
+def _own_bins(model: PuppetClassifier, dataset: tf.data.Dataset) -> np.ndarray:
+  """Each image's complexity bin under the model's current binning (no cache involved)."""
+  return np.concatenate([model.image_bins(np.asarray(images)) for images, _ in dataset])
+
+
 def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
                   bins: Sequence[int], execution: str = "bucketed",
-                  cache_dtypes: Sequence[str] = ("float32",)) -> List[Dict[str, Any]]:
+                  cache_dtypes: Sequence[str] = ("float32",),
+                  nearest_bins: Optional[Callable[[], Sequence[int]]] = None
+                  ) -> List[Dict[str, Any]]:
   """Accuracy, mean depth and agreement with exact H per number of complexity bins.
 
   Bins 0 is exact H (the paper, per-sample execution); n > 0 quantizes H to n bins on
@@ -159,27 +166,43 @@ def binning_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   (`PuppetClassifier.cache_kernels(dtype=)`; 'float16'/'bfloat16' round the kernels).
   `agreement` is the fraction of images whose predicted class equals the exact-H
   prediction. The model's binning is restored afterwards.
+
+  `nearest_bins`: optional; called after each change of binning, it returns the bins to
+  cache (e.g. those of the training images, `train_lib.training_bins`). Each bucketed row
+  then gets a twin with only those bins cached and `fallback='nearest'` (an image in another
+  bin runs as the nearest cached bin), with `cache_bins` 'nearest', the `cached_bins` and
+  `moved`, the fraction of the evaluated images outside them.
   """
   cache_dtypes = list(cache_dtypes) or ["float32"]
   original = (model.config.complexity_bins, model.config.execution)
   rows = []
+  per_cache = 2 if nearest_bins is not None else 1
   progress = _Progress("binning sweep", sum(
-      len(cache_dtypes) if n and execution == "bucketed" else 1 for n in bins))
+      per_cache * len(cache_dtypes) if n and execution == "bucketed" else 1 for n in bins))
   try:
     model.set_binning(0, "per_sample")
     exact = _predicted_classes(model, dataset)
     for n in bins:
       model.set_binning(int(n), execution if n else "per_sample")
       cached = bool(n) and execution == "bucketed"
+      keep = None
+      if cached and nearest_bins is not None:
+        keep = tuple(int(b) for b in nearest_bins())
+        moved = float(np.mean(~np.isin(_own_bins(model, dataset), keep)))
       for dtype in cache_dtypes if cached else [None]:
-        if cached:
-          model.cache_kernels(dtype=dtype)
-        row = {"bins": int(n), "execution": model.config.execution, "cache_dtype": dtype}
-        label = f"{int(n)} bins" if n else "exact H"
-        row.update(_row(model, dataset, num, progress,
-                        label + (f", {dtype} cache" if dtype not in (None, "float32") else "")))
-        row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
-        rows.append(row)
+        for which in ("all", "nearest") if keep is not None else ("all",):
+          row = {"bins": int(n), "execution": model.config.execution, "cache_dtype": dtype}
+          if cached and which == "all":
+            model.cache_kernels(dtype=dtype)
+          elif cached:
+            model.cache_kernels(bins=keep, dtype=dtype, fallback="nearest")
+            row.update(cache_bins="nearest", cached_bins=list(keep), moved=moved)
+          label = f"{int(n)} bins" if n else "exact H"
+          label += f", {dtype} cache" if dtype not in (None, "float32") else ""
+          label += f", nearest of {len(keep)} cached bins" if which == "nearest" else ""
+          row.update(_row(model, dataset, num, progress, label))
+          row["agreement"] = float(np.mean(_predicted_classes(model, dataset) == exact))
+          rows.append(row)
   finally:
     model.set_binning(*original)
   return rows
@@ -194,10 +217,28 @@ def binning_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     execution = r["execution"]
     if r.get("cache_dtype") not in (None, "float32"):
       execution += f", {r['cache_dtype']} kernel cache"
+    if r.get("cache_bins") == "nearest":
+      execution += (f", only bins {_bin_ranges(r['cached_bins'])} cached, the nearest for "
+                    f"the rest ({_pct(r['moved'])} of the images)")
     lines.append(f"| {r['bins'] or 'exact H'} | {execution} | {r['mean_depth']:.2f} | "
                  f"{_pct(r['top1'])} | {_pct(r['top5'])} | {_pct(r['agreement'])} | "
                  f"{r['macs'] / 1e6:.2f} |")
   return "\n".join(lines) + "\n"
+
+
+def _bin_ranges(bins: Sequence[int]) -> str:
+  """[7, 8, 9, 12] -> '7-9, 12'."""
+  parts, bins = [], sorted(int(b) for b in bins)
+  if not bins:
+    return "none"
+  start = prev = bins[0]
+  for b in bins[1:] + [None]:
+    if b is not None and b == prev + 1:
+      prev = b
+      continue
+    parts.append(str(start) if start == prev else f"{start}-{prev}")
+    start = prev = b
+  return ", ".join(parts)
 
 
 def _pct(value) -> str:

@@ -616,20 +616,24 @@ class PuppetClassifier(keras.Model):
     return kernels, position
 
   # ------------------------------------------------------------------ inference kernel cache
-  def occupied_bins(self, images, batch_size: int = 256) -> tuple:
-    """The sorted tuple of complexity bins that raw `images` (N, H, W, C) fall into, e.g. the
-    bins to cache for a dataset (`cache_kernels(bins=...)`); computed `batch_size` images at
-    a time. Needs complexity_bins > 0."""
+  def image_bins(self, images, batch_size: int = 256) -> np.ndarray:
+    """(N,) int32 NumPy: the complexity bin of each raw image (N, H, W, C), computed
+    `batch_size` images at a time. Needs complexity_bins > 0."""
     c = self.config
     if not c.complexity_bins:
-      raise ValueError("occupied_bins needs complexity_bins > 0")
+      raise ValueError("image_bins needs complexity_bins > 0")
     images = np.asarray(images)
-    seen = set()
+    out = [np.zeros((0,), np.int32)]
     for start in range(0, len(images), batch_size):
       h = self.complexity_layer(ops.cast(images[start:start + batch_size], "float32"))
-      seen.update(int(v) for v in ops.convert_to_numpy(complexity_lib.complexity_bin(
-          h, c.complexity_bins, c.complexity.max_complexity)))
-    return tuple(sorted(seen))
+      out.append(ops.convert_to_numpy(complexity_lib.complexity_bin(
+          h, c.complexity_bins, c.complexity.max_complexity)).astype(np.int32))
+    return np.concatenate(out)
+
+  def occupied_bins(self, images, batch_size: int = 256) -> tuple:
+    """The sorted tuple of complexity bins that raw `images` fall into (`image_bins`), e.g.
+    the bins to cache for a dataset (`cache_kernels(bins=...)`)."""
+    return tuple(sorted({int(b) for b in self.image_bins(images, batch_size)}))
 
   def cache_kernels(self, bins=None, images=None, dtype: str = "float32",
                     fallback: bool | str = True):
