@@ -44,6 +44,11 @@ _KERNEL_CACHE = flags.DEFINE_enum(
     "kernel_cache", "none", ["none"] + list(export.CACHE_DTYPES),
     "A bucketed Puppet-CNN only: export every complexity bin's kernels in this dtype with the "
     "model (serving runs them instead of the ODE; larger SavedModel; int8 is lossy).")
+_KERNEL_CACHE_BINS = flags.DEFINE_list(
+    "kernel_cache_bins", None, "With --kernel_cache: cache only these complexity bins (e.g. "
+    "those of the training images: PuppetClassifier.occupied_bins; train.py "
+    "--export_kernel_cache_bins=train finds them itself), and serve an image of another bin "
+    "with the nearest cached bin (its kernels and depth). Default: every bin.")
 
 flags.mark_flags_as_required(["model_path", "export_dir", "model_name"])
 
@@ -52,6 +57,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would bury the progress
+  bins = None
+  if _KERNEL_CACHE_BINS.value is not None:
+    try:
+      bins = [int(b) for b in _KERNEL_CACHE_BINS.value]
+    except ValueError:
+      raise app.UsageError("--kernel_cache_bins takes integers, got "
+                           f"{','.join(_KERNEL_CACHE_BINS.value)}") from None
   model = model_loading.load_keras_model(_MODEL_PATH.value)
   try:
     path = export.export_saved_model(model, _EXPORT_DIR.value, _MODEL_NAME.value,
@@ -59,7 +71,8 @@ def main(argv):
                                      class_names=_CLASS_NAMES.value,
                                      float_signature=_FLOAT_SIGNATURE.value,
                                      kernel_cache=(None if _KERNEL_CACHE.value == "none"
-                                                   else _KERNEL_CACHE.value))
+                                                   else _KERNEL_CACHE.value),
+                                     kernel_cache_bins=bins)
   except (ValueError, FileExistsError) as e:
     sys.exit(f"error: {e}")
   print(path)

@@ -46,17 +46,21 @@ def test_exports_a_checkpoint_folder_and_refuses_to_overwrite(tmp_path):
   assert "Traceback" not in again.stderr
 
 
-def test_kernel_cache_flag(tmp_path):
+def test_kernel_cache_flags(tmp_path):
+  # --kernel_cache with --kernel_cache_bins (the bins of the test images, so no image is
+  # moved to another bin); every bin without it: tests/serving/export_test.py.
   model = tiny_models.tiny_puppet(complexity_bins=16, execution="bucketed")
   model.save(tmp_path / "model.keras")
+  x = tiny_models.images()
+  bins = sorted(set(model(x, return_details=True)["complexity_bin"].numpy().tolist()))
   proc = _run([f"--model_path={tmp_path / 'model.keras'}", f"--export_dir={tmp_path / 's'}",
-               "--model_name=puppet", "--kernel_cache=int8"], tmp_path)
+               "--model_name=puppet", "--kernel_cache=int8",
+               f"--kernel_cache_bins={','.join(map(str, bins))}"], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   version_dir = tmp_path / "s" / "puppet" / "1"
   info = json.loads((version_dir / "assets.extra" / "model_info.json").read_text())
-  assert info["kernel_cache"]["dtype"] == "int8"
-  assert info["kernel_cache"]["bins"] == list(range(16))
-  x = tiny_models.images()
+  assert info["kernel_cache"]["dtype"] == "int8" and info["kernel_cache"]["bins"] == bins
+  assert info["kernel_cache"]["fallback"] == "nearest" and len(bins) < 16
   model.cache_kernels(dtype="int8")  # what the served model must compute
   fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
   np.testing.assert_allclose(fn(images=tf.constant(x))["probabilities"],
