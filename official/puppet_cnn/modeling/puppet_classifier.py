@@ -651,8 +651,7 @@ class PuppetClassifier(keras.Model):
     an assignment) the stale kernels are not used: with `fallback=True` (the default) the
     kernels are generated on the fly as without a cache (correct, but slower: call
     `cache_kernels()` again), with `fallback=False` or 'nearest' the call raises. Changing
-    `integrator`
-    drops the cache. It is never saved with the model (`.keras`, weights); a SavedModel
+    `integrator` drops the cache. It is never saved with the model (`.keras`, weights); a SavedModel
     export can include it (`serving/export.py`).
 
     Call it after training or loading and before tracing your own `tf.function`s (a function
@@ -681,8 +680,8 @@ class PuppetClassifier(keras.Model):
         where the cache has gaps, so that a cache of the bins a dataset occupies (`images=`
         a sample of the training set) serves any image, in a fraction of all bins' memory.
         Inference outputs (`return_details`) then give the bin, step and depth the image ran
-        with. What it costs in accuracy: docs/binning_cache_dtype.md. A stale cache raises,
-        as with False.
+        with. What it costs in accuracy: docs/binning_nearest.md; in memory:
+        docs/memory_profile.md. A stale cache raises, as with False.
     Returns:
       The sorted tuple of cached bins.
     """

@@ -35,7 +35,7 @@ change, and a request the cache cannot serve would be an error, not a wrong answ
 `kernel_cache_bins` it caches only those bins (e.g. the bins of the training images,
 `PuppetClassifier.occupied_bins`) and a request in another bin runs as the nearest cached bin
 (`fallback='nearest'`): a smaller SavedModel that still serves every image
-(docs/memory_profile.md, docs/binning_cache_dtype.md). The
+(docs/memory_profile.md, docs/binning_nearest.md). The
 cache's copy of the weights it was built from (about 1.3 MB for the full puppet) is saved
 and checked on every request, like the Keras model's. A cache made with
 `model.cache_kernels(...)` before exporting is exported as it is (with its fallback, by
