@@ -272,8 +272,10 @@ def _build(spec, calibration):
     dtype = LOSSY_CACHE_DTYPES.get(name, "float32")
     if name in NO_FALLBACK_MODELS:
       bins = model.cache_kernels(dtype=dtype, fallback=False)
-    elif name in NEAREST_MODELS:
-      bins = model.cache_kernels(images=calibration, dtype=dtype, fallback="nearest")
+    elif name in NEAREST_MODELS:  # spec["nearest_bins"] (tools/memory_profile.py) or the
+      explicit = spec.get("nearest_bins")  # calibration images' bins
+      bins = model.cache_kernels(bins=explicit, images=None if explicit else calibration,
+                                 dtype=dtype, fallback="nearest")
     else:
       bins = model.cache_kernels(images=calibration, dtype=dtype)
     info = model.kernel_cache_info()

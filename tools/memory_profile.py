@@ -60,7 +60,7 @@ MODELS = ("static_twin", "puppet_cached", "puppet_cached_per_bin", "puppet_cache
 def define_flags():
   """Defined only when run as a binary, so tests can import this module beside others."""
   global _MODELS, _STAGE_CHANNELS, _MAX_DEPTH, _TWIN_DEPTH, _BINS, _DATA_DIR, _OUTPUT, _WORKER
-  global _ROUNDS
+  global _ROUNDS, _NEAREST_BINS
   _MODELS = flags.DEFINE_list("models", ["static_twin", "puppet_cached", "puppet_cached16"],
                               f"Models, each in its own process: {MODELS}.")
   _STAGE_CHANNELS = flags.DEFINE_list("stage_channels", ["64", "128", "256", "512"],
@@ -73,6 +73,9 @@ def define_flags():
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "CIFAR-10 directory (default: "
                                   "$PUPPET_CNN_DATA_DIR); random images when it does not load.")
   _OUTPUT = flags.DEFINE_string("output", "docs/memory_profile.md", "Markdown report.")
+  _NEAREST_BINS = flags.DEFINE_list("nearest_bins", None, "The bins that puppet_nearest8 and "
+                                    "saved_nearest8 cache (default: those of the calibration "
+                                    "images, tools/benchmark.py).")
   _ROUNDS = flags.DEFINE_integer("rounds", 1, "Fresh processes per model, in rounds that "
                                  "visit every model once (in a rotated order); the table "
                                  "gives the median of each number over the rounds.", lower_bound=1)
@@ -268,6 +271,11 @@ def main(argv):
   spec = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
               twin_depth=_TWIN_DEPTH.value, data_dir=_DATA_DIR.value,
               light_state=min(256, max(channels)), light_rank=min(32, min(256, max(channels)) - 1))
+  if _NEAREST_BINS.value is not None:
+    try:
+      spec["nearest_bins"] = [int(b) for b in _NEAREST_BINS.value]
+    except ValueError:
+      raise app.UsageError(f"--nearest_bins takes integers, got {_NEAREST_BINS.value}") from None
   runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in _MODELS.value}
   models = list(_MODELS.value)
   for r in range(_ROUNDS.value):

@@ -67,6 +67,8 @@ def test_nearest8_caches_the_calibration_bins_in_int8_with_the_nearest_fallback(
   info = model.kernel_cache_info()
   assert info["fallback"] == "nearest" and info["dtype"] == "int8"
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_nearest8", False, "train")  # pylint: disable=protected-access
+  _, notes = benchmark._build(dict(spec, nearest_bins=[0, 2]), calibration)  # pylint: disable=protected-access
+  assert notes["cached_bins"] == [0, 2]
 
 
 def test_tiny_run_writes_the_report(tmp_path):
