@@ -272,8 +272,9 @@ def _build(spec, calibration):
     dtype = LOSSY_CACHE_DTYPES.get(name, "float32")
     if name in NO_FALLBACK_MODELS:
       bins = model.cache_kernels(dtype=dtype, fallback=False)
-    elif name in NEAREST_MODELS:  # spec["nearest_bins"] (tools/memory_profile.py) or the
-      explicit = spec.get("nearest_bins")  # calibration images' bins
+    elif name in NEAREST_MODELS:
+      # The bins of spec["nearest_bins"] (tools/memory_profile.py), else the calibration's.
+      explicit = spec.get("nearest_bins")
       bins = model.cache_kernels(bins=explicit, images=None if explicit else calibration,
                                  dtype=dtype, fallback="nearest")
     else:

@@ -88,7 +88,8 @@ def test_export_kernel_cache_flag():
   from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
   from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
   assert tuple(FLAGS["export_kernel_cache"].parser.enum_values) == ("none",) + CACHE_DTYPES
-  assert tuple(FLAGS["export_kernel_cache_bins"].parser.enum_values) == ("all", "train")
+  assert tuple(FLAGS["export_kernel_cache_bins"].parser.enum_values) == (
+      train_lib.EXPORT_CACHE_BINS)
   assert FLAGS["export_kernel_cache_bins"].default == "all"
   bucketed = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed")
   train_lib.check_export_kernel_cache(bucketed, "int8")
