@@ -217,6 +217,14 @@ class PuppetCNNConfig:
       multiply-adds) and G stores 2 r C pointwise parameters instead of C^2. Not in the paper:
       a speed option (docs/generator_profile.md measures what it saves,
       docs/ablations_generator.md what it costs in accuracy).
+    generator_loop: False (default): the puppeteer's steps are unrolled, one set of graph
+      nodes per step. True: each stage's repeated steps run in one loop whose body is traced
+      once (`PuppeteerODE(loop_steps=True)`: a `tf.while_loop` under TensorFlow), so the
+      training graph holds one step of G per stage instead of max_depth - 1 (its gradient
+      and, with `generator_remat`, its recomputation included). Each step runs G on the
+      states still below their depth, masked, and is skipped once none is. Same values and
+      gradients; a smaller graph and less process memory in training
+      (docs/benchmarks_train_loop.md).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -250,6 +258,7 @@ class PuppetCNNConfig:
   train_widths: Tuple[float, ...] = ()
   generator_remat: bool = False
   generator_rank: int = 0
+  generator_loop: bool = False
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -313,6 +322,8 @@ class PuppetCNNConfig:
            f"{self.bucketed_inference!r}")
     _check(isinstance(self.generator_remat, bool),
            f"generator_remat must be True or False, got {self.generator_remat!r}")
+    _check(isinstance(self.generator_loop, bool),
+           f"generator_loop must be True or False, got {self.generator_loop!r}")
     _check(isinstance(self.generator_rank, int) and not isinstance(self.generator_rank, bool)
            and 0 <= self.generator_rank < self.state_width,
            f"generator_rank must be an int in [0, {self.state_width}) (0: the paper's full "

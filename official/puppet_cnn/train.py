@@ -108,6 +108,9 @@ _TRAIN_WIDTHS = flags.DEFINE_list(
 _GENERATOR_REMAT = flags.DEFINE_bool(
     "generator_remat", None, "Recompute the puppeteer's G activations in the backward pass "
     "(less training memory, one more forward of G; same results).")
+_GENERATOR_LOOP = flags.DEFINE_bool(
+    "generator_loop", None, "Run each stage's repeated puppeteer steps in one tf.while_loop "
+    "instead of unrolled (a smaller training graph and less process memory; same results).")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")
@@ -158,7 +161,7 @@ def config_from_flags() -> ExperimentConfig:
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
                              if _TRAIN_WIDTHS.value else None),
                generator_remat=_GENERATOR_REMAT.value, generator_rank=_GENERATOR_RANK.value,
-               state_channels=_STATE_CHANNELS.value)
+               generator_loop=_GENERATOR_LOOP.value, state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))

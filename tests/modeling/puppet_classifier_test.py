@@ -378,3 +378,33 @@ def test_generator_remat_trains_the_bucketed_model_identically():
   for got, want in zip(results[1][2], results[0][2]):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
   assert PuppetClassifier.from_config(model.get_config()).config.generator_remat
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_generator_loop_trains_the_bucketed_model_identically(remat):
+  # A compiled (graph) training step, as model.fit runs it: with generator_loop the
+  # puppeteer's repeated steps run in a tf.while_loop; loss, gradients and the moving
+  # statistics after the step must be those of the unrolled model.
+  images, labels = _images(8, seed=6), np.arange(8) % 5
+  results = []
+  for loop in (False, True):
+    model = PuppetClassifier(**TINY, complexity_bins=8, execution="bucketed",
+                             generator_remat=remat, generator_loop=loop)
+    model.build((None, 16, 16, 3))
+    if results:
+      model.set_weights(results[0][0])
+    start = model.get_weights()
+
+    @tf.function
+    def step(x, y, model=model):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_loss()(y, model(x, training=True)))
+      return loss, tape.gradient(loss, model.trainable_weights)
+
+    loss, grads = step(tf.constant(images), tf.constant(labels))
+    results.append((start, float(loss), [g.numpy() for g in grads],
+                    [w.numpy() for w in model.non_trainable_weights]))
+  assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+  for got, want in zip(results[1][2] + results[1][3], results[0][2] + results[0][3]):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+  assert PuppetClassifier.from_config(model.get_config()).config.generator_loop

@@ -53,20 +53,24 @@ def _randomize_bn(layer, rng):
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
 
-@pytest.mark.parametrize("init,rank,width", [
-    ("paper", 0, 6), ("learned", 0, 6), ("learned_additive", 0, 6), ("learned", 2, 6),
-    ("learned", 0, 3), ("learned", 1, 2)])  # state narrower than the stages: resized up
-def test_euler_trajectory_matches_float64_reference(init, rank, width):
+@pytest.mark.parametrize("init,rank,width,loop", [
+    ("paper", 0, 6, False), ("learned", 0, 6, False), ("learned_additive", 0, 6, False),
+    ("learned", 2, 6, False), ("learned", 0, 3, False),
+    ("learned", 1, 2, False),  # state narrower than the stages: resized up
+    ("learned", 0, 6, True), ("learned", 1, 3, True)])  # repeated steps in one loop
+def test_euler_trajectory_matches_float64_reference(init, rank, width, loop):
   rng = np.random.default_rng(0)
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
-                       init_rank=2, generator_rank=rank, state_channels=width)
+                       init_rank=2, generator_rank=rank, state_channels=width, loop_steps=loop)
   layer.build(None)
   assert len(layer.generator_weights()) == (9 if rank else 8)
   _randomize_bn(layer, rng)
   h = np.array([2.5, 7.0], np.float32)
   dl = np.tanh(1 / h.astype(np.float64))
   depth = np.array([1, 3], np.int32)
-  kernels = layer(h, dl.astype(np.float32), depth, training=False)
+  # (The loop exists only in a traced graph: eagerly, the steps run unrolled.)
+  call = tf.function(layer.__call__) if loop else layer
+  kernels = call(h, dl.astype(np.float32), depth, training=False)
   # The same kernels one at a time (what cache_kernels consumes), checked against the same
   # float64 reference below: (stage, j) in trajectory order, j None for the transition.
   streamed = list(layer.iter_kernels(h, dl.astype(np.float32), depth))
@@ -257,12 +261,15 @@ def test_pool_axis_is_the_pooling_matrix(n_out, n_in, axis):
 
 
 @pytest.mark.parametrize("integrator, modes", [("euler", (None, False, True)), ("rk4", (None,))])
-def test_remat_gives_the_same_kernels_gradients_and_statistics(integrator, modes):
+@pytest.mark.parametrize("loop", [False, True])
+def test_remat_gives_the_same_kernels_gradients_and_statistics(integrator, modes, loop):
+  # With `loop`, the remat runs are also looped (`loop_steps`): the reference is always the
+  # unrolled run without remat.
   weights = []
 
   def run(remat, jit):
     layer = PuppeteerODE(stage_channels=(4, 8), max_depth=3, integrator=integrator,
-                         init_rank=2, remat=remat)
+                         init_rank=2, remat=remat, loop_steps=loop and remat)
     layer.build(None)
     if not weights:
       _randomize_bn(layer, np.random.default_rng(1))
@@ -312,3 +319,57 @@ def test_active_rows_only_keeps_the_rows_of_the_deeper_states(kpu, depths):
       np.testing.assert_allclose(np.asarray(kr), np.asarray(kf)[active], rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="active_rows_only"):
     layer(h, step, depth, active_rows_only=True)
+
+
+def _training_graph(layer, h, step, depth, **kwargs):
+  """The traced training step (kernels and their gradient) of `layer`: (loss fn, node count)."""
+  @tf.function
+  def train(h, step, depth):
+    with tf.GradientTape() as tape:
+      kernels = layer(h, step, depth, training=True, stack_repeated=False, **kwargs)
+      loss = sum(tf.reduce_sum(tf.sin(t)) + sum(tf.reduce_sum(tf.square(k)) for k in r)
+                 for t, r in kernels)
+    return loss, tape.gradient(loss, layer.trainable_weights), kernels
+
+  graph = train.get_concrete_function(h, step, depth).graph.as_graph_def()
+  return train, len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+@pytest.mark.parametrize("kpu,remat", [(1, True), (2, False)])
+def test_loop_steps_gives_the_unrolled_training_step_with_a_smaller_graph(kpu, remat):
+  # The classifier's bucketed training call: depth-sorted states weighted by bin counts,
+  # with only the active rows of each repeated kernel. `loop_steps` must give the unrolled
+  # (per-step `cond`) run's kernels, loss, gradients and moving statistics, and trace a
+  # training graph well under half the size at max_depth 6.
+  h = tf.constant([1.5, 3.0, 3.5, 6.0])
+  step, depth = tf.tanh(1 / h), tf.constant([1, 2, 4, 5])
+  weight = tf.constant([3.0, 1.0, 5.0, 2.0])
+  out, weights = {}, []
+  for loop in (False, True):
+    layer = PuppeteerODE(stage_channels=(4, 8), max_depth=6, init_rank=2, kernels_per_unit=kpu,
+                         generator_rank=2, remat=remat, loop_steps=loop)
+    layer.build(None)
+    if not weights:
+      _randomize_bn(layer, np.random.default_rng(2))
+      weights.extend(layer.get_weights())
+    layer.set_weights(weights)
+    train, nodes = _training_graph(layer, h, step, depth, state_weight=weight,
+                                   depth_sorted=True, active_rows_only=True)
+    loss, grads, kernels = train(h, step, depth)
+    out[loop] = (nodes, float(loss), [g.numpy() for g in grads],
+                 [layer.moving_mean.numpy(), layer.moving_variance.numpy()],
+                 [np.asarray(k) for t, r in kernels for k in [t, *r]])
+  (n0, l0, g0, m0, k0), (n1, l1, g1, m1, k1) = out[False], out[True]
+  assert l1 == pytest.approx(l0, rel=1e-5)
+  assert [k.shape for k in k1] == [k.shape for k in k0]
+  for got, want in zip(k1 + m1 + g1, k0 + m0 + g0):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+  assert n1 < 0.5 * n0, (n1, n0)
+
+
+def test_loop_steps_round_trips_and_is_validated():
+  layer = PuppeteerODE(stage_channels=(4, 8), loop_steps=True)
+  assert PuppeteerODE.from_config(layer.get_config()).loop_steps is True
+  from official.puppet_cnn import PuppetCNNConfig  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="generator_loop"):
+    PuppetCNNConfig(generator_loop="yes")

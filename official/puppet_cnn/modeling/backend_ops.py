@@ -159,6 +159,55 @@ def sequential_while_loop(cond, body, loop_vars, maximum_iterations=None):
   return ops.while_loop(cond, body, loop_vars, maximum_iterations=maximum_iterations)
 
 
+def recorded_loop(body, init, length: int):
+  """`for i in range(length): carry = body(i, carry)`, returning every step's carry.
+
+  Returns a list of `length` carries (each a structure like `init`); the last is the final
+  one. TensorFlow: one `tf.while_loop` whose body is traced once, with each step's carry
+  written to `TensorArray`s and read back per step (no stacking copy): the graph holds one
+  step instead of `length` (`PuppeteerODE(loop_steps=True)`: G's repeated steps of a stage,
+  in training with their gradient, docs/benchmarks_train_loop.md). Differentiable. The
+  iterations never overlap (`parallel_iterations=1`): the steps depend on each other anyway,
+  but in the loop's gradient each step recomputed under `keras.remat` does not, and running
+  ten of them at once (TensorFlow's default) held about 200 MB more at batch 64. Executing
+  eagerly and on other backends: a Python loop (the same values; no graph to shrink). `i` is
+  an int32 scalar tensor in a TensorFlow graph and a Python int otherwise.
+  """
+  if length <= 0:
+    return []
+  if not builds_tf_graph():
+    out, carry = [], init
+    for i in range(length):
+      carry = body(i, carry)
+      out.append(carry)
+    return out
+  import tensorflow as tf
+  flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(init)]
+  arrays = [tf.TensorArray(t.dtype, size=length, element_shape=t.shape, clear_after_read=False)
+            for t in flat]
+
+  def step(i, carry, arrays):
+    new = [tf.convert_to_tensor(t) for t in tf.nest.flatten(body(i, tf.nest.pack_sequence_as(
+        init, carry)))]
+    return i + 1, new, [a.write(i, t) for a, t in zip(arrays, new)]
+
+  _, _, arrays = tf.while_loop(lambda i, *_: i < length, step,
+                               (tf.constant(0, tf.int32), flat, arrays),
+                               maximum_iterations=length, parallel_iterations=1)
+  return [tf.nest.pack_sequence_as(init, [a.read(i) for a in arrays]) for i in range(length)]
+
+
+def builds_tf_graph() -> bool:
+  """Whether the caller is being traced into a TensorFlow graph (`tf.function`, Keras's
+  compiled train and predict functions, a SavedModel), where a loop is one graph node
+  instead of one set of nodes per iteration. False when executing eagerly and on other
+  backends."""
+  if backend() != "tensorflow":
+    return False
+  import tensorflow as tf
+  return not tf.executing_eagerly()
+
+
 def selector(tensors):
   """`select(index)` -> `tensors[index]` for an int32 scalar tensor `index`: picks one of
   several stored tensors (bucketed inference: one kernel table per cached bin) at run time.

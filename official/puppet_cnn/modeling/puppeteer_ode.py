@@ -31,6 +31,7 @@ from keras import ops
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import INITS, INTEGRATORS, KERNEL_SCALINGS
 from official.puppet_cnn.modeling import adaptive_pool
+from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
 
@@ -62,6 +63,18 @@ class PuppeteerODE(keras.layers.Layer):
       per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
       paper: a speed option, see docs/generator_profile.md.
     momentum, epsilon: G's batch norm settings.
+    remat: recompute G's activations in the backward pass (`keras.remat`) instead of keeping
+      them: less training memory for one more forward pass of G.
+    loop_steps: False (default): the steps are unrolled (one set of graph nodes per step,
+      and `depth_sorted` runs each step on the states still below their depth). True: each
+      stage's repeated steps run in one loop (`backend_ops.recorded_loop`) whose body is
+      traced once; each step runs G on every state, masked, and is skipped once every state
+      is past its depth. Same values; a graph about a third the size in training. Only
+      where a TensorFlow graph is traced (`backend_ops.builds_tf_graph`: `tf.function`,
+      Keras's compiled functions, SavedModels): eagerly, and on other backends, the steps
+      run unrolled, as without the option (there is no graph to shrink; and TensorFlow's
+      eager `recompute_grad` of the looped step with `remat` gave wrong gradients). The
+      transition steps and `iter_kernels` stay unrolled.
 
   Call args:
     complexity: (N,) input complexity H (drives the initial state).
@@ -99,7 +112,8 @@ class PuppeteerODE(keras.layers.Layer):
                init_scale: float = 0.5,
                integrator: str = "euler", kernel_scaling: str = "fan_in",
                generator_kernel_size: int = 3, generator_rank: int = 0,
-               momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False, **kwargs):
+               momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
+               loop_steps: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -117,6 +131,7 @@ class PuppeteerODE(keras.layers.Layer):
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
     self.remat = bool(remat)
+    self.loop_steps = bool(loop_steps)
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if integrator not in INTEGRATORS:
@@ -206,11 +221,12 @@ class PuppeteerODE(keras.layers.Layer):
     return base[None] + fill
 
   def derivative(self, state, active, training: bool, stats: list, weight=None,
-                 remat: bool | None = None):
+                 remat: bool | None = None, params=None):
     """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
 
     `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
     optionally counts each state that many times. `remat`: None follows the layer's setting.
+    `params`: G's trainable weights as tensors, in `_params()` order (None: the variables).
     """
     if training:
       mask = active if weight is None else (weight if active is None else active * weight)
@@ -218,15 +234,31 @@ class PuppeteerODE(keras.layers.Layer):
       # norm and tanh activations (four state-sized tensors per evaluation) are recomputed.
       remat = self.remat if remat is None else remat
       g = keras.remat(self._train_derivative) if remat else self._train_derivative
-      out, mean, variance = g(state, mask) if mask is not None else g(state)
+      if params is not None:
+        out, mean, variance = g(state, mask, *params) if mask is not None else g(
+            state, None, *params)
+      else:
+        out, mean, variance = g(state, mask) if mask is not None else g(state)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
       stats.append((mean, variance, seen))
       return out
-    y, bias = self._linear(state)
-    return ops.tanh(mbn.normalize(y, self.moving_mean - bias, self.moving_variance, self.gamma,
-                                  self.beta, self.epsilon))
+    y, bias = self._linear(state, params)
+    _, _, _, _, gamma, beta = self._unpack(params)
+    return ops.tanh(mbn.normalize(y, self.moving_mean - bias, self.moving_variance, gamma,
+                                  beta, self.epsilon))
 
-  def _linear(self, state):
+  def _params(self) -> list:
+    """G's trainable weights, flat: depthwise kernel and bias, pointwise factor(s) and bias,
+    batch-norm gamma and beta."""
+    return [self.dw_kernel, self.dw_bias, *self.pw_factors, self.pw_bias, self.gamma,
+            self.beta]
+
+  def _unpack(self, params):
+    """(dw_kernel, dw_bias, pw_factors, pw_bias, gamma, beta) from `_params()`'s order."""
+    params = self._params() if params is None else list(params)
+    return params[0], params[1], params[2:-3], params[-3], params[-2], params[-1]
+
+  def _linear(self, state, params=None):
     """G's two convolutions without their biases, and the biases' combined effect (C,).
 
     pointwise(depthwise(P) + b_dw) + b_pw = pointwise(depthwise(P)) + (pointwise(b_dw) +
@@ -235,32 +267,36 @@ class PuppeteerODE(keras.layers.Layer):
     they cancel in the normalization (the batch mean includes them) and only shift the
     recorded mean; in inference they are subtracted from the moving mean.
     """
-    y = ops.depthwise_conv(state, self.dw_kernel, strides=1, padding="same")
-    bias = self.dw_bias[None]
-    for factor in self.pw_factors:
+    dw_kernel, dw_bias, pw_factors, pw_bias, _, _ = self._unpack(params)
+    y = ops.depthwise_conv(state, dw_kernel, strides=1, padding="same")
+    bias = dw_bias[None]
+    for factor in pw_factors:
       y = ops.matmul(y, factor)
       bias = ops.matmul(bias, factor)
-    return y, bias[0] + self.pw_bias
+    return y, bias[0] + pw_bias
 
-  def _train_derivative(self, state, mask=None):
-    """G in training: (G(P), batch mean, batch variance) over the states `mask` selects."""
-    y, bias = self._linear(state)
+  def _train_derivative(self, state, mask=None, *params):
+    """G in training: (G(P), batch mean, batch variance) over the states `mask` selects.
+
+    `params`: G's trainable weights as tensors (`_params()` order); none: the variables."""
+    params = params or None
+    y, bias = self._linear(state, params)
+    _, _, _, _, gamma, beta = self._unpack(params)
     mean, variance = mbn.masked_moments(y, mask)
     mean = mean + bias  # the batch mean of G's pre-normalization output, biases included
     # (mean - bias) is the mean of `y`; subtracting the bias back (a (C,) vector) keeps the
     # biases' gradient an exact 0 instead of None (Keras warns about missing gradients).
-    out = ops.tanh(mbn.normalize(y, mean - bias, variance, self.gamma, self.beta,
-                                 self.epsilon))
+    out = ops.tanh(mbn.normalize(y, mean - bias, variance, gamma, beta, self.epsilon))
     return out, mean, variance
 
   def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None,
-                     remat: bool | None = None):
+                     remat: bool | None = None, params=None):
     """One step of the chosen integrator; samples with active == 0 keep their state.
 
     active: (N,) 0/1, or None when every state takes the step (no masking).
     """
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
-    g = lambda p: self.derivative(p, active, training, stats, weight, remat)  # pylint: disable=unnecessary-lambda-assignment
+    g = lambda p: self.derivative(p, active, training, stats, weight, remat, params)  # pylint: disable=unnecessary-lambda-assignment
     if self.integrator == "euler":
       new = state + dl4 * g(state)
     elif self.integrator == "midpoint":
@@ -318,6 +354,60 @@ class PuppeteerODE(keras.layers.Layer):
       stats.append((means[i], variances[i], seen[i] > 0))
     return new
 
+  def _looped_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight):
+    """A stage's `steps` repeated steps of G in one loop (`loop_steps`); returns every step's
+    state (a list of `steps` tensors).
+
+    Step i belongs to unit i // kernels_per_unit + 1. Each step is masked (a state at or past its depth keeps its value, and is left out of the
+    batch statistics) and skipped as a whole (`ops.cond`) once every state is past its
+    depth: the same values as `_integrate_tail` on depth-sorted states and as the unrolled
+    masked steps. With `remat`, the whole step is recomputed in the backward pass.
+    """
+    kpu = self.kernels_per_unit
+    channels = self.state_channels
+    per_step = EVALS_PER_STEP[self.integrator] if training else 0
+
+    def step(i, carry):
+      unit = i // kpu + 1
+      active = ops.cast(depth > unit, "float32")
+      # Everything the step reads from outside the loop is an argument (TensorFlow cannot
+      # differentiate a recomputed function that captures a tensor from outside the loop).
+      inputs = (carry[0], dl, active, ops.ones_like(dl) if weight is None else weight, *params)
+      return keras.remat(run)(*inputs) if training and self.remat else run(*inputs)
+
+    # G's weights are read once, outside the loop, and passed in as tensors.
+    params = [ops.convert_to_tensor(p) for p in self._params()]
+
+    def run(state, dl, active, weight, *params):
+      def advance(state):
+        local: list = []
+        new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
+                                  params=params)
+        if not per_step:
+          return (new,)
+        return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
+                ops.stack([ops.cast(seen, "float32") for _, _, seen in local]))
+
+      def keep(state):
+        if not per_step:
+          return (state,)
+        zeros = ops.zeros((per_step, channels), "float32")
+        return state, zeros, zeros, ops.zeros((per_step,), "float32")
+
+      return ops.cond(ops.any(active > 0), lambda: advance(state), lambda: keep(state))
+
+    init = (state,)
+    if per_step:
+      zeros = ops.zeros((per_step, channels), "float32")
+      init = (state, zeros, zeros, ops.zeros((per_step,), "float32"))
+    records = backend_ops.recorded_loop(step, init, steps)
+    for record in records:
+      if per_step:
+        _, means, variances, seen = record
+        for i in range(per_step):
+          stats.append((means[i], variances[i], seen[i] > 0))
+    return [record[0] for record in records]
+
   def kernel_from_state(self, state, c_in: int, c_out: int):
     """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
     n_in, kk, n_out = self.state_shape
@@ -352,7 +442,8 @@ class PuppeteerODE(keras.layers.Layer):
     stats: list = []
     per_stage = [[None, []] for _ in channels]
     for s, j, kernel in self._kernels(complexity, step, depth, training, stats, state_weight,
-                                      depth_sorted, units, channels, active_rows_only):
+                                      depth_sorted, units, channels, active_rows_only,
+                                      loop=self.loop_steps and backend_ops.builds_tf_graph()):
       if j is None:
         per_stage[s][0] = kernel
       else:
@@ -391,7 +482,7 @@ class PuppeteerODE(keras.layers.Layer):
     return units, channels
 
   def _kernels(self, complexity, step, depth, training, stats, state_weight, depth_sorted,
-               units, channels, active_rows_only):
+               units, channels, active_rows_only, loop=False):
     """The trajectory: yields (stage, j or None, kernel) as `iter_kernels` documents."""
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
@@ -402,6 +493,17 @@ class PuppeteerODE(keras.layers.Layer):
     for s, c_out in enumerate(channels):
       state = self.integrate_step(state, dl, None, training, stats, weight)
       yield s, None, self.kernel_from_state(state, c_prev, c_out)
+      if loop and units:
+        states = self._looped_steps(state, dl, depth, units * self.kernels_per_unit,
+                                    training, stats, weight)
+        for j, state in enumerate(states):
+          if active_rows_only:
+            done = ops.sum(ops.cast(depth <= j // self.kernels_per_unit + 1, "int32"))
+            yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
+          else:
+            yield s, j, self.kernel_from_state(state, c_out, c_out)
+        c_prev = c_out
+        continue
       for j in range(units * self.kernels_per_unit):
         unit = j // self.kernels_per_unit + 1
         if depth_sorted:
@@ -436,7 +538,8 @@ class PuppeteerODE(keras.layers.Layer):
         init_rank=self.init_rank, init_scale=self.init_scale, integrator=self.integrator,
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
         generator_rank=self.generator_rank,
-        momentum=self.momentum, epsilon=self.epsilon, remat=self.remat)
+        momentum=self.momentum, epsilon=self.epsilon, remat=self.remat,
+        loop_steps=self.loop_steps)
     return config
 
 
