@@ -52,6 +52,11 @@ Models (`--models`):
                    apart from the paper-faithful modes'.
   puppet_light_remat  puppet_light with generator_remat=True (training only, like
                    puppet_remat; reported with puppet_light).
+  puppet_loop      puppet_remat with generator_loop=True: each stage's repeated steps of G in
+                   one tf.while_loop instead of unrolled (a smaller training graph; training
+                   only).
+  puppet_light_loop  puppet_light_remat with generator_loop=True (training only; reported
+                   with puppet_light).
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -92,8 +97,11 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
-                  "puppet_cached_per_bin", "puppet_remat")
-LIGHT_MODELS = ("puppet_light", "puppet_light_remat")  # the lighter puppeteer (not the paper's)
+                  "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
+# The lighter puppeteer (not the paper's).
+LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop")
+TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
+                     "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light"}
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
@@ -264,6 +272,12 @@ def _build(spec, calibration):
       "puppet_light_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
                                  generator_rank=spec["light_rank"],
                                  state_channels=spec["light_state"], generator_remat=True),
+      "puppet_loop": dict(complexity_bins=spec["bins"], execution="bucketed",
+                          generator_remat=True, generator_loop=True),
+      "puppet_light_loop": dict(complexity_bins=spec["bins"], execution="bucketed",
+                                generator_rank=spec["light_rank"],
+                                state_channels=spec["light_state"], generator_remat=True,
+                                generator_loop=True),
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -474,12 +488,10 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed", "puppet_remat") + LIGHT_MODELS + CACHED_MODELS and xla:
+  if model in ("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
-  if model == "puppet_remat" and phase == "infer":
-    return "inference does not store activations: same as puppet_bucketed"
-  if model == "puppet_light_remat" and phase == "infer":
-    return "inference does not store activations: same as puppet_light"
+  if model in TRAIN_ONLY_MODELS and phase == "infer":
+    return f"a training option: inference is {TRAIN_ONLY_MODELS[model]}'s"
   if model in CACHED_MODELS and phase == "train":
     return "training regenerates kernels: same as puppet_bucketed"
   return None

@@ -46,7 +46,14 @@ def test_skip_rules():
                                                              "train")
   assert "XLA" in benchmark._skip_reason("puppet_cached_per_bin", True, "infer")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_exact", True, "train") is None  # pylint: disable=protected-access
-  assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_remat", False, "infer")  # pylint: disable=protected-access
+  assert "inference is puppet_bucketed's" in benchmark._skip_reason("puppet_remat", False,  # pylint: disable=protected-access
+                                                                    "infer")
+  assert "inference is puppet_bucketed's" in benchmark._skip_reason("puppet_loop", False,  # pylint: disable=protected-access
+                                                                    "infer")
+  assert "inference is puppet_light's" in benchmark._skip_reason("puppet_light_loop", False,  # pylint: disable=protected-access
+                                                                 "infer")
+  assert "XLA" in benchmark._skip_reason("puppet_loop", True, "train")  # pylint: disable=protected-access
+  assert benchmark._skip_reason("puppet_light_loop", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access
@@ -75,7 +82,7 @@ def test_tiny_run_writes_the_report(tmp_path):
   output = os.path.join(tmp_path, "benchmarks.md")
   raw = os.path.join(tmp_path, "raw.json")
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--sizes=small",
-         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_cached8,puppet_light_remat",
+         "--stage_channels=4,8", "--max_depth=3", "--models=puppet_cached,static_twin,puppet_cached8,puppet_light_loop",
          "--xla=off", "--repeats=2", "--warmup=0", "--bins=4",
          "--no_b256=puppet_cached,puppet_cached8", "--parallel_jobs=2",
          f"--data_dir={tmp_path}/no_such_dir", f"--output={output}", f"--json_output={raw}"]
@@ -93,9 +100,9 @@ def test_tiny_run_writes_the_report(tmp_path):
                  "puppet_light (state_channels=8, generator_rank=7; not the paper's)",
                  "| puppet_cached8 | off |", "int8 kernel cache (puppet_cached8",
                  "traced once with a None batch dimension",
-                 "jobs ran 2 at a time (--parallel_jobs)", "| puppet_light_remat | off |",
-                 "tensor peak MB infer / train", "inference does not store activations: "
-                 "same as puppet_light"):
+                 "jobs ran 2 at a time (--parallel_jobs)", "| puppet_light_loop | off |",
+                 "tensor peak MB infer / train",
+                 "a training option: inference is puppet_light's"):
     assert needle in report, needle
   results = json.load(open(raw))
   rows = {r["model"]: r for r in results["sections"][0]["rows"]}
@@ -104,7 +111,7 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert "batch_256" not in rows["puppet_cached"]["infer"]
   assert twin["train"]["hwm_train_kb"] > 0 and twin["train"]["rss_base_kb"] > 0
   assert rows["puppet_cached"]["infer"]["notes"]["cached_bins"]
-  assert rows["puppet_light_remat"]["train"]["train_64"]["times"]
+  assert rows["puppet_light_loop"]["train"]["train_64"]["times"]
   # The allocator's tensor peak (tracked by oneDNN's CPU allocator, TensorFlow's default on
   # x86) holds at least every weight of the twin, and in training each weight's gradient and
   # momentum as well: 4 bytes each, counted here from the model rebuilt by hand.
