@@ -68,8 +68,8 @@ class PuppeteerODE(keras.layers.Layer):
     loop_steps: False (default): the steps are unrolled (one set of graph nodes per step,
       and `depth_sorted` runs each step on the states still below their depth). True: each
       stage's repeated steps run in one loop (`backend_ops.recorded_loop`) whose body is
-      traced once; each step runs G on every state, masked, and is skipped once every state
-      is past its depth. Same values; a graph about a third the size in training. Only
+      traced once; each step runs G on the states still below their depth (the last rows
+      with `depth_sorted`, else every state, masked) and is skipped once none is. Same values; a graph about a third the size in training. Only
       where a TensorFlow graph is traced (`backend_ops.builds_tf_graph`: `tf.function`,
       Keras's compiled functions, SavedModels): eagerly, and on other backends, the steps
       run unrolled, as without the option (there is no graph to shrink; and TensorFlow's
@@ -354,14 +354,17 @@ class PuppeteerODE(keras.layers.Layer):
       stats.append((means[i], variances[i], seen[i] > 0))
     return new
 
-  def _looped_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight):
+  def _looped_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
+                    depth_sorted: bool = False):
     """A stage's `steps` repeated steps of G in one loop (`loop_steps`); returns every step's
     state (a list of `steps` tensors).
 
-    Step i belongs to unit i // kernels_per_unit + 1. Each step is masked (a state at or past its depth keeps its value, and is left out of the
-    batch statistics) and skipped as a whole (`ops.cond`) once every state is past its
-    depth: the same values as `_integrate_tail` on depth-sorted states and as the unrolled
-    masked steps. With `remat`, the whole step is recomputed in the backward pass.
+    Step i belongs to unit i // kernels_per_unit + 1. A state at or past its depth keeps its
+    value and is left out of the batch statistics: with `depth_sorted`, G runs only on the
+    last rows, those still below their depth (as `_integrate_tail`); otherwise on every
+    state, masked (as the unrolled masked steps). A step in which every state is past its
+    depth is skipped (`ops.cond`). Same values as the unrolled steps. With `remat`, the
+    whole step is recomputed in the backward pass.
     """
     kpu = self.kernels_per_unit
     channels = self.state_channels
@@ -381,8 +384,15 @@ class PuppeteerODE(keras.layers.Layer):
     def run(state, dl, active, weight, *params):
       def advance(state):
         local: list = []
-        new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
-                                  params=params)
+        if depth_sorted:  # the states still below their depth are the last rows
+          done = ops.shape(state)[0] - ops.cast(ops.sum(active), "int32")
+          tail = self.integrate_step(state[done:], dl[done:], None, training, local,
+                                     weight[done:], remat=False, params=params)
+          # (The reshape restores the rows' static count, which a loop carry must keep.)
+          new = ops.reshape(ops.concatenate([state[:done], tail], axis=0), ops.shape(state))
+        else:
+          new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
+                                    params=params)
         if not per_step:
           return (new,)
         return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
@@ -495,7 +505,7 @@ class PuppeteerODE(keras.layers.Layer):
       yield s, None, self.kernel_from_state(state, c_prev, c_out)
       if loop and units:
         states = self._looped_steps(state, dl, depth, units * self.kernels_per_unit,
-                                    training, stats, weight)
+                                    training, stats, weight, depth_sorted)
         for j, state in enumerate(states):
           if active_rows_only:
             done = ops.sum(ops.cast(depth <= j // self.kernels_per_unit + 1, "int32"))
