@@ -136,6 +136,21 @@ scale = max(float(np.abs(np.asarray(a)).max()) for a in g1)
 out["remat_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                             for a, b in zip(g1, g2)) / scale
 
+# 6a. generator_loop is a TensorFlow-graph option: under JAX the steps run unrolled, so a
+#     model with it (and remat) gives the same loss and gradients as well.
+loop_model = PuppetClassifier(**tiny, generator_remat=True, generator_loop=True)
+loop_model.build()
+loop_model.set_weights(model.get_weights())
+lp_non_trainable = [v.value for v in loop_model.non_trainable_variables]
+def loop_loss(trainable):
+  details, _ = loop_model.stateless_call(trainable, lp_non_trainable, images, training=True,
+                                         return_details=True)
+  return loss_fn(labels, details["logits"])
+l3, g3 = jax.jit(jax.value_and_grad(loop_loss))([v.value for v in loop_model.trainable_variables])
+out["loop_loss_err"] = abs(float(l1) - float(l3))
+out["loop_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                           for a, b in zip(g1, g3)) / scale
+
 # 6b. generator_rank (G's pointwise matrix as two factors): one compiled forward + backward;
 #     both factors get gradients.
 low = PuppetClassifier(**tiny, generator_rank=2)
@@ -189,6 +204,7 @@ def test_model_runs_and_trains_under_jax():
   losses = out["losses"]
   assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
+  assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
   assert out["lowrank_loss_finite"], out
   assert len(out["lowrank_factor_grads"]) == 2 and min(out["lowrank_factor_grads"]) > 0, out
   assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out
