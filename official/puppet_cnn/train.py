@@ -110,7 +110,8 @@ _GENERATOR_REMAT = flags.DEFINE_bool(
     "(less training memory, one more forward of G; same results).")
 _GENERATOR_LOOP = flags.DEFINE_bool(
     "generator_loop", None, "Run each stage's repeated puppeteer steps in one tf.while_loop "
-    "instead of unrolled (a smaller training graph and less process memory; same results).")
+    "instead of unrolled (a smaller training graph: less process memory with a lighter "
+    "puppeteer, none with the paper's; same results).")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")

@@ -69,8 +69,9 @@ class PuppeteerODE(keras.layers.Layer):
       and `depth_sorted` runs each step on the states still below their depth). True: each
       stage's repeated steps run in one loop (`backend_ops.recorded_loop`) whose body is
       traced once; each step runs G on the states still below their depth (the last rows
-      with `depth_sorted`, else every state, masked) and is skipped once none is. Same values; a graph about a third the size in training. Only
-      where a TensorFlow graph is traced (`backend_ops.builds_tf_graph`: `tf.function`,
+      with `depth_sorted`, else every state, masked) and is skipped once none is. Same
+      values; a graph about a third the size in training. Only where a TensorFlow graph
+      is traced (`backend_ops.builds_tf_graph`: `tf.function`,
       Keras's compiled functions, SavedModels): eagerly, and on other backends, the steps
       run unrolled, as without the option (there is no graph to shrink; and TensorFlow's
       eager `recompute_grad` of the looped step with `remat` gave wrong gradients). The
