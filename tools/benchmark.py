@@ -488,7 +488,8 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  if model in ("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS and xla:
+  bucketed = ("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS
+  if model in bucketed and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model in TRAIN_ONLY_MODELS and phase == "infer":
     return f"a training option: inference is {TRAIN_ONLY_MODELS[model]}'s"

@@ -236,8 +236,7 @@ class PuppeteerODE(keras.layers.Layer):
       remat = self.remat if remat is None else remat
       g = keras.remat(self._train_derivative) if remat else self._train_derivative
       if params is not None:
-        out, mean, variance = g(state, mask, *params) if mask is not None else g(
-            state, None, *params)
+        out, mean, variance = g(state, mask, *params)
       else:
         out, mean, variance = g(state, mask) if mask is not None else g(state)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
@@ -312,112 +311,111 @@ class PuppeteerODE(keras.layers.Layer):
       return new
     return ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, state)
 
-  def _integrate_tail(self, state, dl, depth, unit: int, training: bool, stats: list, weight):
-    """One step of the states still below `depth` (sorted by depth: a suffix of the batch).
+  def _guarded_step(self, state, dl, active, weight, training: bool, done=None,
+                    params=None):
+    """One repeated step of the states still below their depth, skipped as a whole
+    (`ops.cond`) when none is; returns `(new,)`, in training `(new, means, variances, seen)`
+    with one row per evaluation of G (`_record_stats` takes them).
 
-    The states past their depth are a prefix; G runs only on the rest, and when every state
-    is done it does not run at all (`ops.cond`): a bin of depth d pays for d steps per stage,
-    not for the bound. Same values as masking the finished states. Dynamic shapes: not for XLA
-    or `jax.jit`. (G on an empty batch is not an option: TensorFlow's depthwise-conv filter
+    done: None: `active` (N,) 0/1 marks the states below their depth, and G runs on every
+    state, masked. An int32 scalar: the states come sorted by depth, the first `done` are
+    past it, and G runs only on the last rows (a bin of depth d pays for d steps per stage,
+    not for the bound; dynamic shapes: not for XLA or `jax.jit`; `active` is not read).
+    Same values either way. (G on an empty batch is not an option: TensorFlow's depthwise-conv filter
     gradient of an empty batch is uninitialized memory, measured up to 1e29.)
+    params: G's weights as tensors (`_params()` order), for a step inside a loop.
     """
-    n = ops.shape(state)[0]
-    done = ops.sum(ops.cast(depth <= unit, "int32"))
-    channels = self.state_channels
     per_step = EVALS_PER_STEP[self.integrator] if training else 0
 
     def advance(state):
       local: list = []
-      tail = self.integrate_step(state[done:], dl[done:], None, training, local,
-                                 None if weight is None else weight[done:], remat=False)
-      new = ops.concatenate([state[:done], tail], axis=0)
+      if done is not None:
+        rows = self.integrate_step(state[done:], dl[done:], None, training, local,
+                                   None if weight is None else weight[done:], remat=False,
+                                   params=params)
+        new = ops.concatenate([state[:done], rows], axis=0)
+      else:
+        new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
+                                  params=params)
       if not per_step:
-        return new
+        return (new,)
       return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
               ops.stack([ops.cast(seen, "float32") for _, _, seen in local]))
 
-    def keep(state):
-      if not per_step:
-        return state
-      zeros = ops.zeros((per_step, channels), "float32")
-      return state, zeros, zeros, ops.zeros((per_step,), "float32")
+    runs = ops.any(active > 0) if done is None else done < ops.shape(state)[0]
+    return ops.cond(runs, lambda: advance(state), lambda: self._skipped_step(state, training))
 
-    def step(state):
-      return ops.cond(done < n, lambda: advance(state), lambda: keep(state))
-
-    # With `remat`, the whole conditional step is recomputed in the backward pass (TensorFlow
-    # cannot differentiate a recomputed function inside a `cond` branch).
-    out = keras.remat(step)(state) if training and self.remat else step(state)
+  def _skipped_step(self, state, training: bool):
+    """`_guarded_step`'s output for a step that does not run: the state and, in training,
+    zero statistics marked unseen."""
+    per_step = EVALS_PER_STEP[self.integrator] if training else 0
     if not per_step:
-      return out
-    new, means, variances, seen = out
-    for i in range(per_step):
-      stats.append((means[i], variances[i], seen[i] > 0))
-    return new
+      return (state,)
+    zeros = ops.zeros((per_step, self.state_channels), "float32")
+    return state, zeros, zeros, ops.zeros((per_step,), "float32")
+
+  @staticmethod
+  def _record_stats(out, stats: list):
+    """Appends a `_guarded_step` output's batch statistics to `stats`; returns its state."""
+    if len(out) > 1:
+      _, means, variances, seen = out
+      for i in range(means.shape[0]):
+        stats.append((means[i], variances[i], seen[i] > 0))
+    return out[0]
+
+  def _unrolled_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
+                      depth_sorted: bool):
+    """A stage's `steps` repeated steps of G, unrolled; yields each step's state.
+
+    Step j belongs to unit j // kernels_per_unit + 1. With `depth_sorted` each step is a
+    `_guarded_step` on the last rows (with `remat`, the whole conditional step is recomputed
+    in the backward pass: TensorFlow cannot differentiate a recomputed function inside a
+    `cond` branch); otherwise a masked `integrate_step`.
+    """
+    for j in range(steps):
+      unit = j // self.kernels_per_unit + 1
+      if depth_sorted:
+        done = ops.sum(ops.cast(depth <= unit, "int32"))
+        step = lambda state, done=done: self._guarded_step(  # pylint: disable=unnecessary-lambda-assignment
+            state, dl, None, weight, training, done=done)
+        state = self._record_stats(
+            keras.remat(step)(state) if training and self.remat else step(state), stats)
+      else:
+        state = self.integrate_step(state, dl, ops.cast(depth > unit, "float32"), training,
+                                    stats, weight)
+      yield state
 
   def _looped_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
-                    depth_sorted: bool = False):
+                    depth_sorted: bool):
     """A stage's `steps` repeated steps of G in one loop (`loop_steps`); returns every step's
     state (a list of `steps` tensors).
 
-    Step i belongs to unit i // kernels_per_unit + 1. A state at or past its depth keeps its
-    value and is left out of the batch statistics: with `depth_sorted`, G runs only on the
-    last rows, those still below their depth (as `_integrate_tail`); otherwise on every
-    state, masked (as the unrolled masked steps). A step in which every state is past its
-    depth is skipped (`ops.cond`). Same values as the unrolled steps. With `remat`, the
-    whole step is recomputed in the backward pass.
+    Each step is a `_guarded_step` (on the last rows with `depth_sorted`, else masked): the
+    same values as `_unrolled_steps`. With `remat`, the whole step is recomputed in the
+    backward pass.
     """
     kpu = self.kernels_per_unit
-    channels = self.state_channels
-    per_step = EVALS_PER_STEP[self.integrator] if training else 0
+    # G's weights are read once, outside the loop, and passed in as tensors.
+    params = [ops.convert_to_tensor(p) for p in self._params()]
+
+    def run(state, dl, active, weight, *params):
+      done = (ops.shape(state)[0] - ops.cast(ops.sum(active), "int32") if depth_sorted
+              else None)
+      out = self._guarded_step(state, dl, active, weight, training, done, params)
+      # The reshape restores the rows' static count (lost by the concatenation of the last
+      # rows' step to the others), which a loop carry must keep.
+      return (ops.reshape(out[0], ops.shape(state)),) + tuple(out[1:])
 
     def step(i, carry):
-      unit = i // kpu + 1
-      active = ops.cast(depth > unit, "float32")
+      active = ops.cast(depth > i // kpu + 1, "float32")
       # Everything the step reads from outside the loop is an argument (TensorFlow cannot
       # differentiate a recomputed function that captures a tensor from outside the loop).
       inputs = (carry[0], dl, active, ops.ones_like(dl) if weight is None else weight, *params)
       return keras.remat(run)(*inputs) if training and self.remat else run(*inputs)
 
-    # G's weights are read once, outside the loop, and passed in as tensors.
-    params = [ops.convert_to_tensor(p) for p in self._params()]
-
-    def run(state, dl, active, weight, *params):
-      def advance(state):
-        local: list = []
-        if depth_sorted:  # the states still below their depth are the last rows
-          done = ops.shape(state)[0] - ops.cast(ops.sum(active), "int32")
-          tail = self.integrate_step(state[done:], dl[done:], None, training, local,
-                                     weight[done:], remat=False, params=params)
-          # (The reshape restores the rows' static count, which a loop carry must keep.)
-          new = ops.reshape(ops.concatenate([state[:done], tail], axis=0), ops.shape(state))
-        else:
-          new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
-                                    params=params)
-        if not per_step:
-          return (new,)
-        return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
-                ops.stack([ops.cast(seen, "float32") for _, _, seen in local]))
-
-      def keep(state):
-        if not per_step:
-          return (state,)
-        zeros = ops.zeros((per_step, channels), "float32")
-        return state, zeros, zeros, ops.zeros((per_step,), "float32")
-
-      return ops.cond(ops.any(active > 0), lambda: advance(state), lambda: keep(state))
-
-    init = (state,)
-    if per_step:
-      zeros = ops.zeros((per_step, channels), "float32")
-      init = (state, zeros, zeros, ops.zeros((per_step,), "float32"))
-    records = backend_ops.recorded_loop(step, init, steps)
-    for record in records:
-      if per_step:
-        _, means, variances, seen = record
-        for i in range(per_step):
-          stats.append((means[i], variances[i], seen[i] > 0))
-    return [record[0] for record in records]
+    init = self._skipped_step(state, training)  # the carry has the step's output structure
+    return [self._record_stats(out, stats)
+            for out in backend_ops.recorded_loop(step, init, steps)]
 
   def kernel_from_state(self, state, c_in: int, c_out: int):
     """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
@@ -504,26 +502,12 @@ class PuppeteerODE(keras.layers.Layer):
     for s, c_out in enumerate(channels):
       state = self.integrate_step(state, dl, None, training, stats, weight)
       yield s, None, self.kernel_from_state(state, c_prev, c_out)
-      if loop and units:
-        states = self._looped_steps(state, dl, depth, units * self.kernels_per_unit,
-                                    training, stats, weight, depth_sorted)
-        for j, state in enumerate(states):
-          if active_rows_only:
-            done = ops.sum(ops.cast(depth <= j // self.kernels_per_unit + 1, "int32"))
-            yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
-          else:
-            yield s, j, self.kernel_from_state(state, c_out, c_out)
-        c_prev = c_out
-        continue
-      for j in range(units * self.kernels_per_unit):
-        unit = j // self.kernels_per_unit + 1
-        if depth_sorted:
-          state = self._integrate_tail(state, dl, depth, unit, training, stats, weight)
-        else:
-          active = ops.cast(depth > unit, "float32")
-          state = self.integrate_step(state, dl, active, training, stats, weight)
+      steps = units * self.kernels_per_unit
+      trajectory = self._looped_steps if loop and steps else self._unrolled_steps
+      for j, state in enumerate(trajectory(state, dl, depth, steps, training, stats, weight,
+                                           depth_sorted)):
         if active_rows_only:
-          done = ops.sum(ops.cast(depth <= unit, "int32"))
+          done = ops.sum(ops.cast(depth <= j // self.kernels_per_unit + 1, "int32"))
           yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
         else:
           yield s, j, self.kernel_from_state(state, c_out, c_out)
