@@ -57,6 +57,12 @@ Models (`--models`):
                    only).
   puppet_light_loop  puppet_light_remat with generator_loop=True (training only; reported
                    with puppet_light).
+  puppet_light_floor  puppet_light_loop with its bins on [--bin_floor, 8] bits
+                   (complexity_bin_floor): the --bins bins on [0, 8] that lie above the floor,
+                   the same edges, centres, depths and kernels (an image below the floor runs
+                   in the first bin). For images above the floor it computes what
+                   puppet_light_loop does, with a training graph of fewer bins (training only;
+                   reported with puppet_light).
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -99,9 +105,10 @@ from absl import flags  # noqa: E402
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
 # The lighter puppeteer (not the paper's).
-LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop")
+LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop", "puppet_light_floor")
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
-                     "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light"}
+                     "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
+                     "puppet_light_floor": "puppet_light"}
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
@@ -121,7 +128,7 @@ def define_flags():
   """Defines the flags; called only when run as a binary, so tests can import this module
   beside other binaries (train.py also has --data_dir, --stage_channels, --max_depth)."""
   global _SMALL, _SIZES, _STAGE_CHANNELS, _MAX_DEPTH, _MODELS, _FULL_MODELS, _PHASES, _XLA
-  global _BINS, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
+  global _BINS, _BIN_FLOOR, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
   global _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
   global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER, _INFER_SIGNATURE, _PARALLEL_JOBS
@@ -140,6 +147,9 @@ def define_flags():
   _PHASES = flags.DEFINE_list("phases", list(PHASES), "infer and/or train.")
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
+  _BIN_FLOOR = flags.DEFINE_float(
+      "bin_floor", 4.0, "complexity_bin_floor of puppet_light_floor (bits); --bins * (8 - "
+      "floor) / 8 must be a whole number: its bins are those of --bins on [0, 8] above it.")
   _LIGHT_RANK = flags.DEFINE_integer("light_generator_rank", 32, "generator_rank of "
                                      "puppet_light (0: full; capped at its state width - 1).")
   _LIGHT_STATE = flags.DEFINE_integer("light_state_channels", 256, "state_channels of "
@@ -207,6 +217,16 @@ def _load_images(data_dir: Optional[str], n: int = 256):
   images = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
   return (images, rng.integers(0, 10, n).astype(np.int64), f"uniform random images ({reason})",
           images)
+
+
+def floor_bins(bins: int, floor: float, h_max: float = 8.0) -> int:
+  """How many of `bins` equal bins on [0, h_max] lie above `floor`: the complexity_bins of
+  puppet_light_floor, whose bins on [floor, h_max] then have the same edges."""
+  above = bins * (h_max - floor) / h_max
+  if not 0.0 <= floor < h_max or abs(above - round(above)) > 1e-9:
+    raise ValueError(f"--bin_floor={floor} must be in [0, {h_max:g}) and a bin edge of "
+                     f"--bins={bins} on [0, {h_max:g}] (a multiple of {h_max / bins:g})")
+  return int(round(above))
 
 
 def _puppet_config(spec: Dict[str, Any]):
@@ -278,6 +298,11 @@ def _build(spec, calibration):
                                 generator_rank=spec["light_rank"],
                                 state_channels=spec["light_state"], generator_remat=True,
                                 generator_loop=True),
+      "puppet_light_floor": dict(complexity_bins=floor_bins(spec["bins"], spec["bin_floor"]),
+                                 complexity_bin_floor=spec["bin_floor"], execution="bucketed",
+                                 generator_rank=spec["light_rank"],
+                                 state_channels=spec["light_state"], generator_remat=True,
+                                 generator_loop=True),
   }[name]
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -920,6 +945,11 @@ def main(argv):
   sizes = _SIZES.value or (["small"] if _SMALL.value else ["full"])
   if set(sizes) - set(SIZES):
     raise app.UsageError(f"--sizes takes {sorted(SIZES)}")
+  if "puppet_light_floor" in _MODELS.value:
+    try:
+      floor_bins(_BINS.value, _BIN_FLOOR.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   start = time.perf_counter()
   import numpy as np
   import tensorflow as tf  # the parent only measures depths; jobs run in subprocesses
@@ -947,6 +977,7 @@ def main(argv):
       channels = ([int(c) for c in _STAGE_CHANNELS.value] if _STAGE_CHANNELS.value
                   else list(SIZES[size]))
       base = dict(stage_channels=channels, max_depth=_MAX_DEPTH.value, bins=_BINS.value,
+                  bin_floor=_BIN_FLOOR.value,
                   repeats=_REPEATS.value, warmup=_WARMUP.value, data_file=data_file,
                   light_state=min(_LIGHT_STATE.value or max(channels), max(channels)))
       base["light_rank"] = min(_LIGHT_RANK.value, base["light_state"] - 1)

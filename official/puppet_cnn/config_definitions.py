@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from typing import Any, Optional, Tuple
 
@@ -154,11 +155,21 @@ class PuppetCNNConfig:
     head_dropout: dropout rate before the linear classifier (0: none, the paper).
     complexity: how H is measured (ComplexityConfig).
     complexity_bins: 0 (default, the paper): every sample uses its exact H. n > 0: H is
-      quantized to n equal bins on [0, complexity.max_complexity] (= [0, 8] bits by default)
-      and a sample uses its bin centre's H for its step, depth and initial puppeteer state, so
-      all samples of one bin share their kernels and depth. The logits then depend on the
-      image only through the bin (and the puppet's input). `return_details` reports the exact
-      H as 'complexity' and the bin as 'complexity_bin'.
+      quantized to n equal bins on [complexity_bin_floor, complexity.max_complexity] (= [0, 8]
+      bits by default) and a sample uses its bin centre's H for its step, depth and initial
+      puppeteer state, so all samples of one bin share their kernels and depth. The logits
+      then depend on the image only through the bin (and the puppet's input).
+      `return_details` reports the exact H as 'complexity' and the bin as 'complexity_bin'.
+    complexity_bin_floor: the lower edge of the binned range (bits; default 0.0: bins on
+      [0, max_complexity], as before this option existed). With a floor f the n bins are
+      equal bins on [f, max_complexity], and an H below f falls in the first bin (it runs at
+      that bin's centre: a deeper network than its exact H would give). Not in the paper: it
+      puts the bins where the data is. CIFAR-10's images have H in [3.55, 7.33] bits (9 of
+      the 50,000 training images below 4; docs/runs/cifar_complexity_range_2218.txt), so 8
+      bins on [0, 8] leave 3 bins empty and a 4th nearly so, while 4 bins on [4, 8] are
+      bins 4-7 of those 8 (same centres, depths and kernels) with a bucketed training graph
+      of half the bins; 8 bins on [4, 8] give the resolution of 16 on [0, 8] at the graph
+      size of 8.
     execution: how a batch is run.
       'per_sample' (default): the puppeteer integrates one state per sample and the puppet
       runs per-sample kernels (a grouped conv) in a bounded loop with per-sample masks.
@@ -255,6 +266,7 @@ class PuppetCNNConfig:
   head_dropout: float = 0.0
   complexity: ComplexityConfig = dataclasses.field(default_factory=ComplexityConfig)
   complexity_bins: int = 0
+  complexity_bin_floor: float = 0.0
   execution: str = "per_sample"
   bucketed_inference: str = "loop"
   depth_scale: float = 1.0
@@ -318,6 +330,12 @@ class PuppetCNNConfig:
     _check(bins >= 0 and not isinstance(self.complexity_bins, bool),
            f"complexity_bins must be an int >= 0 (0: exact H), got {self.complexity_bins!r}")
     self.complexity_bins = int(bins)
+    _check(isinstance(self.complexity_bin_floor, numbers.Real)
+           and not isinstance(self.complexity_bin_floor, bool)
+           and 0.0 <= self.complexity_bin_floor < self.complexity.max_complexity,
+           f"complexity_bin_floor must be a number in [0, complexity.max_complexity = "
+           f"{self.complexity.max_complexity:g}), got {self.complexity_bin_floor!r}")
+    self.complexity_bin_floor = float(self.complexity_bin_floor)
     _check(self.execution in EXECUTIONS,
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
     _check(self.bucketed_inference in BUCKETED_INFERENCES,

@@ -92,6 +92,10 @@ _PARAMETER_ADAPTATION = flags.DEFINE_bool("parameter_adaptation", None,
 _COMPLEXITY_BINS = flags.DEFINE_integer(
     "complexity_bins", None, "0: exact H (paper); n: H quantized to n bins, samples of a bin "
     "share kernels and depth.")
+_COMPLEXITY_BIN_FLOOR = flags.DEFINE_float(
+    "complexity_bin_floor", None, "Lower edge (bits) of the binned H range: the "
+    "--complexity_bins bins are equal bins on [floor, 8]; a lower H falls in the first bin "
+    "(default 0).")
 _EXECUTION = flags.DEFINE_enum("execution", None, ["per_sample", "bucketed"],
                                "per_sample (XLA-compatible) or bucketed (needs "
                                "--complexity_bins; no XLA).")
@@ -156,7 +160,8 @@ def config_from_flags() -> ExperimentConfig:
                integrator=_INTEGRATOR.value, depth_adaptation=_DEPTH_ADAPTATION.value,
                fixed_depth=_FIXED_DEPTH.value,
                parameter_adaptation=_PARAMETER_ADAPTATION.value,
-               complexity_bins=_COMPLEXITY_BINS.value, execution=_EXECUTION.value,
+               complexity_bins=_COMPLEXITY_BINS.value,
+               complexity_bin_floor=_COMPLEXITY_BIN_FLOOR.value, execution=_EXECUTION.value,
                bucketed_inference=_BUCKETED_INFERENCE.value,
                depth_scale=_DEPTH_SCALE.value,
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)

@@ -76,6 +76,77 @@ def test_complexity_bin_edges():
   np.testing.assert_array_equal(cx.complexity_bin(h, 16, 8.0), [0, 0, 1, 15, 15, 15])
 
 
+def test_complexity_bin_floor_edges_and_centres():
+  # 4 bins on [4, 8]: edges 5, 6, 7; below 4 -> bin 0, above 8 -> bin 3 (by hand).
+  h = np.array([0.0, 3.99, 4.0, 4.99, 5.0, 6.5, 7.99, 8.0, 9.0], np.float32)
+  np.testing.assert_array_equal(cx.complexity_bin(h, 4, 8.0, h_min=4.0),
+                                [0, 0, 0, 0, 1, 2, 3, 3, 3])
+  np.testing.assert_allclose(cx.bin_centres(4, 8.0, h_min=4.0), [4.5, 5.5, 6.5, 7.5])
+  # The same bins as the upper half of 8 bins on [0, 8], bit for bit.
+  for got, want in zip(cx.bin_table(4, 8.0, 1, 8, h_min=4.0), cx.bin_table(8, 8.0, 1, 8)):
+    np.testing.assert_array_equal(got, want[4:])
+  with pytest.raises(ValueError, match="0 <= h_min < h_max"):
+    cx.bin_centres(4, 8.0, h_min=8.0)
+  for bad in (-1.0, 8.0, 9.5, True, "4"):
+    with pytest.raises(ValueError, match="complexity_bin_floor must be a number in"):
+      PuppetCNNConfig(complexity_bins=4, complexity_bin_floor=bad)
+  config = PuppetCNNConfig(complexity_bins=4, complexity_bin_floor=4)
+  assert config.complexity_bin_floor == 4.0 and PuppetCNNConfig().complexity_bin_floor == 0.0
+  assert PuppetCNNConfig.from_dict(config.to_dict()) == config
+
+
+def _floor_images():
+  """Images with H >= 4 bits in at least two bins of 8 on [0, 8] (a gradient plus noise:
+  the more noise, the higher H)."""
+  rng = np.random.default_rng(7)
+  y, x = np.mgrid[0:16, 0:16]
+  ramp = (x * 8 + y * 4 + 60).astype(np.float64)[..., None]
+  images = np.stack([np.clip(ramp + rng.normal(0, amp, (16, 16, 3)), 0, 255).astype(np.uint8)
+                     for amp in (2, 5, 10, 20, 40, 80)])
+  h = cx.image_complexity(images).numpy()
+  assert h.min() >= 4.0 and len(set(np.floor(h).astype(int))) >= 2, h
+  return images
+
+
+@pytest.mark.parametrize("execution", ["per_sample", "bucketed"])
+def test_bin_floor_runs_the_same_bins_as_the_full_range(execution):
+  # 8 bins on [0, 8] and 4 bins on [4, 8] have the same bins above 4 bits: the same logits,
+  # loss, gradients and moving statistics for images above the floor.
+  full = PuppetClassifier(**TINY, complexity_bins=8, execution=execution)
+  upper = PuppetClassifier(**TINY, complexity_bins=4, complexity_bin_floor=4.0,
+                           execution=execution)
+  images, labels = _floor_images(), np.arange(6) % 5
+  full(images, training=True)
+  upper(images[:1])
+  upper.set_weights(full.get_weights())
+  _close(upper(images, training=False), full(images, training=False), 1e-5)
+  losses, grads = [], []
+  for model in (full, upper):
+    with tf.GradientTape() as tape:
+      loss = _loss()(labels, model(images, training=True))
+    losses.append(float(loss))
+    grads.append([tf.convert_to_tensor(g).numpy() for g in
+                  tape.gradient(loss, model.trainable_weights)])
+  assert abs(losses[0] - losses[1]) < 1e-6
+  for w, ga, gb in zip(full.trainable_weights, *grads):
+    np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-6, err_msg=w.path)
+  for wa, wb in zip(full.non_trainable_weights, upper.non_trainable_weights):
+    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-5, atol=1e-6, err_msg=wa.path)
+  # Bins as numbered on each range: bin b + 4 of 8 is bin b of 4.
+  np.testing.assert_array_equal(upper.image_bins(images), full.image_bins(images) - 4)
+  want = full(images, training=False)
+  full.set_binning(4, floor=4.0)  # the same model moved onto the upper range
+  _close(full(images, training=False), want, 1e-5)
+  assert full.config.complexity_bin_floor == 4.0 and full.config.execution == execution
+  # An image below the floor (constant: H = 0) runs at the first bin's centre, 4.5 bits
+  # (eq. 10 in float64), where the full range would give it bin 0 (centre 0.5).
+  out = upper(np.full((1, 16, 16, 3), 90, np.uint8), return_details=True)
+  step = np.tanh(1.0 / 4.5)
+  assert int(out["complexity_bin"][0]) == 0
+  np.testing.assert_allclose(float(out["step"][0]), step, rtol=1e-6)
+  assert int(out["depth"][0]) == min(int(np.floor(1.0 / step)), TINY["max_depth"])
+
+
 def test_binned_details_and_shared_depth():
   model = PuppetClassifier(**TINY, complexity_bins=16)
   out = model(_images(), return_details=True)

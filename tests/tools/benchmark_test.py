@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -39,6 +40,15 @@ def test_static_twin_has_the_puppets_layer_shapes():
   assert puppet.puppet.generated_kernel_params(3, 3) == params
 
 
+def test_floor_bins_are_the_bins_above_the_floor():
+  # 8 bins of 1 bit on [0, 8]: 4 lie above 4 bits, 5 above 3; 16 bins of 0.5 bit: 8 above 4.
+  assert benchmark.floor_bins(8, 4.0) == 4 and benchmark.floor_bins(8, 3.0) == 5
+  assert benchmark.floor_bins(16, 4.0) == 8 and benchmark.floor_bins(16, 4.5) == 7
+  for bins, floor in ((8, 4.5), (8, 8.0), (8, -1.0)):
+    with pytest.raises(ValueError, match="--bin_floor"):
+      benchmark.floor_bins(bins, floor)
+
+
 def test_skip_rules():
   assert "XLA" in benchmark._skip_reason("puppet_bucketed", True, "infer")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached", False, "train")  # pylint: disable=protected-access
@@ -54,6 +64,9 @@ def test_skip_rules():
                                                                  "infer")
   assert "XLA" in benchmark._skip_reason("puppet_loop", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_light_loop", False, "train") is None  # pylint: disable=protected-access
+  assert "inference is puppet_light's" in benchmark._skip_reason("puppet_light_floor", False,  # pylint: disable=protected-access
+                                                                 "infer")
+  assert benchmark._skip_reason("puppet_light_floor", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access

@@ -59,7 +59,7 @@ def test_flags_override_the_flagfile():
 
 def test_beyond_the_paper_flags():
   config = _config("--model_dir=/tmp/x", "--train_widths=0.5,1.0", "--depth_refinements=2",
-                   "--epochs=9", "--complexity_bins=16", "--execution=bucketed",
+                   "--epochs=9", "--complexity_bins=16", "--execution=bucketed", "--complexity_bin_floor=4",
                    "--depth_scale=2", "--init=learned_additive", "--bucketed_inference=per_bin",
                    "--generator_remat", "--generator_loop", "--generator_rank=32",
                    "--state_channels=256")
@@ -69,6 +69,8 @@ def test_beyond_the_paper_flags():
   assert not _config("--model_dir=/tmp/x").model.generator_loop
   assert config.model.bucketed_inference == "per_bin"
   assert config.model.execution == "bucketed" and config.model.complexity_bins == 16
+  assert config.model.complexity_bin_floor == 4.0
+  assert _config("--model_dir=/tmp/x").model.complexity_bin_floor == 0.0
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"
 

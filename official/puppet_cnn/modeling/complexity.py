@@ -147,33 +147,45 @@ def initial_fill(h):
 
 
 # ------------------------------------------------------------------------- binned complexity
-# With `complexity_bins = n > 0` H is quantized to n equal bins on [0, h_max] and a sample uses
-# its bin centre's H. The centre, step and depth of every bin are tabulated once in NumPy
-# float32 (`bin_table`), and both execution modes look them up by bin index, so 'per_sample'
-# and 'bucketed' use bit-identical values (the bucketed puppet needs each bin's depth as a
-# Python int).
+# With `complexity_bins = n > 0` H is quantized to n equal bins on [h_min, h_max] (h_min:
+# `PuppetCNNConfig.complexity_bin_floor`, 0 by default) and a sample uses its bin centre's H.
+# The centre, step and depth of every bin are tabulated once in NumPy float32 (`bin_table`),
+# and both execution modes look them up by bin index, so 'per_sample' and 'bucketed' use
+# bit-identical values (the bucketed puppet needs each bin's depth as a Python int).
 
 
-def complexity_bin(h, n_bins: int, h_max: float):
-  """Bin index in [0, n_bins) of H: floor(H * n_bins / h_max), clamped (int32)."""
+def _check_range(n_bins: int, h_max: float, h_min: float):
+  if not 0.0 <= float(h_min) < float(h_max) or int(n_bins) < 1:
+    raise ValueError(f"complexity bins need n_bins >= 1 and 0 <= h_min < h_max, got "
+                     f"n_bins={n_bins}, h_min={h_min}, h_max={h_max}")
+
+
+def complexity_bin(h, n_bins: int, h_max: float, h_min: float = 0.0):
+  """Bin index in [0, n_bins) of H: floor((H - h_min) * n_bins / (h_max - h_min)), clamped
+  (int32): an H below h_min falls in the first bin, one above h_max in the last."""
+  _check_range(n_bins, h_max, h_min)
   h = ops.cast(h, "float32")
-  index = ops.floor(h * (float(n_bins) / float(h_max)))
+  if h_min:
+    h = h - float(h_min)
+  index = ops.floor(h * (float(n_bins) / (float(h_max) - float(h_min))))
   return ops.cast(ops.clip(index, 0, n_bins - 1), "int32")
 
 
-def bin_centres(n_bins: int, h_max: float) -> np.ndarray:
-  """(n_bins,) float32 bin centres (i + 0.5) * h_max / n_bins."""
-  return ((np.arange(n_bins, dtype=np.float64) + 0.5) * (h_max / n_bins)).astype(np.float32)
+def bin_centres(n_bins: int, h_max: float, h_min: float = 0.0) -> np.ndarray:
+  """(n_bins,) float32 bin centres h_min + (i + 0.5) * (h_max - h_min) / n_bins."""
+  _check_range(n_bins, h_max, h_min)
+  width = (float(h_max) - float(h_min)) / n_bins
+  return (float(h_min) + (np.arange(n_bins, dtype=np.float64) + 0.5) * width).astype(np.float32)
 
 
-def bin_table(n_bins: int, h_max: float, min_depth: int, max_depth: int):
-  """NumPy float32 (centre, step, depth) of each bin, by the formulas of eq. 10.
+def bin_table(n_bins: int, h_max: float, min_depth: int, max_depth: int, h_min: float = 0.0):
+  """NumPy float32 (centre, step, depth) of each bin on [h_min, h_max], by eq. 10.
 
   Returns:
     centres (n_bins,) float32, steps (n_bins,) float32 = tanh(1 / centre), depths (n_bins,)
     int32 = clip(floor(1 / step), min_depth, max_depth).
   """
-  centres = bin_centres(n_bins, h_max)
+  centres = bin_centres(n_bins, h_max, h_min)
   with np.errstate(over="ignore", divide="ignore"):
     steps = np.tanh(np.float32(1.0) / np.maximum(centres, np.float32(_H_EPS))).astype(np.float32)
     depths = np.floor(np.float32(1.0) / np.maximum(steps, np.float32(1e-6)))

@@ -218,7 +218,7 @@ class PuppetClassifier(keras.Model):
     bins = None
     if c.complexity_bins:
       centres, steps, depths = self.bin_table()
-      bins = complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity)
+      bins = self._complexity_bin(h)
       if not training:
         bins = self._served_bins(bins)
       h_used = ops.take(ops.convert_to_tensor(centres), bins)
@@ -311,6 +311,13 @@ class PuppetClassifier(keras.Model):
             "bn_rows": tuple(int(r) for r in scaling.bn_rows(  # a tuple: Keras would make an
                 c.depth_scale, c.max_depth, self.puppet.kernels_per_unit))}  # array a tensor
 
+  def _complexity_bin(self, h):
+    """(B,) int32 bin of each H: `complexity_bins` equal bins on [complexity_bin_floor,
+    max_complexity], clamped at both ends."""
+    c = self.config
+    return complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity,
+                                         h_min=c.complexity_bin_floor)
+
   def bin_table(self):
     """NumPy (centres, steps, depths) of the `complexity_bins` bins (depth: as this model
     uses it, i.e. `fixed_depth` without depth adaptation)."""
@@ -318,7 +325,8 @@ class PuppetClassifier(keras.Model):
     if not c.complexity_bins:
       raise ValueError("bin_table needs complexity_bins > 0")
     centres, steps, depths = complexity_lib.bin_table(
-        c.complexity_bins, c.complexity.max_complexity, c.min_depth, c.max_depth)
+        c.complexity_bins, c.complexity.max_complexity, c.min_depth, c.max_depth,
+        h_min=c.complexity_bin_floor)
     if not c.depth_adaptation:
       depths = np.full_like(depths, c.depth_when_fixed)
     steps, depths = scaling.scaled_bin_table(steps, depths, c.depth_scale, c.max_depth)
@@ -626,8 +634,7 @@ class PuppetClassifier(keras.Model):
     out = [np.zeros((0,), np.int32)]
     for start in range(0, len(images), batch_size):
       h = self.complexity_layer(ops.cast(images[start:start + batch_size], "float32"))
-      out.append(ops.convert_to_numpy(complexity_lib.complexity_bin(
-          h, c.complexity_bins, c.complexity.max_complexity)).astype(np.int32))
+      out.append(ops.convert_to_numpy(self._complexity_bin(h)).astype(np.int32))
     return np.concatenate(out)
 
   def occupied_bins(self, images, batch_size: int = 256) -> tuple:
@@ -932,8 +939,10 @@ class PuppetClassifier(keras.Model):
   def complexity_bins(self) -> int:
     return self.config.complexity_bins
 
-  def set_binning(self, complexity_bins: int, execution: str | None = None) -> None:
-    """Evaluates (or trains) with H quantized to `complexity_bins` bins (0: exact H).
+  def set_binning(self, complexity_bins: int, execution: str | None = None,
+                  floor: float | None = None) -> None:
+    """Evaluates (or trains) with H quantized to `complexity_bins` bins (0: exact H), on
+    [floor, max_complexity] (`complexity_bin_floor`; None keeps the current floor).
 
     The weights do not depend on the binning, so a model trained with exact H can be run
     with bins (fast bucketed inference) and the reverse; `tools/binning_sweep.py` measures
@@ -946,7 +955,9 @@ class PuppetClassifier(keras.Model):
       execution = self.config.execution
       if execution == "bucketed" and not complexity_bins:
         execution = "per_sample"
-    self.config = self.config.replace(complexity_bins=complexity_bins, execution=execution)
+    floor = self.config.complexity_bin_floor if floor is None else floor
+    self.config = self.config.replace(complexity_bins=complexity_bins, execution=execution,
+                                      complexity_bin_floor=floor)
     self.clear_kernel_cache()
     self._reset_compiled_functions(train=True)
 
