@@ -168,8 +168,9 @@ class PuppetCNNConfig:
       the 50,000 training images below 4; docs/runs/cifar_complexity_range_2218.txt), so 8
       bins on [0, 8] leave 3 bins empty and a 4th nearly so, while 4 bins on [4, 8] are
       bins 4-7 of those 8 (same centres, depths and kernels) with a bucketed training graph
-      of half the bins; 8 bins on [4, 8] give the resolution of 16 on [0, 8] at the graph
-      size of 8.
+      of half the bins (13-18% fewer nodes: the bins below 4 bits are shallow;
+      docs/benchmarks_kernel_remat.md); 8 bins on [4, 8] give the resolution of 16 on
+      [0, 8] with the graph of 8.
     execution: how a batch is run.
       'per_sample' (default): the puppeteer integrates one state per sample and the puppet
       runs per-sample kernels (a grouped conv) in a bounded loop with per-sample masks.
