@@ -123,6 +123,7 @@ SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64)}
 PHASES = ("infer", "train")
 INFER_BATCHES = (1, 64, 256)
 TRAIN_BATCH = 64
+DEFAULT_BIN_FLOOR = 4.0  # puppet_light_floor's complexity_bin_floor (--bin_floor)
 
 def define_flags():
   """Defines the flags; called only when run as a binary, so tests can import this module
@@ -148,7 +149,7 @@ def define_flags():
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
   _BIN_FLOOR = flags.DEFINE_float(
-      "bin_floor", 4.0, "complexity_bin_floor of puppet_light_floor (bits); --bins * (8 - "
+      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor (bits); --bins * (8 - "
       "floor) / 8 must be a whole number: its bins are those of --bins on [0, 8] above it.")
   _LIGHT_RANK = flags.DEFINE_integer("light_generator_rank", 32, "generator_rank of "
                                      "puppet_light (0: full; capped at its state width - 1).")
@@ -298,12 +299,14 @@ def _build(spec, calibration):
                                 generator_rank=spec["light_rank"],
                                 state_channels=spec["light_state"], generator_remat=True,
                                 generator_loop=True),
-      "puppet_light_floor": dict(complexity_bins=floor_bins(spec["bins"], spec["bin_floor"]),
-                                 complexity_bin_floor=spec["bin_floor"], execution="bucketed",
-                                 generator_rank=spec["light_rank"],
-                                 state_channels=spec["light_state"], generator_remat=True,
-                                 generator_loop=True),
+      "puppet_light_floor": None,  # below: its bins depend on --bin_floor
   }[name]
+  if name == "puppet_light_floor":
+    floor = spec.get("bin_floor", DEFAULT_BIN_FLOOR)
+    overrides = dict(complexity_bins=floor_bins(spec["bins"], floor), complexity_bin_floor=floor,
+                     execution="bucketed", generator_rank=spec["light_rank"],
+                     state_channels=spec["light_state"], generator_remat=True,
+                     generator_loop=True)
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
   if name in CACHED_MODELS:

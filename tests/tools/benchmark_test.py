@@ -47,6 +47,13 @@ def test_floor_bins_are_the_bins_above_the_floor():
   for bins, floor in ((8, 4.5), (8, 8.0), (8, -1.0)):
     with pytest.raises(ValueError, match="--bin_floor"):
       benchmark.floor_bins(bins, floor)
+  spec = dict(model="puppet_light_floor", stage_channels=[4, 8], max_depth=3, bins=8,
+              light_rank=2, light_state=8)
+  model, _ = benchmark._build(spec, None)  # pylint: disable=protected-access
+  assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (4, 4.0)
+  model, _ = benchmark._build(dict(spec, bins=16, bin_floor=3.0), None)  # pylint: disable=protected-access
+  assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (10, 3.0)
+  assert model.config.generator_loop and model.config.generator_remat
 
 
 def test_skip_rules():
