@@ -57,6 +57,9 @@ Models (`--models`):
                    only).
   puppet_light_loop  puppet_light_remat with generator_loop=True (training only; reported
                    with puppet_light).
+  puppet_light_twopass  puppet_light_loop with fused_batch_norm=False: the puppet's training
+                   batch norm as two-pass moments and a scale and shift instead of one fused
+                   op (the code before 2026-12-03; training only; reported with puppet_light).
   puppet_light_floor  puppet_light_loop with its bins on [--bin_floor, 8] bits
                    (complexity_bin_floor): the --bins bins on [0, 8] that lie above the floor,
                    the same edges, centres, depths and kernels (an image below the floor runs
@@ -105,10 +108,11 @@ from absl import flags  # noqa: E402
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
 # The lighter puppeteer (not the paper's).
-LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop", "puppet_light_floor")
+LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop", "puppet_light_twopass",
+                "puppet_light_floor")
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
-                     "puppet_light_floor": "puppet_light"}
+                     "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light"}
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
@@ -149,8 +153,9 @@ def define_flags():
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
   _BIN_FLOOR = flags.DEFINE_float(
-      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor (bits); --bins * (8 - "
-      "floor) / 8 must be a whole number: its bins are those of --bins on [0, 8] above it.")
+      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor (bits); "
+      "--bins * (8 - floor) / 8 must be a whole number: its bins are those of --bins on "
+      "[0, 8] above it.")
   _LIGHT_RANK = flags.DEFINE_integer("light_generator_rank", 32, "generator_rank of "
                                      "puppet_light (0: full; capped at its state width - 1).")
   _LIGHT_STATE = flags.DEFINE_integer("light_state_channels", 256, "state_channels of "
@@ -299,6 +304,10 @@ def _build(spec, calibration):
                                 generator_rank=spec["light_rank"],
                                 state_channels=spec["light_state"], generator_remat=True,
                                 generator_loop=True),
+      "puppet_light_twopass": dict(complexity_bins=spec["bins"], execution="bucketed",
+                                   generator_rank=spec["light_rank"],
+                                   state_channels=spec["light_state"], generator_remat=True,
+                                   generator_loop=True, fused_batch_norm=False),
       "puppet_light_floor": None,  # below: its bins depend on --bin_floor
   }[name]
   if name == "puppet_light_floor":

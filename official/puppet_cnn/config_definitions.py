@@ -240,6 +240,12 @@ class PuppetCNNConfig:
       similar step; with the paper's 512-wide state the loop's gradient holds each stage's
       states at once and costs more than it saves (docs/benchmarks_train_loop.md), hence
       off by default.
+    fused_batch_norm: True (default): bucketed training normalizes each puppet layer with
+      one fused batch-norm op (TensorFlow's FusedBatchNormV3, `backend_ops.
+      batch_norm_training`), whose gradient needs only the layer's input and the batch
+      statistics. False: the two-pass moments and a scale and shift (the code before
+      2026-12-03), which keep two more activation-sized tensors per layer for the backward
+      pass. Same values and gradients (to float rounding); docs/benchmarks_fused_bn.md.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -275,6 +281,7 @@ class PuppetCNNConfig:
   generator_remat: bool = False
   generator_rank: int = 0
   generator_loop: bool = False
+  fused_batch_norm: bool = True
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -346,6 +353,8 @@ class PuppetCNNConfig:
            f"generator_remat must be True or False, got {self.generator_remat!r}")
     _check(isinstance(self.generator_loop, bool),
            f"generator_loop must be True or False, got {self.generator_loop!r}")
+    _check(isinstance(self.fused_batch_norm, bool),
+           f"fused_batch_norm must be True or False, got {self.fused_batch_norm!r}")
     _check(isinstance(self.generator_rank, int) and not isinstance(self.generator_rank, bool)
            and 0 <= self.generator_rank < self.state_width,
            f"generator_rank must be an int in [0, {self.state_width}) (0: the paper's full "

@@ -116,6 +116,9 @@ _GENERATOR_LOOP = flags.DEFINE_bool(
     "generator_loop", None, "Run each stage's repeated puppeteer steps in one tf.while_loop "
     "instead of unrolled (a smaller training graph: less process memory with a lighter "
     "puppeteer, none with the paper's; same results).")
+_FUSED_BATCH_NORM = flags.DEFINE_bool(
+    "fused_batch_norm", None, "Bucketed training: the puppet's batch norm as one fused op "
+    "(default; less memory) or, with --nofused_batch_norm, two-pass moments.")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")
@@ -167,7 +170,8 @@ def config_from_flags() -> ExperimentConfig:
                train_widths=(tuple(float(w) for w in _TRAIN_WIDTHS.value)
                              if _TRAIN_WIDTHS.value else None),
                generator_remat=_GENERATOR_REMAT.value, generator_rank=_GENERATOR_RANK.value,
-               generator_loop=_GENERATOR_LOOP.value, state_channels=_STATE_CHANNELS.value)
+               generator_loop=_GENERATOR_LOOP.value, fused_batch_norm=_FUSED_BATCH_NORM.value,
+               state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))

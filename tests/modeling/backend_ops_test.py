@@ -240,3 +240,45 @@ def test_recorded_loop_records_every_step_and_differentiates_like_a_python_loop(
   assert float(loss) == pytest.approx(want_loss, rel=1e-5)
   assert float(grad) == pytest.approx(want_grad, rel=1e-4)
   assert backend_ops.recorded_loop(lambda i, c: c, (tf.zeros(1),), 0) == []
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batch_norm_training_matches_float64_and_the_two_pass_gradient(compiled):
+  """The fused training batch norm: float64 mean, population variance and normalized
+  output; gradients equal to those of the two-pass moments; an empty batch gives (0, ...)
+  and zero statistics, with finite gradients."""
+  rng = np.random.default_rng(6)
+  x = (rng.normal(size=(5, 4, 3, 6)) * 3 + 1).astype(np.float32)
+  gamma = rng.normal(size=(6,)).astype(np.float32)
+  beta = rng.normal(size=(6,)).astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  x64 = x.astype(np.float64)
+  mean64 = x64.mean(axis=(0, 1, 2))
+  var64 = x64.var(axis=(0, 1, 2))
+  y64 = gamma * (x64 - mean64) / np.sqrt(var64 + 1e-3) + beta
+
+  def run(xv, g, b, fused):
+    with tf.GradientTape() as tape:
+      tape.watch([xv, g, b])
+      if fused:
+        y, mean, var = backend_ops.batch_norm_training(xv, g, b, 1e-3)
+      else:
+        xc = xv - tf.reduce_mean(xv, axis=(0, 1, 2))
+        var = tf.reduce_mean(tf.square(xc), axis=(0, 1, 2))
+        mean = tf.reduce_mean(xv, axis=(0, 1, 2))
+        y = g * xc / tf.sqrt(var + 1e-3) + b
+      loss = tf.reduce_sum(y * tf.constant(w)[:tf.shape(xv)[0]])
+    return y, mean, var, tape.gradient(loss, [xv, g, b])
+
+  fn = tf.function(run, reduce_retracing=True) if compiled else run
+  y, mean, var, grads = fn(tf.constant(x), tf.constant(gamma), tf.constant(beta), True)
+  np.testing.assert_allclose(mean.numpy(), mean64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(var.numpy(), var64, rtol=1e-4)
+  np.testing.assert_allclose(y.numpy(), y64, rtol=1e-4, atol=1e-4)
+  want = run(tf.constant(x), tf.constant(gamma), tf.constant(beta), False)[3]
+  for got, ref in zip(grads, want):
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-3, atol=1e-4)
+  y, mean, var, grads = fn(tf.constant(x[:0]), tf.constant(gamma), tf.constant(beta), True)
+  assert tuple(y.shape) == (0, 4, 3, 6)
+  assert not np.any(mean.numpy()) and not np.any(var.numpy())
+  assert all(np.all(np.isfinite(g.numpy())) for g in grads)

@@ -211,9 +211,12 @@ def test_loop_graph_does_not_grow_with_bins():
   assert nodes["per_bin", 16] - nodes["per_bin", 4] > 12 * 20, nodes
 
 
-@pytest.mark.parametrize("puppet,rank", [("vgg", 0), ("resnet", 0), ("vgg", 3)])
-def test_bucketed_training_matches_per_sample(puppet, rank):
-  a, b = _pair(puppet=puppet, generator_rank=rank)
+@pytest.mark.parametrize("puppet,rank,fused", [("vgg", 0, True), ("resnet", 0, True),
+                                               ("vgg", 3, True), ("vgg", 0, False)])
+def test_bucketed_training_matches_per_sample(puppet, rank, fused):
+  # fused: the puppet's training batch norm as TensorFlow's fused op (the default) or as
+  # two-pass moments (fused_batch_norm=False); the per-sample model uses masked moments.
+  a, b = _pair(puppet=puppet, generator_rank=rank, fused_batch_norm=fused)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
 

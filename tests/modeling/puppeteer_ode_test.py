@@ -373,3 +373,5 @@ def test_loop_steps_round_trips_and_is_validated():
   from official.puppet_cnn import PuppetCNNConfig  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="generator_loop"):
     PuppetCNNConfig(generator_loop="yes")
+  with pytest.raises(ValueError, match="fused_batch_norm must be True or False"):
+    PuppetCNNConfig(fused_batch_norm=1)

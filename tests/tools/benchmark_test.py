@@ -74,6 +74,7 @@ def test_skip_rules():
   assert "inference is puppet_light's" in benchmark._skip_reason("puppet_light_floor", False,  # pylint: disable=protected-access
                                                                  "infer")
   assert benchmark._skip_reason("puppet_light_floor", False, "train") is None  # pylint: disable=protected-access
+  assert benchmark._skip_reason("puppet_light_twopass", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_remat", True, "train")  # pylint: disable=protected-access
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access

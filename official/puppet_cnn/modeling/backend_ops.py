@@ -423,6 +423,35 @@ def bias_add(x, bias):
   return x + bias
 
 
+def batch_norm_training(x, gamma, beta, epsilon: float):
+  """Training batch norm of (N, H, W, C) `x` over N, H and W: (y, mean, variance), with the
+  batch's mean and population (biased) variance, as `masked_batch_norm.joint_moments` and
+  `normalize` give them; N may be 0 (then mean and variance are 0).
+
+  TensorFlow: one `FusedBatchNormV3`, whose gradient needs only `x` and the batch's
+  statistics, where the two-pass moments and the scale-and-shift keep two more
+  activation-sized tensors per layer for the backward pass (`x - mean` and `x * scale`;
+  docs/benchmarks_fused_bn.md). Its variance output is Bessel-corrected for moving
+  averages (n / (n - 1), n = N * H * W) and is scaled back here. Other backends: the
+  two-pass moments.
+  """
+  if backend() != "tensorflow":
+    from official.puppet_cnn.modeling import masked_batch_norm as mbn  # pylint: disable=import-outside-toplevel
+    mean, variance = mbn.joint_moments([x])
+    return mbn.normalize(x, mean, variance, gamma, beta, epsilon), mean, variance
+  import tensorflow as tf
+  x = tf.convert_to_tensor(x)
+  n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+  y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+      x, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta), epsilon=epsilon,
+      is_training=True)
+  seen = n > 0  # an empty batch gives NaN statistics
+  mean = tf.where(seen, mean, tf.zeros_like(mean))
+  variance = tf.where(seen, variance * ((n - 1.0) / tf.maximum(n, 1.0)),
+                      tf.zeros_like(variance))
+  return y, mean, variance
+
+
 def group_max_pool(x, may_be_empty: bool = True):
   """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`)."""
   if backend() != "tensorflow" or not may_be_empty:

@@ -45,6 +45,10 @@ class DynamicConvStack(keras.layers.Layer):
       every stage but the last.
     kernel_size: K of the kernels it expects.
     momentum, epsilon: batch norm settings.
+    fused_batch_norm: bucketed training (`call_groups`) normalizes each layer with
+      `backend_ops.batch_norm_training` (TensorFlow's fused batch norm: same values, two
+      fewer activation-sized tensors kept per layer); False: the two-pass moments and a
+      scale and shift (`masked_batch_norm`).
 
   Call args:
     features: (B, H, W, C_in) input features.
@@ -68,7 +72,8 @@ class DynamicConvStack(keras.layers.Layer):
   def __init__(self, stage_channels: Sequence[int] = (64, 128, 256, 512),
                block_type: str = "plain", max_depth: int = 8,
                pool_after: Sequence[bool] | None = None, kernel_size: int = 3,
-               momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
+               momentum: float = 0.99, epsilon: float = 1e-3, fused_batch_norm: bool = True,
+               **kwargs):
     super().__init__(**kwargs)
     if block_type not in BLOCK_TYPES:
       raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
@@ -84,6 +89,7 @@ class DynamicConvStack(keras.layers.Layer):
     self.kernel_size = int(kernel_size)
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
+    self.fused_batch_norm = bool(fused_batch_norm)
 
   @property
   def kernels_per_unit(self) -> int:
@@ -459,8 +465,11 @@ class DynamicConvStack(keras.layers.Layer):
         bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
     if training:
       y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
-      mean, var = mbn.joint_moments([y])
-      y = mbn.normalize(y, mean, var, gamma, beta, self.epsilon)
+      if self.fused_batch_norm:
+        y, mean, var = backend_ops.batch_norm_training(y, gamma, beta, self.epsilon)
+      else:
+        mean, var = mbn.joint_moments([y])
+        y = mbn.normalize(y, mean, var, gamma, beta, self.epsilon)
       if skip is not None:
         y = y + (skip[groups[0]] if len(groups) == 1
                  else ops.concatenate([skip[g] for g in groups], axis=0))
@@ -501,5 +510,6 @@ class DynamicConvStack(keras.layers.Layer):
     config = super().get_config()
     config.update(stage_channels=list(self.stage_channels), block_type=self.block_type,
                   max_depth=self.max_depth, pool_after=list(self.pool_after),
-                  kernel_size=self.kernel_size, momentum=self.momentum, epsilon=self.epsilon)
+                  kernel_size=self.kernel_size, momentum=self.momentum, epsilon=self.epsilon,
+                  fused_batch_norm=self.fused_batch_norm)
     return config
