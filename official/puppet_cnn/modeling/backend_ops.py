@@ -24,6 +24,10 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   x86 CPUs) mishandle empty batches: Conv2D returns its input's channel count and the max-pool
   gradient aborts the process. An empty group runs no kernel at all (`tf.cond`), in the
   forward and the backward pass.
+* `batch_norm_training`: a training batch norm over N, H and W that returns the batch's mean
+  and population variance. TensorFlow: one fused op (`FusedBatchNormV3`), whose gradient
+  keeps only the input and the statistics (bucketed training, `fused_batch_norm`);
+  elsewhere the two-pass moments.
 * `selector`: picks one of several stored tensors by a run-time index (bucketed inference:
   a cached bin's kernel table). TensorFlow: a TensorList and one `TensorListGetItem`, no
   copy and no function per tensor in the graph; elsewhere `keras.ops.switch`.
