@@ -108,8 +108,8 @@ from absl import flags  # noqa: E402
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
                   "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
 # The lighter puppeteer (not the paper's).
-LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop", "puppet_light_twopass",
-                "puppet_light_floor")
+LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
+                "puppet_light_twopass", "puppet_light_floor")
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
                      "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light"}
@@ -133,8 +133,8 @@ def define_flags():
   """Defines the flags; called only when run as a binary, so tests can import this module
   beside other binaries (train.py also has --data_dir, --stage_channels, --max_depth)."""
   global _SMALL, _SIZES, _STAGE_CHANNELS, _MAX_DEPTH, _MODELS, _FULL_MODELS, _PHASES, _XLA
-  global _BINS, _BIN_FLOOR, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR, _TIME_BUDGET
-  global _JOB_TIMEOUT, _MAX_RSS_MB
+  global _BINS, _BIN_FLOOR, _LIGHT_RANK, _LIGHT_STATE, _REPEATS, _WARMUP, _DATA_DIR
+  global _TIME_BUDGET, _JOB_TIMEOUT, _MAX_RSS_MB
   global _NO_B256, _STUDY, _BINNING_STEPS, _BINNING_TRAIN_BINS, _BINNING_BINS
   global _BINNING_EVAL, _OUTPUT, _JSON_OUTPUT, _WORKER, _INFER_SIGNATURE, _PARALLEL_JOBS
   _SMALL = flags.DEFINE_bool("small", False, "Benchmark the small puppet (same as --sizes=small).")
@@ -279,43 +279,32 @@ def _build(spec, calibration):
     return build_static_twin(config, spec["twin_depth"]), notes
   if name in ("resnet", "mobilenet_v2"):
     return build_baseline(name, 10), notes
+  bucketed = dict(complexity_bins=spec["bins"], execution="bucketed")
+  remat = dict(bucketed, generator_remat=True)
+  light = dict(bucketed, generator_rank=spec["light_rank"], state_channels=spec["light_state"])
+  light_loop = dict(light, generator_remat=True, generator_loop=True)
   overrides = {
       "puppet_exact": {},
       "puppet_binned": dict(complexity_bins=spec["bins"]),
-      "puppet_bucketed": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_cached": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_cached_per_bin": dict(complexity_bins=spec["bins"], execution="bucketed",
-                                    bucketed_inference="per_bin"),
-      "puppet_cached16": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_cached8": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_frozen8": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_nearest8": dict(complexity_bins=spec["bins"], execution="bucketed"),
-      "puppet_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
-                           generator_remat=True),
-      "puppet_light": dict(complexity_bins=spec["bins"], execution="bucketed",
-                           generator_rank=spec["light_rank"],
-                           state_channels=spec["light_state"]),
-      "puppet_light_remat": dict(complexity_bins=spec["bins"], execution="bucketed",
-                                 generator_rank=spec["light_rank"],
-                                 state_channels=spec["light_state"], generator_remat=True),
-      "puppet_loop": dict(complexity_bins=spec["bins"], execution="bucketed",
-                          generator_remat=True, generator_loop=True),
-      "puppet_light_loop": dict(complexity_bins=spec["bins"], execution="bucketed",
-                                generator_rank=spec["light_rank"],
-                                state_channels=spec["light_state"], generator_remat=True,
-                                generator_loop=True),
-      "puppet_light_twopass": dict(complexity_bins=spec["bins"], execution="bucketed",
-                                   generator_rank=spec["light_rank"],
-                                   state_channels=spec["light_state"], generator_remat=True,
-                                   generator_loop=True, fused_batch_norm=False),
-      "puppet_light_floor": None,  # below: its bins depend on --bin_floor
+      "puppet_bucketed": bucketed,
+      "puppet_cached": bucketed,
+      "puppet_cached_per_bin": dict(bucketed, bucketed_inference="per_bin"),
+      "puppet_cached16": bucketed,
+      "puppet_cached8": bucketed,
+      "puppet_frozen8": bucketed,
+      "puppet_nearest8": bucketed,
+      "puppet_remat": remat,
+      "puppet_light": light,
+      "puppet_light_remat": dict(light, generator_remat=True),
+      "puppet_loop": dict(remat, generator_loop=True),
+      "puppet_light_loop": light_loop,
+      "puppet_light_twopass": dict(light_loop, fused_batch_norm=False),
+      "puppet_light_floor": light_loop,  # its bins: below (they depend on --bin_floor)
   }[name]
   if name == "puppet_light_floor":
     floor = spec.get("bin_floor", DEFAULT_BIN_FLOOR)
-    overrides = dict(complexity_bins=floor_bins(spec["bins"], floor), complexity_bin_floor=floor,
-                     execution="bucketed", generator_rank=spec["light_rank"],
-                     state_channels=spec["light_state"], generator_remat=True,
-                     generator_loop=True)
+    overrides = dict(light_loop, complexity_bins=floor_bins(spec["bins"], floor),
+                     complexity_bin_floor=floor)
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
   if name in CACHED_MODELS:

@@ -26,8 +26,8 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   forward and the backward pass.
 * `batch_norm_training`: a training batch norm over N, H and W that returns the batch's mean
   and population variance. TensorFlow: one fused op (`FusedBatchNormV3`), whose gradient
-  keeps only the input and the statistics (bucketed training, `fused_batch_norm`);
-  elsewhere the two-pass moments.
+  keeps only the input and the statistics (bucketed training, `fused_batch_norm`;
+  TensorFlow only, as the other bucketed ops).
 * `selector`: picks one of several stored tensors by a run-time index (bucketed inference:
   a cached bin's kernel table). TensorFlow: a TensorList and one `TensorListGetItem`, no
   copy and no function per tensor in the graph; elsewhere `keras.ops.switch`.
@@ -436,13 +436,11 @@ def batch_norm_training(x, gamma, beta, epsilon: float):
   statistics, where the two-pass moments and the scale-and-shift keep two more
   activation-sized tensors per layer for the backward pass (`x - mean` and `x * scale`;
   docs/benchmarks_fused_bn.md). Its variance output is Bessel-corrected for moving
-  averages (n / (n - 1), n = N * H * W) and is scaled back here. Other backends: the
-  two-pass moments.
+  averages (n / (n - 1), n = N * H * W) and is scaled back here. TensorFlow only (bucketed
+  training, its one caller, is); `DynamicConvStack(fused_batch_norm=False)` computes the
+  same with `masked_batch_norm`'s two-pass moments.
   """
-  if backend() != "tensorflow":
-    from official.puppet_cnn.modeling import masked_batch_norm as mbn  # pylint: disable=import-outside-toplevel
-    mean, variance = mbn.joint_moments([x])
-    return mbn.normalize(x, mean, variance, gamma, beta, epsilon), mean, variance
+  _require_tensorflow("execution='bucketed'")
   import tensorflow as tf
   x = tf.convert_to_tensor(x)
   n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)

@@ -321,8 +321,9 @@ class PuppeteerODE(keras.layers.Layer):
     state, masked. An int32 scalar: the states come sorted by depth, the first `done` are
     past it, and G runs only on the last rows (a bin of depth d pays for d steps per stage,
     not for the bound; dynamic shapes: not for XLA or `jax.jit`; `active` is not read).
-    Same values either way. (G on an empty batch is not an option: TensorFlow's depthwise-conv filter
-    gradient of an empty batch is uninitialized memory, measured up to 1e29.)
+    Same values either way. (G on an empty batch is not an option: TensorFlow's
+    depthwise-conv filter gradient of an empty batch is uninitialized memory, measured up to
+    1e29.)
     params: G's weights as tensors (`_params()` order), for a step inside a loop.
     """
     per_step = EVALS_PER_STEP[self.integrator] if training else 0
@@ -364,19 +365,19 @@ class PuppeteerODE(keras.layers.Layer):
     return out[0]
 
   def _unrolled_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
-                      depth_sorted: bool):
+                      depth_sorted: bool, done_at):
     """A stage's `steps` repeated steps of G, unrolled; yields each step's state.
 
     Step j belongs to unit j // kernels_per_unit + 1. With `depth_sorted` each step is a
-    `_guarded_step` on the last rows (with `remat`, the whole conditional step is recomputed
-    in the backward pass: TensorFlow cannot differentiate a recomputed function inside a
-    `cond` branch); otherwise a masked `integrate_step`.
+    `_guarded_step` on the last rows, those after the `done_at(unit)` states at or past
+    their depth (with `remat`, the whole conditional step is recomputed in the backward
+    pass: TensorFlow cannot differentiate a recomputed function inside a `cond` branch);
+    otherwise a masked `integrate_step`.
     """
     for j in range(steps):
       unit = j // self.kernels_per_unit + 1
       if depth_sorted:
-        done = ops.sum(ops.cast(depth <= unit, "int32"))
-        step = lambda state, done=done: self._guarded_step(  # pylint: disable=unnecessary-lambda-assignment
+        step = lambda state, done=done_at(unit): self._guarded_step(  # pylint: disable=unnecessary-lambda-assignment
             state, dl, None, weight, training, done=done)
         state = self._record_stats(
             keras.remat(step)(state) if training and self.remat else step(state), stats)
@@ -498,16 +499,26 @@ class PuppeteerODE(keras.layers.Layer):
     depth = ops.cast(depth, "int32")
     weight = None if state_weight is None else ops.cast(state_weight, "float32")
     state = self.initial_state(complexity)
+    dones = {}
+
+    def done_at(unit):
+      """How many states are at or past their depth at `unit` (the first rows when sorted);
+      computed once per unit, for the steps and the kernels' rows."""
+      if unit not in dones:
+        dones[unit] = ops.sum(ops.cast(depth <= unit, "int32"))
+      return dones[unit]
+
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
       state = self.integrate_step(state, dl, None, training, stats, weight)
       yield s, None, self.kernel_from_state(state, c_prev, c_out)
       steps = units * self.kernels_per_unit
-      trajectory = self._looped_steps if loop and steps else self._unrolled_steps
-      for j, state in enumerate(trajectory(state, dl, depth, steps, training, stats, weight,
-                                           depth_sorted)):
+      args = (state, dl, depth, steps, training, stats, weight, depth_sorted)
+      trajectory = (self._looped_steps(*args) if loop and steps
+                    else self._unrolled_steps(*args, done_at))
+      for j, state in enumerate(trajectory):
         if active_rows_only:
-          done = ops.sum(ops.cast(depth <= j // self.kernels_per_unit + 1, "int32"))
+          done = done_at(j // self.kernels_per_unit + 1)
           yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
         else:
           yield s, j, self.kernel_from_state(state, c_out, c_out)
