@@ -190,6 +190,59 @@ def test_group_ops_with_empty_and_nonempty_groups(compiled):
   np.testing.assert_allclose(g_k.numpy(), want_k.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_group_conv_of_split_kernel_rows_with_an_empty_group(compiled):
+  """Bucketed training splits a layer's generated kernels by bin: a bin gets one row
+  (1, K, K, C_in, C_out) when occupied and zero rows when empty. The empty group must give
+  (0, H, W, C_out) and an empty kernel gradient, the occupied one the float64 convolution and
+  the gradients of plain TensorFlow ops, for the kernel tensor before the split as well."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(3, 5, 4, 2)).astype(np.float32)
+  kernels = rng.normal(size=(1, 3, 3, 2, 4)).astype(np.float32)  # one occupied bin
+  w = rng.normal(size=(3, 5, 4, 4)).astype(np.float32)
+
+  def run(xs, ks):
+    with tf.GradientTape() as tape:
+      tape.watch([xs, ks])
+      empty_k, full_k = tf.split(ks, tf.constant([0, 1]), num=2, axis=0)
+      ys = [backend_ops.group_conv2d(tf.zeros((0, 5, 4, 2)), empty_k),
+            backend_ops.group_conv2d(xs, full_k)]
+      loss = tf.reduce_sum(tf.concat(ys, 0) * w)
+    return ys, tape.gradient(loss, [xs, ks])
+
+  fn = tf.function(run) if compiled else run
+  (y_empty, y_full), (g_x, g_k) = fn(tf.constant(x), tf.constant(kernels))
+  assert tuple(y_empty.shape) == (0, 5, 4, 4)
+  np.testing.assert_allclose(
+      y_full.numpy(), np.stack([reference.conv2d_same(v, kernels[0]) for v in x]),
+      rtol=1e-4, atol=1e-4)
+  xv, kv = tf.constant(x), tf.constant(kernels[0])
+  with tf.GradientTape() as tape:
+    tape.watch([xv, kv])
+    loss = tf.reduce_sum(tf.nn.conv2d(xv, kv, 1, "SAME") * w)
+  want_x, want_k = tape.gradient(loss, [xv, kv])
+  np.testing.assert_allclose(g_x.numpy(), want_x.numpy(), rtol=1e-4, atol=1e-4)
+  assert tuple(g_k.shape) == (1, 3, 3, 2, 4)
+  np.testing.assert_allclose(g_k.numpy()[0], want_k.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_ops_build_no_cond():
+  """The empty-group handling is data flow, not a `tf.cond`: each cond put four functions
+  (branches and their gradients) into a training graph (docs/benchmarks_no_cond.md)."""
+  @tf.function
+  def step(x, k):
+    with tf.GradientTape() as tape:
+      tape.watch([x, k])
+      loss = tf.reduce_sum(backend_ops.group_max_pool(backend_ops.group_conv2d(x, k)))
+    return tape.gradient(loss, [x, k])
+
+  graph = step.get_concrete_function(tf.TensorSpec((None, 4, 4, 2)),
+                                     tf.TensorSpec((None, 3, 3, 2, 3))).graph
+  op_types = {op.type for op in graph.get_operations()}
+  assert not op_types & {"If", "StatelessIf"}, op_types
+  assert not graph.as_graph_def().library.function
+
+
 def test_group_ops_of_a_known_nonempty_group_match_the_references():
   """may_be_empty=False (bucketed inference, each bin under its own cond): no guard, the same
   float64 references, and one-row kernels (a partitioned kernel tensor) are accepted."""

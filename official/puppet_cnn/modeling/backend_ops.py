@@ -22,8 +22,8 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
 * `group_conv2d` / `group_max_pool`: an ordinary 'same' convolution / 2x2 max pool of one
   bucketed group, which may be empty. TensorFlow's oneDNN kernels (on by default on recent
   x86 CPUs) mishandle empty batches: Conv2D returns its input's channel count and the max-pool
-  gradient aborts the process. An empty group runs no kernel at all (`tf.cond`), in the
-  forward and the backward pass.
+  gradient aborts the process. An empty group gets one zero row appended (one dummy image,
+  sliced off after; no `tf.cond`), a non-empty one runs on its own buffers.
 * `batch_norm_training`: a training batch norm over N, H and W that returns the batch's mean
   and population variance. TensorFlow: one fused op (`FusedBatchNormV3`), whose gradient
   keeps only the input and the statistics (bucketed training, `fused_batch_norm`;
@@ -37,6 +37,8 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -387,18 +389,58 @@ def gather(x, index, axis: int = 0):
   return ops.take(x, index, axis=axis)
 
 
-def group_conv2d(x, kernel, may_be_empty: bool = True):
+class EmptyGuard(NamedTuple):
+  """What `group_conv2d` and `group_max_pool` need to run a group that may be empty,
+  computed once per group (`empty_guard`) and shared by all its layers.
+
+  missing: 1 for an empty group, else 0. pad4 / pad5: paddings that append `missing` rows
+  to a rank-4 / rank-5 tensor. size4 / size5: `tf.slice` sizes that keep the group's n rows
+  of a padded rank-4 tensor / its `1 - missing` rows of a one-row kernel.
+  """
+  missing: Any
+  pad4: Any
+  pad5: Any
+  size4: Any
+  size5: Any
+
+
+def empty_guard(n) -> EmptyGuard:
+  """The `EmptyGuard` of a group of `n` (a scalar int tensor) samples. TensorFlow only."""
+  _require_tensorflow("execution='bucketed'")
+  import tensorflow as tf
+  n = tf.cast(n, tf.int32)
+  missing = 1 - tf.minimum(n, 1)
+  pads = [np.zeros((rank, 2), np.int32) for rank in (4, 5)]
+  for p in pads:
+    p[0, 1] = 1
+  return EmptyGuard(missing, pads[0] * missing, pads[1] * missing,
+                    tf.stack([n, -1, -1, -1]), tf.stack([1 - missing, -1, -1, -1, -1]))
+
+
+def _keep(t, size):
+  import tensorflow as tf
+  return tf.slice(t, np.zeros((len(t.shape),), np.int32), size)
+
+
+def group_conv2d(x, kernel, may_be_empty: bool = True, guard: Optional[EmptyGuard] = None):
   """'same', stride-1 convolution of (n, H, W, C_in) `x` with (K, K, C_in, C_out), n may be 0.
 
   `kernel` may also be a one-row (1, K, K, C_in, C_out) tensor, which has zero rows when the
-  group is empty (a bin's part of a kernel tensor split by bin); it is read only for n > 0.
+  group is empty (a bin's part of a kernel tensor split by bin).
 
   TensorFlow's oneDNN kernels mishandle empty batches: Conv2D returns (0, H, W, C_in) instead
   of (0, H, W, C_out), and the max-pool gradient aborts the process (TF 2.21). An empty group
-  therefore runs no convolution at all (`tf.cond`): it gets an empty (0, H, W, C_out) result,
-  and in training neither it nor its kernel gradient costs a kernel launch. A caller that
-  knows the group is not empty (bucketed inference runs only the occupied bins) passes
-  `may_be_empty=False` and gets the plain convolution, without the per-layer `cond`.
+  (and its empty kernel) therefore gets one zero row appended, runs a one-image convolution
+  and keeps none of its rows; a non-empty group runs the plain convolution on its own
+  buffers (TensorFlow's Pad and Slice forward their input's buffer when they keep all of it).
+  There is no `tf.cond`: each one put four functions (its branches and their gradients) into
+  the training graph, which cost process memory and time (docs/benchmarks_no_cond.md). The
+  gradient is written out (`tf.custom_gradient`) so that the backward pass keeps only `x`
+  and `kernel`, which stay alive anyway, and rebuilds an empty group's padded kernel when
+  its gradient is due instead of keeping it. `guard`: the group's `empty_guard`, shared by
+  its layers (computed here when None). A caller that knows the group is not empty
+  (bucketed inference runs only the occupied bins) passes `may_be_empty=False` and gets the
+  plain convolution.
   """
   rows = len(kernel.shape) == 5
   if backend() != "tensorflow" or not may_be_empty:
@@ -406,12 +448,39 @@ def group_conv2d(x, kernel, may_be_empty: bool = True):
   import tensorflow as tf
   x = tf.convert_to_tensor(x)
   kernel = tf.convert_to_tensor(kernel)
-  c_out = tf.shape(kernel)[-1:]
-  out = tf.cond(tf.shape(x)[0] > 0,
-                lambda: tf.nn.conv2d(x, kernel[0] if rows else kernel, strides=1,
-                                     padding="SAME"),
-                lambda: tf.zeros(tf.concat([[0], tf.shape(x)[1:3], c_out], axis=0), x.dtype))
-  out.set_shape(x.shape[:3].concatenate(kernel.shape[-1:]))
+  g = empty_guard(tf.shape(x)[0]) if guard is None else guard
+  static = x.shape[:3].concatenate(kernel.shape[-1:])
+  row_shape = (kernel.shape[1:].as_list() if kernel.shape[1:].is_fully_defined()
+               else tf.shape(kernel)[1:])  # of a one-row kernel
+  strides = [1, 1, 1, 1]
+
+  def padded_kernel(kernel):
+    return tf.reshape(tf.pad(kernel, g.pad5), row_shape) if rows else kernel
+
+  @tf.custom_gradient
+  def conv(x, kernel):
+    y = tf.nn.conv2d(tf.pad(x, g.pad4), padded_kernel(kernel), strides=1, padding="SAME")
+
+    def grad(dy):
+      # Padded again once dy exists, so that an empty group's padded kernel lives only for
+      # its two backward convolutions (the executor may otherwise build it early and keep it).
+      with tf.control_dependencies([dy]):
+        xp, k = tf.pad(x, g.pad4), padded_kernel(kernel)
+      dyp = tf.pad(dy, g.pad4)
+      dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(xp), filter=k,
+                                          out_backprop=dyp, strides=strides, padding="SAME")
+      dk = tf.raw_ops.Conv2DBackpropFilter(input=xp, filter_sizes=tf.shape(k),
+                                           out_backprop=dyp, strides=strides, padding="SAME")
+      if rows:
+        one_row = ([1] + row_shape if isinstance(row_shape, list)
+                   else tf.concat([[1], row_shape], 0))
+        dk = _keep(tf.reshape(dk, one_row), g.size5)
+      return _keep(dx, g.size4), dk
+
+    return _keep(y, g.size4), grad
+
+  out = conv(x, kernel)
+  out.set_shape(static)
   return out
 
 
@@ -454,17 +523,17 @@ def batch_norm_training(x, gamma, beta, epsilon: float):
   return y, mean, variance
 
 
-def group_max_pool(x, may_be_empty: bool = True):
-  """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`)."""
+def group_max_pool(x, may_be_empty: bool = True, guard: Optional[EmptyGuard] = None):
+  """2x2, stride-2, 'same' max pool of (n, H, W, C) `x`, n may be 0 (see `group_conv2d`: an
+  empty group pools one zero image and keeps none of it; a non-empty one pools its own
+  buffer)."""
   if backend() != "tensorflow" or not may_be_empty:
     return ops.max_pool(x, pool_size=2, strides=2, padding="same")
   import tensorflow as tf
   x = tf.convert_to_tensor(x)
-  shape = tf.shape(x)
-  pooled = (shape[1:3] + 1) // 2
-  out = tf.cond(shape[0] > 0,
-                lambda: tf.nn.max_pool2d(x, ksize=2, strides=2, padding="SAME"),
-                lambda: tf.zeros(tf.concat([[0], pooled, shape[3:]], axis=0), x.dtype))
+  g = empty_guard(tf.shape(x)[0]) if guard is None else guard
+  out = _keep(tf.nn.max_pool2d(tf.pad(x, g.pad4), ksize=2, strides=2, padding="SAME"),
+              g.size4)
   half = [None if d is None else (d + 1) // 2 for d in x.shape[1:3]]
   out.set_shape(tf.TensorShape([x.shape[0]] + half + [x.shape[3]]))
   return out

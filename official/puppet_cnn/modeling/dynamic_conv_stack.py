@@ -340,6 +340,9 @@ class DynamicConvStack(keras.layers.Layer):
       raise ValueError(f"group depths must be in [1, {units + 1}], got {depths}")
     xs = [ops.cast(g, "float32") for g in groups]
     sizes = [ops.shape(x)[0] for x in xs]
+    # Each group's empty-group handling, computed once for all its layers.
+    guards = (None if nonempty or backend_ops.backend() != "tensorflow"
+              else [backend_ops.empty_guard(n) for n in sizes])
     kpu = self.kernels_per_unit
 
     def kernel(g, s, j):
@@ -354,8 +357,7 @@ class DynamicConvStack(keras.layers.Layer):
         for j, r in enumerate(rows):
           bn["repeated"][int(r)] = r_affine[j]
       everyone = list(range(len(xs)))
-      layer = functools.partial(self._group_layer, may_be_empty=not nonempty,
-                                folded=folded is not None)
+      layer = functools.partial(self._group_layer, guards=guards, folded=folded is not None)
       out, stats = layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
                          sizes, bn["transition"], None, training)
       if update:
@@ -386,7 +388,9 @@ class DynamicConvStack(keras.layers.Layer):
       if update and row_stats:
         self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
       if self.pool_after[s]:
-        xs = [backend_ops.group_max_pool(x, may_be_empty=not nonempty) for x in xs]
+        xs = [backend_ops.group_max_pool(x, may_be_empty=guards is not None,
+                                         guard=None if guards is None else guards[g])
+              for g, x in enumerate(xs)]
     return xs
 
   def call_indexed(self, x, kernel_at, depth, folded, units=None, bn_rows=None,
@@ -441,19 +445,22 @@ class DynamicConvStack(keras.layers.Layer):
         x = backend_ops.group_max_pool(x, may_be_empty=False)
     return x
 
-  def _group_layer(self, inputs, sizes, bn, index, training, skip=None,
-                   may_be_empty: bool = True, folded: bool = False):
+  def _group_layer(self, inputs, sizes, bn, index, training, skip=None, guards=None,
+                   folded: bool = False):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
     Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
     normalization) are one computation over every sample that reaches the layer, then split
     back into groups. Inference: per group, with the moving statistics folded into a scale
     and a shift. `folded`: the scale is already in the kernels and `bn` is the layer's
-    (scale, shift) list (or `bn[index]`): conv + shift. Returns ({g: output}, (mean, variance)),
-    (None, None) when folded.
+    (scale, shift) list (or `bn[index]`): conv + shift. `guards`: per group, its
+    `backend_ops.empty_guard` when groups may be empty (None: none is). Returns
+    ({g: output}, (mean, variance)), (None, None) when folded.
     """
     groups = list(inputs)
-    ys = [backend_ops.group_conv2d(x, k, may_be_empty) for x, k in inputs.values()]
+    ys = [backend_ops.group_conv2d(x, k, may_be_empty=guards is not None,
+                                   guard=None if guards is None else guards[g])
+          for g, (x, k) in inputs.items()]
     if folded:
       _, shift = bn if index is None else bn[index]
       out = {}
