@@ -459,11 +459,15 @@ def group_conv2d(x, kernel, may_be_empty: bool = True, guard: Optional[EmptyGuar
 
   @tf.custom_gradient
   def conv(x, kernel):
-    y = tf.nn.conv2d(tf.pad(x, g.pad4), padded_kernel(kernel), strides=1, padding="SAME")
+    # Padded once x exists: an empty group's padded kernel then lives only for its
+    # convolution (the generated kernels all exist early; their pads would run early too).
+    with tf.control_dependencies([x]):
+      k = padded_kernel(kernel)
+    y = tf.nn.conv2d(tf.pad(x, g.pad4), k, strides=1, padding="SAME")
 
     def grad(dy):
       # Padded again once dy exists, so that an empty group's padded kernel lives only for
-      # its two backward convolutions (the executor may otherwise build it early and keep it).
+      # its two backward convolutions, and is not kept from the forward pass.
       with tf.control_dependencies([dy]):
         xp, k = tf.pad(x, g.pad4), padded_kernel(kernel)
       dyp = tf.pad(dy, g.pad4)
@@ -540,10 +544,14 @@ def group_max_pool(x, may_be_empty: bool = True, guard: Optional[EmptyGuard] = N
 
 
 def split_rows(x, sizes):
-  """Splits `x` along axis 0 into len(sizes) parts of the (tensor) sizes; inverse of a concat."""
+  """Splits `x` along axis 0 into parts of the given sizes (a list of scalar tensors, or one
+  1-D tensor of static length); inverse of a concat."""
   _require_tensorflow("execution='bucketed'")
   import tensorflow as tf
-  return tf.split(x, tf.stack([tf.cast(n, tf.int32) for n in sizes]), num=len(sizes), axis=0)
+  if isinstance(sizes, (list, tuple)):
+    sizes = tf.stack([tf.cast(n, tf.int32) for n in sizes])
+  sizes = tf.cast(sizes, tf.int32)
+  return tf.split(x, sizes, num=int(sizes.shape[0]), axis=0)
 
 
 def release_free_heap_memory() -> None:

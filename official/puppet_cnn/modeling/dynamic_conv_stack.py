@@ -343,6 +343,13 @@ class DynamicConvStack(keras.layers.Layer):
     # Each group's empty-group handling, computed once for all its layers.
     guards = (None if nonempty or backend_ops.backend() != "tensorflow"
               else [backend_ops.empty_guard(n) for n in sizes])
+    stacked_sizes = {}
+
+    def sizes_of(members):  # the sizes of these groups as one tensor, once per set of groups
+      key = tuple(members)
+      if key not in stacked_sizes:
+        stacked_sizes[key] = ops.stack([ops.cast(sizes[g], "int32") for g in key])
+      return stacked_sizes[key]
     kpu = self.kernels_per_unit
 
     def kernel(g, s, j):
@@ -358,8 +365,12 @@ class DynamicConvStack(keras.layers.Layer):
           bn["repeated"][int(r)] = r_affine[j]
       everyone = list(range(len(xs)))
       layer = functools.partial(self._group_layer, guards=guards, folded=folded is not None)
+      repeated_bn = bn["repeated"]
+      if folded is None:  # each weight's rows, split once per stage when first needed
+        repeated_bn = functools.lru_cache(maxsize=None)(
+            lambda k, ws=tuple(bn["repeated"]): ops.unstack(ops.convert_to_tensor(ws[k])))
       out, stats = layer({g: (xs[g], group_kernels[g][s][0]) for g in everyone},
-                         sizes, bn["transition"], None, training)
+                         sizes_of, bn["transition"], None, training)
       if update:
         self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
       xs = [out[g] for g in everyone]
@@ -368,19 +379,19 @@ class DynamicConvStack(keras.layers.Layer):
         active = [g for g in everyone if depths[g] > unit]
         if not active:
           break
-        any_seen = (ops.sum(ops.stack([sizes[g] for g in active])) > 0) if update else None
+        any_seen = (ops.sum(sizes_of(active)) > 0) if update else None
         r0 = kpu * (unit - 1)
         if self.block_type == "plain":
           out, stats = layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                             sizes, bn["repeated"], int(rows[r0]), training)
+                             sizes_of, repeated_bn, int(rows[r0]), training)
           row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
         else:
           r1 = r0 + 1
           mid, stats = layer({g: (xs[g], kernel(g, s, r0)) for g in active},
-                             sizes, bn["repeated"], int(rows[r0]), training)
+                             sizes_of, repeated_bn, int(rows[r0]), training)
           row_stats.setdefault(int(rows[r0]), []).append((stats, any_seen))
           out, stats = layer({g: (mid[g], kernel(g, s, r1)) for g in active},
-                             sizes, bn["repeated"], int(rows[r1]), training,
+                             sizes_of, repeated_bn, int(rows[r1]), training,
                              skip={g: xs[g] for g in active})
           row_stats.setdefault(int(rows[r1]), []).append((stats, any_seen))
         for g in active:
@@ -445,7 +456,7 @@ class DynamicConvStack(keras.layers.Layer):
         x = backend_ops.group_max_pool(x, may_be_empty=False)
     return x
 
-  def _group_layer(self, inputs, sizes, bn, index, training, skip=None, guards=None,
+  def _group_layer(self, inputs, sizes_of, bn, index, training, skip=None, guards=None,
                    folded: bool = False):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
@@ -453,9 +464,11 @@ class DynamicConvStack(keras.layers.Layer):
     normalization) are one computation over every sample that reaches the layer, then split
     back into groups. Inference: per group, with the moving statistics folded into a scale
     and a shift. `folded`: the scale is already in the kernels and `bn` is the layer's
-    (scale, shift) list (or `bn[index]`): conv + shift. `guards`: per group, its
-    `backend_ops.empty_guard` when groups may be empty (None: none is). Returns
-    ({g: output}, (mean, variance)), (None, None) when folded.
+    (scale, shift) list (or `bn[index]`): conv + shift. Otherwise `bn` is the transition's
+    (gamma, beta, moving mean, moving variance) (index None), or a function k -> the rows of
+    the repeated layers' weight k (the layer's row: `index`). `sizes_of(groups)`: their sizes
+    as one tensor. `guards`: per group, its `backend_ops.empty_guard` when groups may be
+    empty (None: none is). Returns ({g: output}, (mean, variance)), (None, None) when folded.
     """
     groups = list(inputs)
     ys = [backend_ops.group_conv2d(x, k, may_be_empty=guards is not None,
@@ -468,8 +481,10 @@ class DynamicConvStack(keras.layers.Layer):
         y = backend_ops.bias_add(y, shift)
         out[g] = ops.relu(y if skip is None else y + skip[g])
       return out, (None, None)
-    gamma, beta, moving_mean, moving_var = (
-        bn if index is None else [ops.convert_to_tensor(w)[index] for w in bn])
+    def weight(k):
+      return bn[k] if index is None else bn(k)[index]
+
+    gamma, beta = weight(0), weight(1)
     if training:
       y = ys[0] if len(ys) == 1 else ops.concatenate(ys, axis=0)
       if self.fused_batch_norm:
@@ -481,9 +496,9 @@ class DynamicConvStack(keras.layers.Layer):
         y = y + (skip[groups[0]] if len(groups) == 1
                  else ops.concatenate([skip[g] for g in groups], axis=0))
       y = ops.relu(y)
-      parts = [y] if len(groups) == 1 else backend_ops.split_rows(
-          y, [sizes[g] for g in groups])
+      parts = [y] if len(groups) == 1 else backend_ops.split_rows(y, sizes_of(groups))
       return dict(zip(groups, parts)), (mean, var)
+    moving_mean, moving_var = weight(2), weight(3)
     scale = gamma * ops.rsqrt(ops.convert_to_tensor(moving_var) + self.epsilon)
     shift = beta - ops.convert_to_tensor(moving_mean) * scale
     out = {}

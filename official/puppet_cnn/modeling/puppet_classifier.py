@@ -554,9 +554,13 @@ class PuppetClassifier(keras.Model):
       # its unit (`active_rows_only`): those bins' rows, in bin order.
       n = c.complexity_bins
       split: Dict[Any, list] = {}
+      occupied = ops.cast(mask, "int32")
+      row_sizes: Dict[int, Any] = {}
 
-      def sizes(unit):
-        return [ops.cast(mask[b], "int32") * (int(depths[b]) > unit) for b in range(n)]
+      def sizes(unit):  # one (n,) tensor per unit, shared by the stages' splits
+        if unit not in row_sizes:
+          row_sizes[unit] = occupied * np.array([int(d) > unit for d in depths], np.int32)
+        return row_sizes[unit]
 
       def parts(key, tensor, unit=0):
         if key not in split:
