@@ -66,6 +66,10 @@ Models (`--models`):
                    in the first bin). For images above the floor it computes what
                    puppet_light_loop does, with a training graph of fewer bins (training only;
                    reported with puppet_light).
+  puppet_light_wide  puppet_light_floor with narrow_kernels=False: the kernels of the
+                   256-wide state at 512 channels built at full size instead of convolving
+                   with the narrow ones (the code before 2026-12-04; training only; reported
+                   with puppet_light). The other light modes use narrow kernels in training.
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -109,10 +113,11 @@ PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_ca
                   "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
-                "puppet_light_twopass", "puppet_light_floor")
+                "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide")
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
-                     "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light"}
+                     "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light",
+                     "puppet_light_wide": "puppet_light"}
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
@@ -153,7 +158,8 @@ def define_flags():
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
   _BIN_FLOOR = flags.DEFINE_float(
-      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor (bits); "
+      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor and "
+      "puppet_light_wide (bits); "
       "--bins * (8 - floor) / 8 must be a whole number: its bins are those of --bins on "
       "[0, 8] above it.")
   _LIGHT_RANK = flags.DEFINE_integer("light_generator_rank", 32, "generator_rank of "
@@ -300,10 +306,11 @@ def _build(spec, calibration):
       "puppet_light_loop": light_loop,
       "puppet_light_twopass": dict(light_loop, fused_batch_norm=False),
       "puppet_light_floor": light_loop,  # its bins: below (they depend on --bin_floor)
+      "puppet_light_wide": dict(light_loop, narrow_kernels=False),
   }[name]
-  if name == "puppet_light_floor":
+  if name in ("puppet_light_floor", "puppet_light_wide"):
     floor = spec.get("bin_floor", DEFAULT_BIN_FLOOR)
-    overrides = dict(light_loop, complexity_bins=floor_bins(spec["bins"], floor),
+    overrides = dict(overrides, complexity_bins=floor_bins(spec["bins"], floor),
                      complexity_bin_floor=floor)
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
@@ -946,7 +953,7 @@ def main(argv):
   sizes = _SIZES.value or (["small"] if _SMALL.value else ["full"])
   if set(sizes) - set(SIZES):
     raise app.UsageError(f"--sizes takes {sorted(SIZES)}")
-  if "puppet_light_floor" in _MODELS.value:
+  if {"puppet_light_floor", "puppet_light_wide"} & set(_MODELS.value):
     try:
       floor_bins(_BINS.value, _BIN_FLOOR.value)
     except ValueError as e:

@@ -246,6 +246,15 @@ class PuppetCNNConfig:
       statistics. False: the two-pass moments and a scale and shift (the code before
       2026-12-03), which keep two more activation-sized tensors per layer for the backward
       pass. Same values and gradients (to float rounding); docs/benchmarks_fused_bn.md.
+    narrow_kernels: True (default): in bucketed training, a kernel generated from a state
+      narrower than its layer by an integer factor (`state_channels` 256 for 512 channels:
+      the state's channels are repeated, `PuppeteerODE.kernel_factors`) is kept narrow;
+      the layer sums its input channels in blocks of that factor, convolves with the
+      narrow kernel and repeats each output channel (the same convolution: a quarter of
+      the kernel's memory and multiply-adds at 512 channels). False: the full kernel is
+      built and kept (the code before 2026-12-04). No effect with the paper's state (as
+      wide as the widest stage). Same values and gradients to float rounding;
+      docs/benchmarks_no_cond.md.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -282,6 +291,7 @@ class PuppetCNNConfig:
   generator_rank: int = 0
   generator_loop: bool = False
   fused_batch_norm: bool = True
+  narrow_kernels: bool = True
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -355,6 +365,8 @@ class PuppetCNNConfig:
            f"generator_loop must be True or False, got {self.generator_loop!r}")
     _check(isinstance(self.fused_batch_norm, bool),
            f"fused_batch_norm must be True or False, got {self.fused_batch_norm!r}")
+    _check(isinstance(self.narrow_kernels, bool),
+           f"narrow_kernels must be True or False, got {self.narrow_kernels!r}")
     _check(isinstance(self.generator_rank, int) and not isinstance(self.generator_rank, bool)
            and 0 <= self.generator_rank < self.state_width,
            f"generator_rank must be an int in [0, {self.state_width}) (0: the paper's full "

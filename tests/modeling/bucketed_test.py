@@ -211,14 +211,19 @@ def test_loop_graph_does_not_grow_with_bins():
   assert nodes["per_bin", 16] - nodes["per_bin", 4] > 12 * 20, nodes
 
 
-@pytest.mark.parametrize("puppet,rank,fused,graph", [
-    ("vgg", 0, True, False), ("resnet", 0, True, False), ("vgg", 3, True, False),
-    ("vgg", 0, False, False), ("vgg", 0, True, True)])
-def test_bucketed_training_matches_per_sample(puppet, rank, fused, graph):
+@pytest.mark.parametrize("puppet,rank,fused,graph,state", [
+    ("vgg", 0, True, False, None), ("resnet", 0, True, False, None), ("vgg", 3, True, False, None),
+    ("vgg", 0, False, False, None), ("vgg", 0, True, True, None),
+    ("vgg", 0, True, False, 4), ("resnet", 0, True, True, 4), ("vgg", 0, True, False, "full")])
+def test_bucketed_training_matches_per_sample(puppet, rank, fused, graph, state):
   # fused: the puppet's training batch norm as TensorFlow's fused op (the default) or as
   # two-pass moments (fused_batch_norm=False); the per-sample model uses masked moments.
   # 16 bins for 8 images: most groups are empty, eagerly and in a traced step (graph).
-  a, b = _pair(puppet=puppet, generator_rank=rank, fused_batch_norm=fused)
+  # state=4: a puppeteer state half as wide as the 8-channel stage; bucketed training then
+  # convolves with narrow kernels (narrow_kernels, the default), the per-sample model with
+  # the full ones. "full": the same with narrow_kernels=False.
+  extra = {} if state is None else dict(state_channels=4, narrow_kernels=state != "full")
+  a, b = _pair(puppet=puppet, generator_rank=rank, fused_batch_norm=fused, **extra)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
 

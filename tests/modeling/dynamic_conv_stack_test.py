@@ -286,3 +286,23 @@ def test_shared_rows_get_the_mean_of_their_batch_statistics():
                              rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="batch-norm rows"):
     stack(x, [(k_t, k_r)], np.array([3], np.int32), units=2, bn_rows=[0, 1])
+
+
+@pytest.mark.parametrize("f_in,f_out", [(1, 2), (2, 2), (2, 1), (1, 1)])
+def test_narrow_kernel_convolution_is_the_full_kernels(f_in, f_out):
+  """A narrow kernel (the puppeteer's kernel_from_state(expand=False)) in a group layer is the
+  convolution with the full kernel, whose channel i / o is the narrow one's i // f_in /
+  o // f_out: against a float64 convolution with the explicitly repeated kernel."""
+  rng = np.random.default_rng(11)
+  c_in, c_out = 3, 2
+  x = rng.normal(size=(2, 5, 4, c_in * f_in)).astype(np.float32)
+  narrow = rng.normal(size=(3, 3, c_in, c_out)).astype(np.float32)
+  full = np.repeat(np.repeat(narrow, f_in, axis=2), f_out, axis=3)
+  for k in (narrow, narrow[None]):
+    got = DynamicConvStack._conv(tf.constant(x), tf.constant(k), c_out * f_out,
+                                 may_be_empty=True, guard=None)
+    want = np.stack([reference.conv2d_same(v.astype(np.float64), full) for v in x])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="integer multiples"):
+    DynamicConvStack._conv(tf.constant(x), tf.constant(narrow), c_out * f_out + 1,
+                           may_be_empty=True, guard=None)

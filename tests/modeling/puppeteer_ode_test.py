@@ -375,3 +375,24 @@ def test_loop_steps_round_trips_and_is_validated():
     PuppetCNNConfig(generator_loop="yes")
   with pytest.raises(ValueError, match="fused_batch_norm must be True or False"):
     PuppetCNNConfig(fused_batch_norm=1)
+  with pytest.raises(ValueError, match="narrow_kernels must be True or False"):
+    PuppetCNNConfig(narrow_kernels="no")
+
+
+def test_narrow_kernels_are_the_full_kernels_without_their_channel_repeats():
+  """kernel_from_state(expand=False) of a state narrower than the layer: the full kernel is
+  the narrow one with input channel i and output channel o taken from i // f_in and
+  o // f_out (checked against np.repeat), and kernel_factors gives those factors."""
+  layer = PuppeteerODE(stage_channels=(4, 8), state_channels=4)
+  layer.build(None)
+  assert layer.kernel_factors(8, 8) == (2, 2) and layer.kernel_factors(4, 8) == (1, 2)
+  assert layer.kernel_factors(3, 4) == (1, 1) and layer.kernel_factors(8, 6) == (2, 1)
+  state = np.random.default_rng(2).normal(size=(2,) + layer.state_shape).astype(np.float32)
+  for c_in, c_out in [(8, 8), (4, 8), (3, 4)]:
+    f_in, f_out = layer.kernel_factors(c_in, c_out)
+    full = layer.kernel_from_state(state, c_in, c_out).numpy()
+    narrow = layer.kernel_from_state(state, c_in, c_out, expand=False).numpy()
+    assert narrow.shape == (2, 3, 3, c_in // f_in, c_out // f_out)
+    np.testing.assert_array_equal(np.repeat(np.repeat(narrow, f_in, 3), f_out, 4), full)
+  with pytest.raises(ValueError, match="stack_repeated=False"):
+    layer(np.zeros(2), np.ones(2), np.ones(2, np.int32), expand_kernels=False)

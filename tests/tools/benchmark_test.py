@@ -53,6 +53,10 @@ def test_floor_bins_are_the_bins_above_the_floor():
   assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (4, 4.0)
   model, _ = benchmark._build(dict(spec, bins=16, bin_floor=3.0), None)  # pylint: disable=protected-access
   assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (10, 3.0)
+  assert model.config.narrow_kernels
+  model, _ = benchmark._build(dict(spec, model="puppet_light_wide"), None)  # pylint: disable=protected-access
+  assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (4, 4.0)
+  assert not model.config.narrow_kernels
   assert model.config.generator_loop and model.config.generator_remat
 
 

@@ -62,13 +62,15 @@ def test_beyond_the_paper_flags():
                    "--epochs=9", "--complexity_bins=16", "--execution=bucketed",
                    "--complexity_bin_floor=4", "--depth_scale=2", "--init=learned_additive",
                    "--bucketed_inference=per_bin", "--generator_remat", "--generator_loop",
-                   "--generator_rank=32", "--nofused_batch_norm", "--state_channels=256")
+                   "--generator_rank=32", "--nofused_batch_norm", "--state_channels=256",
+                   "--nonarrow_kernels")
   assert config.model.train_widths == (0.5, 1.0) and config.model.depth_scale == 2.0
   assert config.model.generator_remat and config.model.generator_loop
   assert config.model.generator_rank == 32 and config.model.state_channels == 256
   assert not _config("--model_dir=/tmp/x").model.generator_loop
   assert not config.model.fused_batch_norm
   assert _config("--model_dir=/tmp/x").model.fused_batch_norm
+  assert not config.model.narrow_kernels and _config("--model_dir=/tmp/x").model.narrow_kernels
   assert config.model.bucketed_inference == "per_bin"
   assert config.model.execution == "bucketed" and config.model.complexity_bins == 16
   assert config.model.complexity_bin_floor == 4.0

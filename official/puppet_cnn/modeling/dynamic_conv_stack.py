@@ -364,7 +364,8 @@ class DynamicConvStack(keras.layers.Layer):
         for j, r in enumerate(rows):
           bn["repeated"][int(r)] = r_affine[j]
       everyone = list(range(len(xs)))
-      layer = functools.partial(self._group_layer, guards=guards, folded=folded is not None)
+      layer = functools.partial(self._group_layer, guards=guards, folded=folded is not None,
+                                width=channels[s])
       repeated_bn = bn["repeated"]
       if folded is None:  # each weight's rows, split once per stage when first needed
         repeated_bn = functools.lru_cache(maxsize=None)(
@@ -457,7 +458,7 @@ class DynamicConvStack(keras.layers.Layer):
     return x
 
   def _group_layer(self, inputs, sizes_of, bn, index, training, skip=None, guards=None,
-                   folded: bool = False):
+                   folded: bool = False, width: int | None = None):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
     Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
@@ -468,11 +469,12 @@ class DynamicConvStack(keras.layers.Layer):
     (gamma, beta, moving mean, moving variance) (index None), or a function k -> the rows of
     the repeated layers' weight k (the layer's row: `index`). `sizes_of(groups)`: their sizes
     as one tensor. `guards`: per group, its `backend_ops.empty_guard` when groups may be
-    empty (None: none is). Returns ({g: output}, (mean, variance)), (None, None) when folded.
+    empty (None: none is). `width`: the layer's output channels (a narrow kernel's are
+    repeated up to it, `_conv`). Returns ({g: output}, (mean, variance)), (None, None) when
+    folded.
     """
     groups = list(inputs)
-    ys = [backend_ops.group_conv2d(x, k, may_be_empty=guards is not None,
-                                   guard=None if guards is None else guards[g])
+    ys = [self._conv(x, k, width, guards is not None, None if guards is None else guards[g])
           for g, (x, k) in inputs.items()]
     if folded:
       _, shift = bn if index is None else bn[index]
@@ -506,6 +508,26 @@ class DynamicConvStack(keras.layers.Layer):
       y = y * scale + shift
       out[g] = ops.relu(y if skip is None else y + skip[g])
     return out, (moving_mean, moving_var)
+
+  @staticmethod
+  def _conv(x, kernel, width, may_be_empty, guard):
+    """A group's 'same' convolution with a full kernel, or with a narrow one (the puppeteer's
+    `kernel_from_state(expand=False)`: (K, K, C_in / f_in, width / f_out), the full kernel
+    without its channel repeats): each block of f_in input channels summed, the narrow
+    convolution, each output channel repeated f_out times. That is the convolution with the
+    full kernel, whose input channel i and output channel o are the narrow kernel's
+    i // f_in and o // f_out."""
+    c_x, c_k, o_k = x.shape[-1], kernel.shape[-2], kernel.shape[-1]
+    width = o_k if width is None else width
+    if c_x % c_k or width % o_k:
+      raise ValueError(f"a ({c_k} -> {o_k})-channel kernel cannot make {c_x} input channels "
+                       f"into {width}: the channels must be integer multiples")
+    f_in, f_out = c_x // c_k, width // o_k
+    if f_in > 1:
+      shape = ops.shape(x)
+      x = ops.sum(ops.reshape(x, (-1, shape[1], shape[2], c_k, f_in)), axis=-1)
+    y = backend_ops.group_conv2d(x, kernel, may_be_empty=may_be_empty, guard=guard)
+    return y if f_out == 1 else ops.repeat(y, f_out, axis=-1)
 
   def _assign_rows(self, bn, row_stats, channels):
     rows = self.repeated_kernels_per_stage

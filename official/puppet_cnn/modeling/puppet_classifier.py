@@ -542,9 +542,12 @@ class PuppetClassifier(keras.Model):
       kernels = self.puppeteer(h, dl, depth, training=True, state_weight=ops.take(counts, ids),
                                depth_sorted=depth_sorted, stack_repeated=False,
                                active_rows_only=depth_sorted,
+                               expand_kernels=not c.narrow_kernels,
                                channels=channels, **self._puppeteer_scaling())
       # Bin b's kernel of a layer is that layer's kernels split by bin: one row when the bin
-      # was generated, none otherwise (`group_conv2d` reads it only for a non-empty group).
+      # was generated, none otherwise (`group_conv2d` pads an empty group's with a zero row).
+      # With narrow_kernels, a kernel of a state narrower than the layer comes narrow
+      # (`DynamicConvStack._conv`).
       # The states come in bin order, so a split along the rows with sizes `mask` does it: its
       # parts share the kernels' memory (a partition copied every generated kernel), and its
       # gradient is one concatenation of the groups' own kernel gradients (a per-bin gather

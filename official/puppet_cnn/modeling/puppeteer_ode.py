@@ -99,6 +99,10 @@ class PuppeteerODE(keras.layers.Layer):
       with scaled steps (`scaling.scaled_max_depth`) generates more or fewer.
     channels: stage widths to pool the kernels to (None: `stage_channels`); a narrower or
       wider puppet from the same state (`PuppetClassifier.at_width`, width-sampled training).
+    expand_kernels: True (default): full kernels. False (with `stack_repeated=False`): a
+      kernel whose channels repeat the state's by an integer factor (`kernel_factors`: a
+      state narrower than the layer) comes narrow, without the repeats
+      (`kernel_from_state(expand=False)`); bucketed training convolves with it directly.
 
   Returns:
     A list with one `(transition, repeated)` pair per stage: transition (N, K, K, C_in, C_s),
@@ -418,9 +422,24 @@ class PuppeteerODE(keras.layers.Layer):
     return [self._record_stats(out, stats)
             for out in backend_ops.recorded_loop(step, init, steps)]
 
-  def kernel_from_state(self, state, c_in: int, c_out: int):
-    """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel."""
+  def kernel_factors(self, c_in: int, c_out: int) -> Tuple[int, int]:
+    """(f_in, f_out): the integer factors by which a (c_in, c_out) kernel repeats its state's
+    channels (a state narrower than the layer, e.g. 256 wide for a 512-channel layer); 1
+    where the state is as wide or wider, or the factor is not an integer."""
+    n_in, _, n_out = self.state_shape
+    return tuple(c // n if c > n and c % n == 0 else 1
+                 for c, n in ((c_in, n_in), (c_out, n_out)))
+
+  def kernel_from_state(self, state, c_in: int, c_out: int, expand: bool = True):
+    """Adaptive-average-pools the state to a (N, K, K, c_in, c_out) kernel.
+
+    expand=False: the channel repeats of `kernel_factors` are left out, giving the narrow
+    (N, K, K, c_in / f_in, c_out / f_out) kernel; convolving with it after summing each
+    block of f_in input channels, then repeating each output channel f_out times, is the
+    convolution with the full kernel (`DynamicConvStack.call_groups` does this).
+    """
     n_in, kk, n_out = self.state_shape
+    f_in, f_out = (1, 1) if expand else self.kernel_factors(c_in, c_out)
     k = self.kernel_size
     # Pooling, the transpose and the fan-in scale are linear and act on different axes, so
     # their order is free: the axes that shrink are pooled first and the axes that grow
@@ -435,16 +454,19 @@ class PuppeteerODE(keras.layers.Layer):
     if self.kernel_scaling == "fan_in":
       x = x * (1.0 / math.sqrt(kk * c_in))
     x = ops.transpose(x, (0, 2, 1, 3))                       # (N, KK, in, out)
-    if c_in > n_in:
+    if c_in > n_in and f_in == 1:
       x = _pool_axis(x, axis=2, n_out=c_in, n_in=n_in)
-    if c_out > n_out:
+    if c_out > n_out and f_out == 1:
       x = _pool_axis(x, axis=3, n_out=c_out, n_in=n_out)
-    return ops.reshape(x, (-1, k, k, c_in, c_out))
+    return ops.reshape(x, (-1, k, k, c_in // f_in, c_out // f_out))
 
   def call(self, complexity, step, depth, training=None, state_weight=None,
            depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
-           channels: Sequence[int] | None = None, active_rows_only: bool = False):
+           channels: Sequence[int] | None = None, active_rows_only: bool = False,
+           expand_kernels: bool = True):
     training = bool(training)
+    if not expand_kernels and stack_repeated:
+      raise ValueError("PuppeteerODE: expand_kernels=False needs stack_repeated=False")
     units, channels = self._resolve(units, channels)
     if active_rows_only and (stack_repeated or not depth_sorted):
       raise ValueError("PuppeteerODE: active_rows_only needs depth_sorted=True and "
@@ -453,7 +475,8 @@ class PuppeteerODE(keras.layers.Layer):
     per_stage = [[None, []] for _ in channels]
     for s, j, kernel in self._kernels(complexity, step, depth, training, stats, state_weight,
                                       depth_sorted, units, channels, active_rows_only,
-                                      loop=self.loop_steps and backend_ops.builds_tf_graph()):
+                                      loop=self.loop_steps and backend_ops.builds_tf_graph(),
+                                      expand=expand_kernels):
       if j is None:
         per_stage[s][0] = kernel
       else:
@@ -492,7 +515,7 @@ class PuppeteerODE(keras.layers.Layer):
     return units, channels
 
   def _kernels(self, complexity, step, depth, training, stats, state_weight, depth_sorted,
-               units, channels, active_rows_only, loop=False):
+               units, channels, active_rows_only, loop=False, expand=True):
     """The trajectory: yields (stage, j or None, kernel) as `iter_kernels` documents."""
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
@@ -511,7 +534,7 @@ class PuppeteerODE(keras.layers.Layer):
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
       state = self.integrate_step(state, dl, None, training, stats, weight)
-      yield s, None, self.kernel_from_state(state, c_prev, c_out)
+      yield s, None, self.kernel_from_state(state, c_prev, c_out, expand)
       steps = units * self.kernels_per_unit
       args = (state, dl, depth, steps, training, stats, weight, depth_sorted)
       trajectory = (self._looped_steps(*args) if loop and steps
@@ -519,9 +542,9 @@ class PuppeteerODE(keras.layers.Layer):
       for j, state in enumerate(trajectory):
         if active_rows_only:
           done = done_at(j // self.kernels_per_unit + 1)
-          yield s, j, self.kernel_from_state(state[done:], c_out, c_out)
+          yield s, j, self.kernel_from_state(state[done:], c_out, c_out, expand)
         else:
-          yield s, j, self.kernel_from_state(state, c_out, c_out)
+          yield s, j, self.kernel_from_state(state, c_out, c_out, expand)
       c_prev = c_out
 
   def _update_moving_statistics(self, stats):
