@@ -393,11 +393,10 @@ class EmptyGuard(NamedTuple):
   """What `group_conv2d` and `group_max_pool` need to run a group that may be empty,
   computed once per group (`empty_guard`) and shared by all its layers.
 
-  missing: 1 for an empty group, else 0. pad4 / pad5: paddings that append `missing` rows
-  to a rank-4 / rank-5 tensor. size4 / size5: `tf.slice` sizes that keep the group's n rows
-  of a padded rank-4 tensor / its `1 - missing` rows of a one-row kernel.
+  pad4 / pad5: paddings that append one zero row to a rank-4 / rank-5 tensor of an empty
+  group, none otherwise. size4 / size5: `tf.slice` sizes that keep the group's n rows of a
+  padded rank-4 tensor / the rows of its one-row kernel (1, or 0 for an empty group).
   """
-  missing: Any
   pad4: Any
   pad5: Any
   size4: Any
@@ -413,7 +412,7 @@ def empty_guard(n) -> EmptyGuard:
   pads = [np.zeros((rank, 2), np.int32) for rank in (4, 5)]
   for p in pads:
     p[0, 1] = 1
-  return EmptyGuard(missing, pads[0] * missing, pads[1] * missing,
+  return EmptyGuard(pads[0] * missing, pads[1] * missing,
                     tf.stack([n, -1, -1, -1]), tf.stack([1 - missing, -1, -1, -1, -1]))
 
 
