@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling.dynamic_conv_stack import DynamicConvStack
 from tests.modeling import reference
 
@@ -300,9 +301,8 @@ def test_narrow_kernel_convolution_is_the_full_kernels(f_in, f_out):
   full = np.repeat(np.repeat(narrow, f_in, axis=2), f_out, axis=3)
   for k in (narrow, narrow[None]):
     got = DynamicConvStack._conv(tf.constant(x), tf.constant(k), c_out * f_out,
-                                 may_be_empty=True, guard=None)
+                                 guard=backend_ops.empty_guard(len(x)))
     want = np.stack([reference.conv2d_same(v.astype(np.float64), full) for v in x])
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="integer multiples"):
-    DynamicConvStack._conv(tf.constant(x), tf.constant(narrow), c_out * f_out + 1,
-                           may_be_empty=True, guard=None)
+    DynamicConvStack._conv(tf.constant(x), tf.constant(narrow), c_out * f_out + 1)

@@ -543,12 +543,10 @@ def group_max_pool(x, may_be_empty: bool = True, guard: Optional[EmptyGuard] = N
 
 
 def split_rows(x, sizes):
-  """Splits `x` along axis 0 into parts of the given sizes (a list of scalar tensors, or one
-  1-D tensor of static length); inverse of a concat."""
+  """Splits `x` along axis 0 into parts of the given sizes (a 1-D int tensor of static
+  length); inverse of a concat."""
   _require_tensorflow("execution='bucketed'")
   import tensorflow as tf
-  if isinstance(sizes, (list, tuple)):
-    sizes = tf.stack([tf.cast(n, tf.int32) for n in sizes])
   sizes = tf.cast(sizes, tf.int32)
   return tf.split(x, sizes, num=int(sizes.shape[0]), axis=0)
 

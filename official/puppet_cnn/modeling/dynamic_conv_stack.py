@@ -400,7 +400,7 @@ class DynamicConvStack(keras.layers.Layer):
       if update and row_stats:
         self._assign_rows(bn["repeated"], row_stats, self.stage_channels[s])
       if self.pool_after[s]:
-        xs = [backend_ops.group_max_pool(x, may_be_empty=guards is not None,
+        xs = [backend_ops.group_max_pool(x, may_be_empty=not nonempty,
                                          guard=None if guards is None else guards[g])
               for g, x in enumerate(xs)]
     return xs
@@ -458,7 +458,7 @@ class DynamicConvStack(keras.layers.Layer):
     return x
 
   def _group_layer(self, inputs, sizes_of, bn, index, training, skip=None, guards=None,
-                   folded: bool = False, width: int | None = None):
+                   folded: bool = False, *, width: int):
     """relu(BN(conv(x_g, k_g)) [+ skip_g]) for each group g of `inputs` {g: (x_g, k_g)}.
 
     Training: the groups' conv outputs are concatenated, so that the batch statistics (and the
@@ -474,7 +474,7 @@ class DynamicConvStack(keras.layers.Layer):
     folded.
     """
     groups = list(inputs)
-    ys = [self._conv(x, k, width, guards is not None, None if guards is None else guards[g])
+    ys = [self._conv(x, k, width, None if guards is None else guards[g])
           for g, (x, k) in inputs.items()]
     if folded:
       _, shift = bn if index is None else bn[index]
@@ -510,15 +510,15 @@ class DynamicConvStack(keras.layers.Layer):
     return out, (moving_mean, moving_var)
 
   @staticmethod
-  def _conv(x, kernel, width, may_be_empty, guard):
+  def _conv(x, kernel, width, guard=None):
     """A group's 'same' convolution with a full kernel, or with a narrow one (the puppeteer's
     `kernel_from_state(expand=False)`: (K, K, C_in / f_in, width / f_out), the full kernel
     without its channel repeats): each block of f_in input channels summed, the narrow
     convolution, each output channel repeated f_out times. That is the convolution with the
     full kernel, whose input channel i and output channel o are the narrow kernel's
-    i // f_in and o // f_out."""
+    i // f_in and o // f_out. `guard`: the group's `backend_ops.empty_guard` when it may be
+    empty (None: it is not, or the backend is not TensorFlow)."""
     c_x, c_k, o_k = x.shape[-1], kernel.shape[-2], kernel.shape[-1]
-    width = o_k if width is None else width
     if c_x % c_k or width % o_k:
       raise ValueError(f"a ({c_k} -> {o_k})-channel kernel cannot make {c_x} input channels "
                        f"into {width}: the channels must be integer multiples")
@@ -526,7 +526,7 @@ class DynamicConvStack(keras.layers.Layer):
     if f_in > 1:
       shape = ops.shape(x)
       x = ops.sum(ops.reshape(x, (-1, shape[1], shape[2], c_k, f_in)), axis=-1)
-    y = backend_ops.group_conv2d(x, kernel, may_be_empty=may_be_empty, guard=guard)
+    y = backend_ops.group_conv2d(x, kernel, may_be_empty=guard is not None, guard=guard)
     return y if f_out == 1 else ops.repeat(y, f_out, axis=-1)
 
   def _assign_rows(self, bn, row_stats, channels):

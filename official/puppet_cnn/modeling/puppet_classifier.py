@@ -555,12 +555,11 @@ class PuppetClassifier(keras.Model):
       # 3.6 s full-puppet step).
       # With depth-sorted states, repeated kernel j has rows only for the bins deeper than
       # its unit (`active_rows_only`): those bins' rows, in bin order.
-      n = c.complexity_bins
       split: Dict[Any, list] = {}
       occupied = ops.cast(mask, "int32")
       row_sizes: Dict[int, Any] = {}
 
-      def sizes(unit):  # one (n,) tensor per unit, shared by the stages' splits
+      def sizes(unit):  # one (bins,) tensor per unit, shared by the stages' splits
         if unit not in row_sizes:
           row_sizes[unit] = occupied * np.array([int(d) > unit for d in depths], np.int32)
         return row_sizes[unit]
