@@ -1,0 +1,127 @@
+"""tools/jax_benchmark.py: the report from known times, the image file checks, and one tiny
+run under KERAS_BACKEND=jax (in the JAX interpreter of tests/modeling/jax_backend_test.py)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import jax_benchmark  # noqa: E402  pylint: disable=wrong-import-position
+
+from tests.modeling.jax_backend_test import _jax_python  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _header(models, batches=(4, 8), train_batch=4):
+  machine = {"platform": "gpu", "device_kind": "Test GPU", "device_count": 1, "cpus": 2,
+             "cpu_model": "x", "uname": "u", "keras": "3", "backend": "jax", "jax": "0",
+             "python": "3"}
+  return {"command": "cmd", "date": "d", "wall_s": 1.0, "machine": machine, "images": "imgs",
+          "stage_channels": [4, 8], "max_depth": 3,
+          "depth": {"mean": 2.5, "max": 3, "histogram": {2: 1, 3: 1}}, "twin_depth": 2,
+          "models": list(models), "batch_sizes": list(batches), "train_batch": train_batch,
+          "repeats": 3, "warmup": 0}
+
+
+def _rows(lines, first_cell):
+  return [[c.strip() for c in l.strip("|").split("|")] for l in lines
+          if l.startswith(f"| {first_cell} |")]
+
+
+def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
+  twin_times, puppet_times = [0.2, 0.1, 0.4], [0.9, 1.3, 1.0]
+  results = {
+      "static_twin": {"infer": {"infer_b4": {"first_call_s": 2.0, "times": twin_times},
+                                "infer_b8": {"first_call_s": 0.1, "times": twin_times},
+                                "end": {"peak_bytes": 100e6}},
+                      "train": {"train_b4": {"first_call_s": 3.0, "times": [1.0, 2.0, 3.0]},
+                                "end": {"peak_bytes": 400e6}}},
+      "puppet_exact": {"infer": {"infer_b4": {"first_call_s": 5.0, "times": puppet_times},
+                                 "infer_b8": {"first_call_s": 0.1, "times": puppet_times},
+                                 "logit_check": 3e-7, "end": {"peak_bytes": 250e6}},
+                       "train": {"error": "exit 1: out of memory"}},
+  }
+  lines = jax_benchmark.report_lines(_header(["static_twin", "puppet_exact"]), results)
+  text = "\n".join(lines)
+  assert "Test GPU (gpu, 1 device(s))" in text
+  (twin,), (puppet,) = _rows(lines, "static_twin")[:1], _rows(lines, "puppet_exact")[:1]
+  # s/img: median / batch, with [min / batch, max / batch].
+  assert twin[2] == "0.05000 [0.02500, 0.10000]"  # median 0.2 s at batch 4
+  assert twin[3] == "0.02500 [0.01250, 0.05000]"  # batch 8
+  assert puppet[2] == "0.25000 [0.22500, 0.32500]"
+  assert twin[4] == "20.0 [10.0, 40.0]"  # images/s at batch 4: 4 / 0.2
+  assert twin[1] == "2.0 / 3.0" and puppet[1] == "5.0 / -"  # compile: first calls
+  assert twin[6] == "2000.0 [1000.0, 3000.0] ms"
+  assert twin[7] == "100 / 400" and puppet[7] == "250 / -"
+  assert "train: exit 1: out of memory" in puppet[8] and "3.0e-07" in puppet[8]
+  assert "paper (RTX 4090): 0.0039 s/img" in puppet[8]
+  # Ratios: 1.0 / 0.2 = 5x at both batch sizes, no training, memory 2.5x.
+  ratio = _rows(lines, "puppet_exact")[1]
+  assert ratio[1:] == ["5.00x", "5.00x", "-", "2.50x / -"]
+
+
+def test_images_npz_is_checked(tmp_path):
+  good = tmp_path / "good.npz"
+  images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+  np.savez(good, images=images, labels=np.arange(5))
+  got, labels, source = jax_benchmark.load_images(None, str(good), n=4)
+  np.testing.assert_array_equal(got, images[:4])
+  assert labels.tolist() == [0, 1, 2, 3] and str(good) in source
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    jax_benchmark.load_images(None, str(tmp_path / "missing.npz"))
+  np.savez(tmp_path / "float.npz", images=images.astype(np.float32), labels=np.arange(5))
+  with pytest.raises(ValueError, match="uint8"):
+    jax_benchmark.load_images(None, str(tmp_path / "float.npz"))
+  np.savez(tmp_path / "nolabels.npz", images=images)
+  with pytest.raises(ValueError, match="'labels'"):
+    jax_benchmark.load_images(None, str(tmp_path / "nolabels.npz"))
+  np.savez(tmp_path / "short.npz", images=images, labels=np.arange(3))
+  with pytest.raises(ValueError, match="5 images and 3 labels"):
+    jax_benchmark.load_images(None, str(tmp_path / "short.npz"))
+
+
+def test_tiny_run_under_jax(tmp_path):
+  """The tool end to end in the JAX interpreter: every job runs, the timed inference function
+  gives the model's logits, the training steps lower the twin's loss on their fixed batch,
+  and the report's numbers are those of the raw times."""
+  python, tried = _jax_python()
+  if python is None:
+    pytest.skip(f"no JAX interpreter (tried {tried})")
+  images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+  images[0] = 128  # a constant image: H = 0, the deepest puppet
+  np.savez(tmp_path / "images.npz", images=images, labels=np.arange(6) % 10)
+  output, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
+  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small",
+         "--models=static_twin,puppet_exact", "--batch_sizes=4", "--train_batch=4",
+         "--repeats=3", "--warmup=0", f"--images_npz={tmp_path / 'images.npz'}",
+         f"--output={output}", f"--json_output={raw}"]
+  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  data = json.loads(raw.read_text())
+  header, results = data["header"], data["results"]
+  assert header["machine"]["backend"] == "jax" and header["machine"]["platform"] == "cpu"
+  assert sum(header["depth"]["histogram"].values()) == 6
+  assert header["twin_depth"] == round(header["depth"]["mean"])
+  for name in ("static_twin", "puppet_exact"):
+    infer, train = results[name]["infer"], results[name]["train"]
+    assert "error" not in infer and "error" not in train, (infer, train)
+    assert infer["logit_check"] < 1e-4
+    assert len(infer["infer_b4"]["times"]) == 3 and len(train["train_b4"]["times"]) == 3
+    assert np.all(np.isfinite(train["losses"])) and len(train["losses"]) == 4
+  twin_losses = results["static_twin"]["train"]["losses"]
+  assert twin_losses[-1] < twin_losses[0], twin_losses
+  text = output.read_text()
+  assert text.startswith(jax_benchmark.TITLE) and "<!-- gpu:begin -->" in text
+  row = next(l for l in text.splitlines() if l.startswith("| puppet_exact |"))
+  times = results["puppet_exact"]["infer"]["infer_b4"]["times"]
+  assert f"{np.median(times) / 4:.5f} [{min(times) / 4:.5f}, {max(times) / 4:.5f}]" in row
+  ratio = [l for l in text.splitlines() if l.startswith("| puppet_exact |")][1]
+  twin_times = results["static_twin"]["infer"]["infer_b4"]["times"]
+  assert re.search(rf"\| {np.median(times) / np.median(twin_times):.2f}x \|", ratio)

@@ -1,0 +1,425 @@
+r"""Speed and device memory of Puppet-CNN under JAX (GPU or CPU), against its static twin.
+
+    KERAS_BACKEND=jax python tools/jax_benchmark.py                 # full puppet, every model
+    KERAS_BACKEND=jax python tools/jax_benchmark.py --sizes=small --repeats=3 --batch_sizes=8
+
+The GPU half of the speed benchmark (tools/benchmark.py is the TensorFlow one): it needs
+JAX and Keras but no TensorFlow, so it runs on machines that have JAX with CUDA and nothing
+else (requirements-jax.txt lists what it imports; on a GPU machine use a CUDA jaxlib).
+Every model is a Keras model run through `model.stateless_call` under `jax.jit` (XLA):
+
+  static_twin   the puppet's layer shapes with stored kernels, a fixed depth per stage equal
+                to the puppet's mean depth on the benchmark images, rounded (the floor).
+  puppet_exact  PuppetClassifier, execution='per_sample', exact H, the paper's puppeteer G:
+                one trajectory of G per image, each image convolved with its own kernels
+                (the only execution mode that compiles under XLA; every image of a batch
+                runs to the batch's deepest depth, masked, as in the paper).
+  puppet_remat  puppet_exact with generator_remat=True (G's activations recomputed in the
+                backward pass: training memory).
+  puppet_light  puppet_exact with the lighter puppeteer of tools/benchmark.py's
+                puppet_light (state_channels=256, generator_rank=32; not the paper's).
+  puppet_light_remat  puppet_light with generator_remat=True.
+  resnet, mobilenet_v2  the baselines of official/puppet_cnn/baselines.
+
+Each (model, phase) job runs in its own subprocess, so that the device's peak memory
+(`memory_stats()['peak_bytes_in_use']`, GPU only; JAX's CPU client keeps none) is the job's
+own, and one model running out of memory does not end the run. Inference is the jitted
+`stateless_call(..., training=False)` at each of --batch_sizes; training is one jitted SGD
+step with momentum 0.9 (loss, gradients, the weights' and batch-norm statistics' update) at
+--train_batch. The first call (compilation) is timed apart; then --warmup untimed calls and
+--repeats timed ones, each ended by `jax.block_until_ready`; the inputs are on the device
+before the clock starts. Reported: median [min, max], seconds per image (the unit of the
+paper's Table 2: 0.0039 s/img for Puppet-CNN, 0.0019 for ResNet, 0.0032 for MobileNet-v2,
+on an RTX 4090, batch size not stated), and ratios against the twin from the same run.
+
+Writes block `gpu` of --output (default docs/benchmarks_gpu.md; other blocks are kept) and,
+with --json_output, every raw time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import benchmark  # noqa: E402  (tools/benchmark.py: the twin, the images, the report helpers)
+
+MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_light", "puppet_light_remat",
+          "resnet", "mobilenet_v2")
+PUPPET_OVERRIDES = {
+    "puppet_exact": {},
+    "puppet_remat": {"generator_remat": True},
+    "puppet_light": {"state_channels": 256, "generator_rank": 32},
+    "puppet_light_remat": {"state_channels": 256, "generator_rank": 32,
+                           "generator_remat": True},
+}
+# The paper's Table 2 (s/img on an RTX 4090), for the rows that have a model here.
+PAPER_S_PER_IMG = {"puppet_exact": 0.0039, "resnet": 0.0019, "mobilenet_v2": 0.0032}
+BLOCK = "gpu"
+TITLE = "# Benchmarks under JAX: Puppet-CNN on a GPU"
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_list("models", list(MODELS), f"Models, from {MODELS}.")
+  flags.DEFINE_enum("sizes", "full", list(benchmark.SIZES),
+                    "Puppet stage channels: full (64-128-256-512, depth <= 8) or small "
+                    "(16-32-64, depth <= 4; a check, not a measurement).")
+  flags.DEFINE_list("batch_sizes", ["64", "256"], "Inference batch sizes.")
+  flags.DEFINE_integer("train_batch", 64, "Training step batch size (0: no training).")
+  flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after the first (compiling) one.")
+  flags.DEFINE_string("data_dir", None, "CIFAR-10 folder (else $PUPPET_CNN_DATA_DIR).")
+  flags.DEFINE_string("images_npz", None, "An .npz with 'images' (N, 32, 32, 3) uint8 and "
+                      "'labels' (N,) instead of CIFAR-10 (write one with --save_images_npz).")
+  flags.DEFINE_string("save_images_npz", None, "Write the benchmark images to this .npz and "
+                      "stop (to carry them to a machine without the dataset).")
+  flags.DEFINE_string("output", os.path.join(ROOT, "docs", "benchmarks_gpu.md"),
+                      "Markdown report (block 'gpu').")
+  flags.DEFINE_string("json_output", None, "Raw results as JSON.")
+  flags.DEFINE_integer("job_timeout_s", 1200, "Limit of one job (model, phase).")
+  flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
+
+
+# ------------------------------------------------------------------------------ images
+def load_images(data_dir: Optional[str], images_npz: Optional[str], n: int = 256):
+  """(images uint8 (n, 32, 32, 3), labels int64 (n,), description)."""
+  import numpy as np
+  if images_npz:
+    if not os.path.exists(images_npz):
+      raise FileNotFoundError(f"--images_npz={images_npz}: no such file")
+    with np.load(images_npz) as d:
+      if "images" not in d or "labels" not in d:
+        raise ValueError(f"--images_npz={images_npz} needs arrays 'images' and 'labels', "
+                         f"has {sorted(d.files)}")
+      images, labels = d["images"], d["labels"]
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+      raise ValueError(f"--images_npz: 'images' must be uint8 (N, 32, 32, 3), got "
+                       f"{images.dtype} {images.shape}")
+    if len(labels) != len(images) or not len(images):
+      raise ValueError(f"--images_npz: {len(images)} images and {len(labels)} labels")
+    return images[:n], labels[:n].astype(np.int64), f"{len(images[:n])} images from {images_npz}"
+  images, labels, source, _ = benchmark._load_images(data_dir, n)  # pylint: disable=protected-access
+  return images, labels, source
+
+
+def batch_of(images, size: int):
+  """`size` images, cycling through `images`."""
+  import numpy as np
+  return np.resize(images, (size,) + images.shape[1:])
+
+
+# ------------------------------------------------------------------------------ models
+def puppet_config(sizes: str):
+  from official.puppet_cnn import PuppetCNNConfig
+  channels = benchmark.SIZES[sizes]
+  return PuppetCNNConfig(num_classes=10, stage_channels=channels,
+                         max_depth=8 if sizes == "full" else 4)
+
+
+def mean_depth(config, images) -> Dict[str, Any]:
+  """The puppet's depth per stage on `images` with exact H (what the twin copies)."""
+  import numpy as np
+  from official.puppet_cnn.modeling import complexity as cx
+  h = np.asarray(cx.image_complexity(images.astype(np.float32), config.complexity))
+  depth = np.asarray(cx.depth_from_step(cx.step_size(h), config.min_depth, config.max_depth))
+  return {"mean": float(depth.mean()), "max": int(depth.max()),
+          "histogram": {int(d): int(c) for d, c in zip(*np.unique(depth, return_counts=True))},
+          "h_mean": float(h.mean())}
+
+
+def build_model(name: str, sizes: str, twin_depth: int):
+  from official.puppet_cnn import PuppetClassifier
+  from official.puppet_cnn.baselines import build_baseline
+  config = puppet_config(sizes)
+  if name == "static_twin":
+    return benchmark.build_static_twin(config, twin_depth)
+  if name in ("resnet", "mobilenet_v2"):
+    return build_baseline(name, 10)
+  if name not in PUPPET_OVERRIDES:
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+  model = PuppetClassifier(config.replace(**PUPPET_OVERRIDES[name]))
+  model.build()
+  return model
+
+
+# ------------------------------------------------------------------------------ one job
+def _device_memory() -> Dict[str, Optional[int]]:
+  import jax
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (a client without statistics)
+    stats = {}
+  return {"peak_bytes": stats.get("peak_bytes_in_use"), "bytes": stats.get("bytes_in_use")}
+
+
+def _time(fn, repeats: int, warmup: int) -> Dict[str, Any]:
+  """fn(i) -> a value to block on; the first call, then warmup untimed, repeats timed."""
+  import jax
+  start = time.perf_counter()
+  jax.block_until_ready(fn(0))
+  first = time.perf_counter() - start
+  for i in range(warmup):
+    jax.block_until_ready(fn(1 + i))
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(1 + warmup + i))
+    times.append(time.perf_counter() - start)
+  return {"first_call_s": first, "times": times}
+
+
+def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """One model and phase ('infer' or 'train') in this process; returns its measurements."""
+  import jax
+  import jax.numpy as jnp
+  import keras
+  import numpy as np
+  if keras.backend.backend() != "jax":
+    raise RuntimeError(f"tools/jax_benchmark.py needs KERAS_BACKEND=jax, got "
+                       f"{keras.backend.backend()!r}")
+  images, labels, _ = load_images(spec.get("data_dir"), spec.get("images_npz"))
+  model = build_model(spec["model"], spec["sizes"], spec["twin_depth"])
+  trainable = [v.value for v in model.trainable_variables]
+  non_trainable = [v.value for v in model.non_trainable_variables]
+  out: Dict[str, Any] = {"model": spec["model"], "phase": spec["phase"],
+                         "params": int(sum(np.prod(v.shape) for v in model.weights)),
+                         "after_build": _device_memory()}
+  repeats, warmup = spec["repeats"], spec["warmup"]
+  if spec["phase"] == "infer":
+    infer = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+    for b in spec["batch_sizes"]:
+      x = jax.device_put(batch_of(images, b).astype(np.float32))
+      out[f"infer_b{b}"] = _time(lambda i, x=x: infer(trainable, non_trainable, x), repeats,
+                                 warmup)
+    # The timed function is the model: its logits at the first batch size (compiled above)
+    # against an eager call of the model on the same images.
+    x = batch_of(images, spec["batch_sizes"][0]).astype(np.float32)
+    want = np.asarray(model(x, training=False))
+    got = np.asarray(infer(trainable, non_trainable, jnp.asarray(x)))
+    out["logit_check"] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+  else:
+    b = spec["train_batch"]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss_of(tv, ntv, x, y):
+      logits, ntv = model.stateless_call(tv, ntv, x, training=True)
+      return loss_fn(y, logits), ntv
+
+    def step(tv, ntv, momentum, x, y, lr=0.01):
+      (loss, ntv), grads = jax.value_and_grad(loss_of, has_aux=True)(tv, ntv, x, y)
+      momentum = [0.9 * m + g for m, g in zip(momentum, grads)]
+      tv = [t - lr * m for t, m in zip(tv, momentum)]
+      return tv, ntv, momentum, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1, 2))
+    x = jax.device_put(batch_of(images, b).astype(np.float32))
+    y = jax.device_put(np.resize(labels, (b,)))
+    state = {"tv": trainable, "ntv": non_trainable,
+             "m": [jnp.zeros_like(t) for t in trainable]}
+    losses = []
+
+    def one(_):
+      state["tv"], state["ntv"], state["m"], loss = step(state["tv"], state["ntv"],
+                                                         state["m"], x, y)
+      losses.append(loss)
+      return loss
+
+    out[f"train_b{b}"] = _time(one, repeats, warmup)
+    out["losses"] = [float(l) for l in losses]
+  out["end"] = _device_memory()
+  return out
+
+
+# ------------------------------------------------------------------------------ the run
+def _run_subprocess(spec, timeout_s: float) -> Dict[str, Any]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout_s:.0f} s"}
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-400:]}
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _machine() -> Dict[str, Any]:
+  import jax
+  import keras
+  device = jax.local_devices()[0]
+  machine = benchmark._machine()  # pylint: disable=protected-access
+  machine.update(platform=device.platform, device_kind=device.device_kind,
+                 device_count=jax.local_device_count(), jax=jax.__version__,
+                 keras=keras.__version__, backend=keras.backend.backend())
+  return machine
+
+
+def _median(entry) -> Optional[float]:
+  return benchmark._stats(entry["times"])["median"] if entry else None  # pylint: disable=protected-access
+
+
+def _fmt_s_per_img(entry, batch: int) -> str:
+  if not entry:
+    return "-"
+  s = benchmark._stats(entry["times"])  # pylint: disable=protected-access
+  return f"{s['median'] / batch:.5f} [{s['min'] / batch:.5f}, {s['max'] / batch:.5f}]"
+
+
+def _fmt_mb(nbytes) -> str:
+  return "-" if nbytes is None else f"{nbytes / 1e6:.0f}"
+
+
+def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> List[str]:
+  m = header["machine"]
+  where = (f"{m['device_kind']} ({m['platform']}, {m['device_count']} device(s))"
+           if m["platform"] != "cpu" else f"CPU: {m['cpus']} cores ({m['cpu_model']})")
+  batches, tb = header["batch_sizes"], header["train_batch"]
+  depth = header["depth"]
+  lines = [
+      "## Speed under JAX", "",
+      "Written by `tools/jax_benchmark.py` (block `gpu`); every number in this block comes "
+      "from the run described here.", "",
+      f"- Command: `{header['command']}`",
+      f"- Date: {header['date']}; wall time of the run: {header['wall_s']:.0f} s",
+      f"- Machine: {where}; host `{m['uname']}`, {m['cpus']} CPUs",
+      f"- Backend: Keras {m['keras']} ({m['backend']}), JAX {m['jax']}, every function "
+      f"`jax.jit`-compiled (XLA); Python {m['python']}",
+      f"- Images: {header['images']}",
+      f"- Puppet: stage channels {tuple(header['stage_channels'])}, depth <= "
+      f"{header['max_depth']}; depth on the images with exact H: mean {depth['mean']:.2f}, "
+      f"max {depth['max']} (histogram {depth['histogram']}); static twin: depth "
+      f"{header['twin_depth']} per stage",
+      f"- Protocol: each (model, phase) job in its own process; first call (compilation) timed "
+      f"apart; {header['warmup']} warm-up call(s); {header['repeats']} timed calls ended by "
+      f"`jax.block_until_ready`, inputs already on the device; **median [min, max]**",
+      f"- Inference at batch {', '.join(str(b) for b in batches)}; training: one SGD step "
+      f"(momentum 0.9) at batch {tb}. Device memory: the job's peak bytes in use "
+      "(`memory_stats()`, '-' where the device keeps none, as JAX's CPU client)", "",
+  ]
+  head = ["model", "compile s (infer / train)"]
+  head += [f"s/img b{b}" for b in batches] + [f"images/s b{b}" for b in batches]
+  head += [f"train step b{tb}", "peak device MB (infer / train)", "notes"]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in header["models"]:
+    infer, train = results.get(name, {}).get("infer", {}), results.get(name, {}).get("train", {})
+    compile_s = [f"{r[k]['first_call_s']:.1f}" if k in r else "-"
+                 for r, k in ((infer, f"infer_b{batches[0]}"), (train, f"train_b{tb}"))]
+    row = [name, " / ".join(compile_s)]
+    row += [_fmt_s_per_img(infer.get(f"infer_b{b}"), b) for b in batches]
+    row += [benchmark._fmt_throughput(infer.get(f"infer_b{b}"), b) for b in batches]  # pylint: disable=protected-access
+    row += [benchmark._fmt_time(train.get(f"train_b{tb}"))]  # pylint: disable=protected-access
+    row += [" / ".join(_fmt_mb((r.get("end") or {}).get("peak_bytes")) for r in (infer, train))]
+    notes = [f"{phase}: {r['error']}" for phase, r in (("infer", infer), ("train", train))
+             if r.get("error")]
+    if "logit_check" in infer:
+      notes.append(f"jitted logits vs eager call: {infer['logit_check']:.1e} (relative)")
+    if name in PAPER_S_PER_IMG:
+      notes.append(f"paper (RTX 4090): {PAPER_S_PER_IMG[name]} s/img")
+    row.append("; ".join(notes) or "-")
+    lines.append("| " + " | ".join(row) + " |")
+  twin = results.get("static_twin", {})
+  lines += ["", "Against the static twin from the same run (inference time and training step: "
+            "model / twin, lower is better; memory: model / twin):", ""]
+  head = ["model"] + [f"time b{b}" for b in batches] + [f"train step b{tb}",
+                                                          "peak memory infer / train"]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in header["models"]:
+    if name == "static_twin":
+      continue
+    r = results.get(name, {})
+    row = [name]
+    for b in batches:
+      row.append(benchmark._ratio(_median(r.get("infer", {}).get(f"infer_b{b}")),  # pylint: disable=protected-access
+                                  _median(twin.get("infer", {}).get(f"infer_b{b}"))))
+    row.append(benchmark._ratio(_median(r.get("train", {}).get(f"train_b{tb}")),  # pylint: disable=protected-access
+                                _median(twin.get("train", {}).get(f"train_b{tb}"))))
+    row.append(" / ".join(benchmark._ratio(  # pylint: disable=protected-access
+        (r.get(p, {}).get("end") or {}).get("peak_bytes"),
+        (twin.get(p, {}).get("end") or {}).get("peak_bytes")) for p in ("infer", "train")))
+    lines.append("| " + " | ".join(row) + " |")
+  return lines
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    print("RESULT " + json.dumps(run_job(json.loads(FLAGS.worker))), flush=True)
+    return
+  import keras
+  if keras.backend.backend() != "jax":
+    raise app.UsageError(f"run with KERAS_BACKEND=jax (Keras is on {keras.backend.backend()!r})")
+  unknown = sorted(set(FLAGS.models) - set(MODELS))
+  if unknown or not FLAGS.models:
+    raise app.UsageError(f"--models: unknown {unknown}; choose from {MODELS}")
+  try:
+    batches = [int(b) for b in FLAGS.batch_sizes]
+  except ValueError as e:
+    raise app.UsageError(f"--batch_sizes must be integers: {e}") from e
+  if not batches or min(batches) < 1 or FLAGS.train_batch < 0:
+    raise app.UsageError("--batch_sizes must be >= 1 and --train_batch >= 0")
+  if FLAGS.repeats < 1 or FLAGS.warmup < 0:
+    raise app.UsageError("--repeats must be >= 1 and --warmup >= 0")
+  images, labels, source = load_images(FLAGS.data_dir, FLAGS.images_npz)
+  if FLAGS.save_images_npz:
+    import numpy as np
+    np.savez_compressed(FLAGS.save_images_npz, images=images, labels=labels)
+    print(f"wrote {len(images)} images ({source}) to {FLAGS.save_images_npz}")
+    return
+  start = time.time()
+  config = puppet_config(FLAGS.sizes)
+  depth = mean_depth(config, images)
+  twin_depth = max(1, int(round(depth["mean"])))
+  base = {"sizes": FLAGS.sizes, "twin_depth": twin_depth, "batch_sizes": batches,
+          "train_batch": FLAGS.train_batch, "repeats": FLAGS.repeats, "warmup": FLAGS.warmup,
+          "data_dir": FLAGS.data_dir, "images_npz": FLAGS.images_npz}
+  phases = ["infer"] + (["train"] if FLAGS.train_batch else [])
+  results: Dict[str, Dict[str, Any]] = {}
+  jobs = [(m, p) for m in FLAGS.models for p in phases]
+  for i, (name, phase) in enumerate(jobs):
+    t0 = time.time()
+    print(f"[{i + 1}/{len(jobs)}] {name} {phase} ...", end=" ", flush=True)
+    results.setdefault(name, {})[phase] = _run_subprocess(
+        dict(base, model=name, phase=phase), FLAGS.job_timeout_s)
+    status = results[name][phase].get("error", "ok")
+    print(f"{status} ({time.time() - t0:.0f} s)", flush=True)
+  header = {"command": "KERAS_BACKEND=jax python " + " ".join(
+                shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+            "wall_s": time.time() - start, "machine": _machine(), "images": source,
+            "stage_channels": list(config.stage_channels), "max_depth": config.max_depth,
+            "depth": depth, "twin_depth": twin_depth, "models": list(FLAGS.models),
+            "batch_sizes": batches, "train_batch": FLAGS.train_batch,
+            "repeats": FLAGS.repeats, "warmup": FLAGS.warmup}
+  lines = report_lines(header, results)
+  if not os.path.exists(FLAGS.output):
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+      f.write(TITLE + "\n")
+  benchmark.write_block(FLAGS.output, BLOCK, lines)
+  if FLAGS.json_output:
+    with open(FLAGS.json_output, "w") as f:
+      json.dump({"header": header, "results": results}, f, indent=1)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  # Set before Keras is imported (it is, lazily, in main and in the jobs, which inherit them).
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  # Device memory on demand, so that the peak is what the job used, not a preallocated pool.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  define_flags()
+  app.run(main)
