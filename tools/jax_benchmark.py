@@ -16,9 +16,15 @@ Every model is a Keras model run through `model.stateless_call` under `jax.jit` 
                 runs to the batch's deepest depth, masked, as in the paper).
   puppet_remat  puppet_exact with generator_remat=True (G's activations recomputed in the
                 backward pass: training memory).
+  puppet_gathered  execution='gathered' with --bins complexity bins (default 16 on [0, 8]
+                bits): G runs once per bin, for every bin, and each image's kernels are
+                gathered from its bin's; the per-sample puppet then runs as in puppet_exact
+                (the same predictions as the per-sample model with those bins; XLA-compatible,
+                unlike tools/benchmark.py's bucketed modes).
   puppet_light  puppet_exact with the lighter puppeteer of tools/benchmark.py's
                 puppet_light (state_channels=256, generator_rank=32; not the paper's).
   puppet_light_remat  puppet_light with generator_remat=True.
+  puppet_light_gathered  puppet_gathered with the lighter puppeteer.
   resnet, mobilenet_v2  the baselines of official/puppet_cnn/baselines.
 
 Each (model, phase) job runs in its own subprocess, so that the device's peak memory
@@ -55,14 +61,16 @@ from absl import flags  # noqa: E402
 
 import benchmark  # noqa: E402  (tools/benchmark.py: the twin, the images, the report helpers)
 
-MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_light", "puppet_light_remat",
-          "resnet", "mobilenet_v2")
+MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_gathered", "puppet_light",
+          "puppet_light_remat", "puppet_light_gathered", "resnet", "mobilenet_v2")
+LIGHT = {"state_channels": 256, "generator_rank": 32}
 PUPPET_OVERRIDES = {
     "puppet_exact": {},
     "puppet_remat": {"generator_remat": True},
-    "puppet_light": {"state_channels": 256, "generator_rank": 32},
-    "puppet_light_remat": {"state_channels": 256, "generator_rank": 32,
-                           "generator_remat": True},
+    "puppet_gathered": {"execution": "gathered"},  # complexity_bins: --bins
+    "puppet_light": LIGHT,
+    "puppet_light_remat": dict(LIGHT, generator_remat=True),
+    "puppet_light_gathered": dict(LIGHT, execution="gathered"),
 }
 # The paper's Table 2 (s/img on an RTX 4090), for the rows that have a model here.
 PAPER_S_PER_IMG = {"puppet_exact": 0.0039, "resnet": 0.0019, "mobilenet_v2": 0.0032}
@@ -77,6 +85,8 @@ def define_flags():
   flags.DEFINE_enum("sizes", "full", list(benchmark.SIZES),
                     "Puppet stage channels: full (64-128-256-512, depth <= 8) or small "
                     "(16-32-64, depth <= 4; a check, not a measurement).")
+  flags.DEFINE_integer("bins", 16, "complexity_bins of the gathered models (equal bins on "
+                       "[0, 8] bits).", lower_bound=1)
   flags.DEFINE_list("batch_sizes", ["64", "256"], "Inference batch sizes.")
   flags.DEFINE_integer("train_batch", 64, "Training step batch size (0: no training).")
   flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
@@ -140,7 +150,7 @@ def mean_depth(config, images) -> Dict[str, Any]:
           "h_mean": float(h.mean())}
 
 
-def build_model(name: str, sizes: str, twin_depth: int):
+def build_model(name: str, sizes: str, twin_depth: int, bins: int = 16):
   from official.puppet_cnn import PuppetClassifier
   from official.puppet_cnn.baselines import build_baseline
   config = puppet_config(sizes)
@@ -150,7 +160,10 @@ def build_model(name: str, sizes: str, twin_depth: int):
     return build_baseline(name, 10)
   if name not in PUPPET_OVERRIDES:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-  model = PuppetClassifier(config.replace(**PUPPET_OVERRIDES[name]))
+  overrides = dict(PUPPET_OVERRIDES[name])
+  if overrides.get("execution") == "gathered":
+    overrides["complexity_bins"] = bins
+  model = PuppetClassifier(config.replace(**overrides))
   model.build()
   return model
 
@@ -191,7 +204,7 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     raise RuntimeError(f"tools/jax_benchmark.py needs KERAS_BACKEND=jax, got "
                        f"{keras.backend.backend()!r}")
   images, labels, _ = load_images(spec.get("data_dir"), spec.get("images_npz"))
-  model = build_model(spec["model"], spec["sizes"], spec["twin_depth"])
+  model = build_model(spec["model"], spec["sizes"], spec["twin_depth"], spec["bins"])
   trainable = [v.value for v in model.trainable_variables]
   non_trainable = [v.value for v in model.non_trainable_variables]
   out: Dict[str, Any] = {"model": spec["model"], "phase": spec["phase"],
@@ -302,7 +315,8 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       f"- Puppet: stage channels {tuple(header['stage_channels'])}, depth <= "
       f"{header['max_depth']}; depth on the images with exact H: mean {depth['mean']:.2f}, "
       f"max {depth['max']} (histogram {depth['histogram']}); static twin: depth "
-      f"{header['twin_depth']} per stage",
+      f"{header['twin_depth']} per stage; gathered models: {header.get('bins', '-')} "
+      "complexity bins on [0, 8] bits",
       f"- Protocol: each (model, phase) job in its own process; first call (compilation) timed "
       f"apart; {header['warmup']} warm-up call(s); {header['repeats']} timed calls ended by "
       f"`jax.block_until_ready`, inputs already on the device; **median [min, max]**",
@@ -383,7 +397,8 @@ def main(argv):
   config = puppet_config(FLAGS.sizes)
   depth = mean_depth(config, images)
   twin_depth = max(1, int(round(depth["mean"])))
-  base = {"sizes": FLAGS.sizes, "twin_depth": twin_depth, "batch_sizes": batches,
+  base = {"sizes": FLAGS.sizes, "twin_depth": twin_depth, "bins": FLAGS.bins,
+          "batch_sizes": batches,
           "train_batch": FLAGS.train_batch, "repeats": FLAGS.repeats, "warmup": FLAGS.warmup,
           "data_dir": FLAGS.data_dir, "images_npz": FLAGS.images_npz}
   phases = ["infer"] + (["train"] if FLAGS.train_batch else [])
@@ -401,7 +416,8 @@ def main(argv):
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
             "wall_s": time.time() - start, "machine": _machine(), "images": source,
             "stage_channels": list(config.stage_channels), "max_depth": config.max_depth,
-            "depth": depth, "twin_depth": twin_depth, "models": list(FLAGS.models),
+            "depth": depth, "twin_depth": twin_depth, "bins": FLAGS.bins,
+            "models": list(FLAGS.models),
             "batch_sizes": batches, "train_batch": FLAGS.train_batch,
             "repeats": FLAGS.repeats, "warmup": FLAGS.warmup}
   lines = report_lines(header, results)

@@ -36,7 +36,7 @@ INTEGRATORS = ("euler", "midpoint", "rk4")
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
-EXECUTIONS = ("per_sample", "bucketed")
+EXECUTIONS = ("per_sample", "gathered", "bucketed")
 # How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
 BUCKETED_INFERENCES = ("loop", "per_bin")
 # Bucketed training (and `bucketed_inference='per_bin'`) builds one branch per complexity bin,
@@ -175,6 +175,15 @@ class PuppetCNNConfig:
       'per_sample' (default): the puppeteer integrates one state per sample and the puppet
       runs per-sample kernels (a grouped conv) in a bounded loop with per-sample masks.
       XLA-compatible; exact H or binned H.
+      'gathered' (needs complexity_bins >= 1; any backend): the puppeteer integrates one
+      state per bin, for all `complexity_bins` bins (a count fixed when the model is built,
+      so the shapes are static), its batch-norm statistics weighted by each bin's sample
+      count, and each sample's kernels are gathered from its bin's; the puppet then runs as
+      in 'per_sample'. The same loss, gradients, moving statistics and predictions as
+      'per_sample' with the same bins (to float rounding), with G run on n bins instead of
+      on every sample of the batch: cheaper when a batch holds more samples than there are
+      bins. XLA-compatible: the fast mode under `jax.jit` and `jit_compile=True`, where
+      'bucketed' cannot run (tools/jax_benchmark.py, docs/benchmarks_gpu.md).
       'bucketed' (needs 1 <= complexity_bins <= MAX_BUCKETED_BINS, TensorFlow backend): the
       batch is partitioned by bin; the puppeteer integrates one state per occupied bin (its
       batch-norm statistics weighted by the bin's sample count), and each bin's samples run
@@ -387,6 +396,11 @@ class PuppetCNNConfig:
            f"width), got {self.train_widths}")
     _check(len(set(self.train_widths)) == len(self.train_widths),
            f"train_widths has repeated values: {self.train_widths}")
+    if self.execution == "gathered":
+      _check(self.complexity_bins >= 1,
+             f"execution='gathered' needs complexity_bins >= 1 (kernels are generated once per "
+             f"complexity bin), got complexity_bins={self.complexity_bins}; set e.g. "
+             "complexity_bins=16, or use execution='per_sample'")
     if self.execution == "bucketed":
       _check(1 <= self.complexity_bins <= MAX_BUCKETED_BINS,
              f"execution='bucketed' needs 1 <= complexity_bins <= {MAX_BUCKETED_BINS} (samples "

@@ -96,8 +96,10 @@ _COMPLEXITY_BIN_FLOOR = flags.DEFINE_float(
     "complexity_bin_floor", None, "Lower edge (bits) of the binned H range: the "
     "--complexity_bins bins are equal bins on [floor, 8]; a lower H falls in the first bin "
     "(default 0).")
-_EXECUTION = flags.DEFINE_enum("execution", None, ["per_sample", "bucketed"],
-                               "per_sample (XLA-compatible) or bucketed (needs "
+_EXECUTION = flags.DEFINE_enum("execution", None, ["per_sample", "gathered", "bucketed"],
+                               "per_sample (XLA-compatible), gathered (kernels generated "
+                               "once per bin and gathered per sample; needs "
+                               "--complexity_bins; XLA-compatible) or bucketed (needs "
                                "--complexity_bins; no XLA).")
 _BUCKETED_INFERENCE = flags.DEFINE_enum(
     "bucketed_inference", None, ["loop", "per_bin"],

@@ -269,6 +269,70 @@ def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
                                 np.sort(np.bincount(bins)[np.bincount(bins) > 0]))
 
 
+def _gathered_pair(bins=16, **kw):
+  """A per_sample and a gathered model with identical weights and sensible BN statistics."""
+  a = PuppetClassifier(**TINY, complexity_bins=bins, **kw)
+  b = PuppetClassifier(**TINY, complexity_bins=bins, execution="gathered", **kw)
+  a(_images(8, seed=1), training=True)
+  b(_images(3)[:1])
+  b.set_weights(a.get_weights())
+  return a, b
+
+
+@pytest.mark.parametrize("puppet,rank,bins", [("vgg", 0, 16), ("resnet", 0, 16), ("vgg", 3, 16),
+                                              ("vgg", 0, 3)])
+def test_gathered_matches_per_sample(puppet, rank, bins):
+  """execution='gathered' (one state per bin, kernels gathered per sample) against the
+  per-sample model with the same bins: predictions eagerly and XLA-compiled, and one training
+  step's loss, gradients and moving statistics (16 bins for 8 images: most bins empty, their
+  states weighing 0 in G's batch statistics; 3 bins: several images per bin)."""
+  a, b = _gathered_pair(bins, puppet=puppet, generator_rank=rank)
+  images, labels = _images(8, seed=3), np.arange(8) % 5
+  images[:3] = _images(3)
+  want = a(images, training=False)
+  _close(b(images, training=False), want)
+  _close(tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(images)),
+         want)
+
+  def step(model):
+    with tf.GradientTape() as tape:
+      loss = _loss()(labels, model(images, training=True))
+    return float(loss), [tf.convert_to_tensor(g).numpy()
+                         for g in tape.gradient(loss, model.trainable_weights)]
+
+  loss_a, grads_a = step(a)
+  loss_b, grads_b = step(b)
+  assert abs(loss_a - loss_b) < 1e-5
+  for w, ga, gb in zip(a.trainable_weights, grads_a, grads_b):
+    scale = max(float(np.abs(ga).max()), 1e-3 * max(float(np.abs(g).max()) for g in grads_a))
+    assert np.abs(ga - gb).max() <= 1e-3 * scale, w.path
+  for wa, wb in zip(a.non_trainable_weights, b.non_trainable_weights):  # moving statistics
+    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-4, err_msg=wa.path)
+
+
+def test_gathered_runs_one_state_per_bin(monkeypatch):
+  """G runs on every bin (a static count), weighted in training by each bin's sample count."""
+  _, b = _gathered_pair(bins=5)
+  images = _images()
+  seen = {}
+  original = b.puppeteer.call
+
+  def spy(h, step, depth, training=None, state_weight=None, **kwargs):
+    seen["states"] = int(h.shape[0])
+    seen["weight"] = None if state_weight is None else np.asarray(state_weight)
+    return original(h, step, depth, training=training, state_weight=state_weight, **kwargs)
+
+  monkeypatch.setattr(b.puppeteer, "call", spy)
+  bins = b(images, return_details=True)["complexity_bin"].numpy()
+  assert seen["states"] == 5 and seen["weight"] is None
+  b(images, training=True)
+  np.testing.assert_array_equal(seen["weight"], np.bincount(bins, minlength=5))
+  with pytest.raises(ValueError, match="execution='gathered' needs complexity_bins >= 1"):
+    PuppetCNNConfig(execution="gathered")
+  b.set_binning(0)
+  assert b.config.execution == "per_sample"
+
+
 def test_bucketed_refuses_xla_and_compiles_without_it():
   _, b = _pair(bins=8)
   with pytest.raises(ValueError, match="jit_compile"):

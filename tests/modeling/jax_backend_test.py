@@ -165,6 +165,25 @@ out["lowrank_loss_finite"] = bool(np.isfinite(float(l3)))
 out["lowrank_factor_grads"] = [low_grads[k] for k in sorted(low_grads)
                                if k.split("/")[-1] in ("pointwise_down", "pointwise_up")]
 
+# 6c. execution='gathered' (one state per bin, kernels gathered per sample) under jax.jit:
+#     the loss and gradients of the per-sample model with the same bins and weights.
+pair = [PuppetClassifier(**tiny, complexity_bins=4, execution=e)
+        for e in ("per_sample", "gathered")]
+for m in pair:
+  m.build()
+pair[1].set_weights(pair[0].get_weights())
+def pair_loss(m):
+  ntv = [v.value for v in m.non_trainable_variables]
+  def loss(trainable):
+    logits, _ = m.stateless_call(trainable, ntv, images, training=True)
+    return loss_fn(labels, logits)
+  return jax.jit(jax.value_and_grad(loss))([v.value for v in m.trainable_variables])
+(l4, g4), (l5, g5) = [pair_loss(m) for m in pair]
+out["gathered_loss_err"] = abs(float(l4) - float(l5))
+scale = max(float(np.abs(np.asarray(a)).max()) for a in g4)
+out["gathered_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                               for a, b in zip(g4, g5)) / scale
+
 # 7. Bucketed execution says clearly that it needs TensorFlow.
 bucketed = PuppetClassifier(**tiny, complexity_bins=8, execution="bucketed")
 try:
@@ -205,6 +224,7 @@ def test_model_runs_and_trains_under_jax():
   assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
+  assert out["gathered_loss_err"] < 1e-5 and out["gathered_grad_err"] < 1e-4, out
   assert out["lowrank_loss_finite"], out
   assert len(out["lowrank_factor_grads"]) == 2 and min(out["lowrank_factor_grads"]) > 0, out
   assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out

@@ -97,7 +97,8 @@ def test_tiny_run_under_jax(tmp_path):
   np.savez(tmp_path / "images.npz", images=images, labels=np.arange(6) % 10)
   output, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
   cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small",
-         "--models=static_twin,puppet_exact", "--batch_sizes=4", "--train_batch=4",
+         "--models=static_twin,puppet_exact,puppet_gathered", "--bins=4", "--batch_sizes=4",
+         "--train_batch=4",
          "--repeats=3", "--warmup=0", f"--images_npz={tmp_path / 'images.npz'}",
          f"--output={output}", f"--json_output={raw}"]
   env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -108,8 +109,8 @@ def test_tiny_run_under_jax(tmp_path):
   header, results = data["header"], data["results"]
   assert header["machine"]["backend"] == "jax" and header["machine"]["platform"] == "cpu"
   assert sum(header["depth"]["histogram"].values()) == 6
-  assert header["twin_depth"] == round(header["depth"]["mean"])
-  for name in ("static_twin", "puppet_exact"):
+  assert header["twin_depth"] == round(header["depth"]["mean"]) and header["bins"] == 4
+  for name in ("static_twin", "puppet_exact", "puppet_gathered"):
     infer, train = results[name]["infer"], results[name]["train"]
     assert "error" not in infer and "error" not in train, (infer, train)
     assert infer["logit_check"] < 1e-4

@@ -18,6 +18,8 @@ its H bin's centre, so the samples of one bin share kernels and depth. `executio
 then runs the puppeteer once per occupied bin and each bin's samples with ordinary
 (shared-kernel) convolutions for exactly the bin's depth; `cache_kernels()` stores the
 inference-mode kernels of every bin so that inference does not regenerate them.
+`execution='gathered'` runs the puppeteer once per bin (every bin: static shapes, for XLA)
+and gathers each sample's kernels from its bin's, then runs the per-sample puppet.
 """
 
 from __future__ import annotations
@@ -241,9 +243,12 @@ class PuppetClassifier(keras.Model):
       if c.execution == "bucketed":
         pooled = self._call_bucketed(features, bins, training, channels)
       else:
-        h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
-        kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
-                                 channels=channels, **self._puppeteer_scaling())
+        if c.execution == "gathered":
+          kernels = self._gathered_kernels(bins, training, channels)
+        else:
+          h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
+          kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
+                                   channels=channels, **self._puppeteer_scaling())
         pooled = ops.mean(self.puppet(features, kernels, depth, training=training,
                                       channels=channels, **self._puppet_scaling()), axis=(1, 2))
       return self._head(pooled, training, channels[-1])
@@ -289,6 +294,25 @@ class PuppetClassifier(keras.Model):
     if c.depth_scale != 1.0:
       dl_kernels = dl_kernels * ops.cast(dl, "float32") / complexity_lib.step_size(h)
     return h_kernels, dl_kernels
+
+  def _gathered_kernels(self, bins, training, channels):
+    """execution='gathered': every bin's kernels, generated once, gathered per sample.
+
+    One puppeteer state per bin (all `complexity_bins`: a static count); in training each
+    state's batch-norm statistics are weighted by its bin's sample count in this batch (an
+    empty bin weighs 0), which are the statistics of one state per sample ('per_sample'
+    with the same bins). Returns the per-sample kernels `self.puppeteer` would give.
+    """
+    n = self.config.complexity_bins
+    centres, steps, depths = self.bin_table()
+    h_kernels, dl_kernels = self._kernel_complexity(ops.convert_to_tensor(centres, "float32"),
+                                                    ops.convert_to_tensor(steps, "float32"))
+    weight = ops.sum(ops.one_hot(bins, n, dtype="float32"), axis=0) if training else None
+    kernels = self.puppeteer(h_kernels, dl_kernels, ops.convert_to_tensor(depths, "int32"),
+                             training=training, channels=channels, state_weight=weight,
+                             **self._puppeteer_scaling())
+    return [(ops.take(transition, bins, axis=0), ops.take(repeated, bins, axis=0))
+            for transition, repeated in kernels]
 
   def _head(self, pooled, training, width):
     """Dropout + the linear classifier; at another width its input weights are resized."""
@@ -959,7 +983,7 @@ class PuppetClassifier(keras.Model):
     """
     if execution is None:
       execution = self.config.execution
-      if execution == "bucketed" and not complexity_bins:
+      if execution in ("bucketed", "gathered") and not complexity_bins:
         execution = "per_sample"
     floor = self.config.complexity_bin_floor if floor is None else floor
     self.config = self.config.replace(complexity_bins=complexity_bins, execution=execution,
