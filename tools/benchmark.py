@@ -26,6 +26,9 @@ size (`per_batch`); training is
 Models (`--models`):
   puppet_exact     PuppetClassifier, execution='per_sample', exact H (the paper).
   puppet_binned    execution='per_sample', complexity_bins=--bins.
+  puppet_gathered  execution='gathered', complexity_bins=--bins: G once per bin, for every
+                   bin, each image's kernels gathered from its bin's, then the per-sample
+                   puppet (XLA-compatible; the same predictions as puppet_binned).
   puppet_bucketed  execution='bucketed', complexity_bins=--bins (kernels generated per call).
   puppet_cached    the same after cache_kernels() (inference only; its training is bucketed's).
   puppet_cached_per_bin  puppet_cached with bucketed_inference='per_bin' (one unrolled
@@ -60,6 +63,7 @@ Models (`--models`):
   puppet_light_twopass  puppet_light_loop with fused_batch_norm=False: the puppet's training
                    batch norm as two-pass moments and a scale and shift instead of one fused
                    op (the code before 2026-12-03; training only; reported with puppet_light).
+  puppet_light_gathered  puppet_gathered with puppet_light's puppeteer (XLA-compatible).
   puppet_light_floor  puppet_light_loop with its bins on [--bin_floor, 8] bits
                    (complexity_bin_floor): the --bins bins on [0, 8] that lie above the floor,
                    the same edges, centres, depths and kernels (an image below the floor runs
@@ -109,11 +113,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_bucketed", "puppet_cached",
-                  "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
+PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bucketed",
+                  "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
-                "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide")
+                "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
+                "puppet_light_gathered")
+GATHERED_MODELS = ("puppet_gathered", "puppet_light_gathered")  # XLA-compatible
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
                      "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light",
@@ -292,6 +298,8 @@ def _build(spec, calibration):
   overrides = {
       "puppet_exact": {},
       "puppet_binned": dict(complexity_bins=spec["bins"]),
+      "puppet_gathered": dict(complexity_bins=spec["bins"], execution="gathered"),
+      "puppet_light_gathered": dict(light, execution="gathered"),
       "puppet_bucketed": bucketed,
       "puppet_cached": bucketed,
       "puppet_cached_per_bin": dict(bucketed, bucketed_inference="per_bin"),
@@ -522,7 +530,7 @@ def binning_lines(header, spec, result) -> List[str]:
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
   bucketed = ("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS
-  if model in bucketed and xla:
+  if model in bucketed and model not in GATHERED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model in TRAIN_ONLY_MODELS and phase == "infer":
     return f"a training option: inference is {TRAIN_ONLY_MODELS[model]}'s"

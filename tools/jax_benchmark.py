@@ -39,7 +39,8 @@ paper's Table 2: 0.0039 s/img for Puppet-CNN, 0.0019 for ResNet, 0.0032 for Mobi
 on an RTX 4090, batch size not stated), and ratios against the twin from the same run.
 
 Writes block `gpu` of --output (default docs/benchmarks_gpu.md; other blocks are kept) and,
-with --json_output, every raw time.
+with --json_output, every raw time (rewritten after each job, so that a run stopped part-way
+keeps what it measured).
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def define_flags():
                       "Markdown report (block 'gpu').")
   flags.DEFINE_string("json_output", None, "Raw results as JSON.")
   flags.DEFINE_integer("job_timeout_s", 1200, "Limit of one job (model, phase).")
+  flags.DEFINE_integer("time_budget_s", 0, "Start no job once the run has taken this long "
+                       "(the rest are reported as skipped; 0: no budget). A job's limit is "
+                       "also cut to what is left.")
   flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
 
 
@@ -403,32 +407,41 @@ def main(argv):
           "data_dir": FLAGS.data_dir, "images_npz": FLAGS.images_npz}
   phases = ["infer"] + (["train"] if FLAGS.train_batch else [])
   results: Dict[str, Dict[str, Any]] = {}
-  jobs = [(m, p) for m in FLAGS.models for p in phases]
-  for i, (name, phase) in enumerate(jobs):
-    t0 = time.time()
-    print(f"[{i + 1}/{len(jobs)}] {name} {phase} ...", end=" ", flush=True)
-    results.setdefault(name, {})[phase] = _run_subprocess(
-        dict(base, model=name, phase=phase), FLAGS.job_timeout_s)
-    status = results[name][phase].get("error", "ok")
-    print(f"{status} ({time.time() - t0:.0f} s)", flush=True)
   header = {"command": "KERAS_BACKEND=jax python " + " ".join(
                 shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
-            "wall_s": time.time() - start, "machine": _machine(), "images": source,
+            "wall_s": 0.0, "machine": _machine(), "images": source,
             "stage_channels": list(config.stage_channels), "max_depth": config.max_depth,
             "depth": depth, "twin_depth": twin_depth, "bins": FLAGS.bins,
             "models": list(FLAGS.models),
             "batch_sizes": batches, "train_batch": FLAGS.train_batch,
             "repeats": FLAGS.repeats, "warmup": FLAGS.warmup}
+  jobs = [(m, p) for m in FLAGS.models for p in phases]
+  for i, (name, phase) in enumerate(jobs):
+    t0 = time.time()
+    print(f"[{i + 1}/{len(jobs)}] {name} {phase} ...", end=" ", flush=True)
+    limit = FLAGS.job_timeout_s
+    if FLAGS.time_budget_s:
+      limit = min(limit, FLAGS.time_budget_s - (t0 - start))
+    if limit <= 0:
+      results.setdefault(name, {})[phase] = {
+          "error": f"skipped: --time_budget_s={FLAGS.time_budget_s} spent"}
+    else:
+      results.setdefault(name, {})[phase] = _run_subprocess(
+          dict(base, model=name, phase=phase), limit)
+    status = results[name][phase].get("error", "ok")
+    print(f"{status} ({time.time() - t0:.0f} s)", flush=True)
+    header["wall_s"] = time.time() - start
+    if FLAGS.json_output:  # after every job: a run stopped part-way keeps what it measured
+      with open(FLAGS.json_output, "w") as f:
+        json.dump({"header": header, "results": results, "done": i + 1 == len(jobs)}, f,
+                  indent=1)
   lines = report_lines(header, results)
   if not os.path.exists(FLAGS.output):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, "w") as f:
       f.write(TITLE + "\n")
   benchmark.write_block(FLAGS.output, BLOCK, lines)
-  if FLAGS.json_output:
-    with open(FLAGS.json_output, "w") as f:
-      json.dump({"header": header, "results": results}, f, indent=1)
   print("\n".join(lines))
 
 

@@ -58,9 +58,21 @@ def test_floor_bins_are_the_bins_above_the_floor():
   assert (model.config.complexity_bins, model.config.complexity_bin_floor) == (4, 4.0)
   assert not model.config.narrow_kernels
   assert model.config.generator_loop and model.config.generator_remat
+  # The gathered models: execution='gathered' with --bins (light: puppet_light's puppeteer).
+  model, _ = benchmark._build(dict(spec, model="puppet_gathered"), None)  # pylint: disable=protected-access
+  assert (model.config.execution, model.config.complexity_bins) == ("gathered", 8)
+  assert model.config.state_channels is None
+  model, _ = benchmark._build(dict(spec, model="puppet_light_gathered"), None)  # pylint: disable=protected-access
+  assert (model.config.execution, model.config.complexity_bins) == ("gathered", 8)
+  assert (model.config.state_channels, model.config.generator_rank) == (8, 2)
 
 
 def test_skip_rules():
+  for gathered in ("puppet_gathered", "puppet_light_gathered"):  # XLA-compatible
+    for xla in (False, True):
+      assert benchmark._skip_reason(gathered, xla, "infer") is None  # pylint: disable=protected-access
+      assert benchmark._skip_reason(gathered, xla, "train") is None  # pylint: disable=protected-access
+  assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_bucketed", True, "infer")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached", False, "train")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached_per_bin", False,  # pylint: disable=protected-access

@@ -126,3 +126,28 @@ def test_tiny_run_under_jax(tmp_path):
   ratio = [l for l in text.splitlines() if l.startswith("| puppet_exact |")][1]
   twin_times = results["static_twin"]["infer"]["infer_b4"]["times"]
   assert re.search(rf"\| {np.median(times) / np.median(twin_times):.2f}x \|", ratio)
+
+
+def test_time_budget_skips_what_it_cannot_start(tmp_path):
+  """With --time_budget_s spent, no job runs to the end: each is reported (timed out at the
+  budget, or skipped), the report and the JSON are still written."""
+  python, tried = _jax_python()
+  if python is None:
+    pytest.skip(f"no JAX interpreter (tried {tried})")
+  images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  np.savez(tmp_path / "images.npz", images=images, labels=np.arange(4))
+  output, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
+  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small",
+         "--models=static_twin,resnet", "--batch_sizes=2", "--train_batch=2",
+         "--time_budget_s=1", f"--images_npz={tmp_path / 'images.npz'}",
+         f"--output={output}", f"--json_output={raw}"]
+  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  data = json.loads(raw.read_text())
+  assert data["done"]
+  errors = [data["results"][m][p].get("error", "") for m in ("static_twin", "resnet")
+            for p in ("infer", "train")]
+  assert all(e.startswith(("skipped: --time_budget_s=1", "timed out")) for e in errors), errors
+  assert "skipped: --time_budget_s=1 spent" in output.read_text()
