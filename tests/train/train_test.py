@@ -75,6 +75,8 @@ def test_beyond_the_paper_flags():
   assert config.model.execution == "bucketed" and config.model.complexity_bins == 16
   assert config.model.complexity_bin_floor == 4.0
   assert _config("--model_dir=/tmp/x").model.complexity_bin_floor == 0.0
+  gathered = _config("--model_dir=/tmp/x", "--complexity_bins=8", "--execution=gathered")
+  assert (gathered.model.execution, gathered.model.complexity_bins) == ("gathered", 8)
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"
 
@@ -83,6 +85,7 @@ def test_beyond_the_paper_flags():
     (["--train_widths=0.5,0.75"], "include 1.0"),
     (["--depth_refinements=2", "--epochs=2"], "needs more than"),
     (["--execution=bucketed"], "complexity_bins"),
+    (["--execution=gathered"], "execution='gathered' needs complexity_bins"),
     (["--depth_scale=-1"], "depth_scale"),
     (["--model=lenet"], "--model must be one of"),
     (["--epochs=0"], "--epochs"),
