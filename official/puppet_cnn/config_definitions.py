@@ -37,6 +37,9 @@ EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 KERNEL_SCALINGS = ("fan_in", "none")
 BLOCK_TYPES = ("plain", "residual")
 EXECUTIONS = ("per_sample", "gathered", "bucketed")
+# How the per-sample path convolves each sample with its own kernel
+# (`PuppetCNNConfig.per_sample_conv`, `backend_ops.per_sample_conv2d`).
+PER_SAMPLE_CONVS = ("grouped", "im2col")
 # How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
 BUCKETED_INFERENCES = ("loop", "per_bin")
 # Bucketed training (and `bucketed_inference='per_bin'`) builds one branch per complexity bin,
@@ -264,6 +267,13 @@ class PuppetCNNConfig:
       built and kept (the code before 2026-12-04). No effect with the paper's state (as
       wide as the widest stage). Same values and gradients to float rounding;
       docs/benchmarks_no_cond.md.
+    per_sample_conv: how execution='per_sample' and 'gathered' convolve each sample with its
+      own kernel (`backend_ops.per_sample_conv2d`). 'grouped' (default): one grouped
+      convolution with the batch folded into channels. 'im2col': each sample's K x K
+      patches times its flattened kernel, a batched matrix product, at K*K times the
+      input's memory (kept in training for the kernel's gradient). Same values; on XLA's CPU
+      backend im2col was 2.6x faster at the 512-channel stage (docs/benchmarks_gpu.md); a
+      GPU may rank them differently.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -300,6 +310,7 @@ class PuppetCNNConfig:
   generator_rank: int = 0
   generator_loop: bool = False
   fused_batch_norm: bool = True
+  per_sample_conv: str = "grouped"
   narrow_kernels: bool = True
 
   def __post_init__(self):
@@ -372,6 +383,8 @@ class PuppetCNNConfig:
            f"generator_remat must be True or False, got {self.generator_remat!r}")
     _check(isinstance(self.generator_loop, bool),
            f"generator_loop must be True or False, got {self.generator_loop!r}")
+    _check(self.per_sample_conv in PER_SAMPLE_CONVS,
+           f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),
            f"fused_batch_norm must be True or False, got {self.fused_batch_norm!r}")
     _check(isinstance(self.narrow_kernels, bool),

@@ -16,9 +16,10 @@ def _data(b=3, h=6, w=5, ci=4, co=3, k=3, seed=0):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_per_sample_conv_matches_float64_loop(jit, k):
+@pytest.mark.parametrize("method", ["grouped", "im2col"])
+def test_per_sample_conv_matches_float64_loop(jit, k, method):
   x, kernels = _data(k=k)
-  fn = tf.function(backend_ops.per_sample_conv2d, jit_compile=jit)
+  fn = tf.function(lambda a, b: backend_ops.per_sample_conv2d(a, b, method), jit_compile=jit)
   got = fn(tf.constant(x), tf.constant(kernels)).numpy()
   want = np.stack([reference.conv2d_same(x[b], kernels[b]) for b in range(len(x))])
   rel = np.abs(got - want).max() / np.abs(want).max()
@@ -26,7 +27,8 @@ def test_per_sample_conv_matches_float64_loop(jit, k):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_per_sample_conv_gradients_match_per_sample_tf_conv(jit):
+@pytest.mark.parametrize("method", ["grouped", "im2col"])
+def test_per_sample_conv_gradients_match_per_sample_tf_conv(jit, method):
   x, kernels = _data(seed=1)
   rng = np.random.default_rng(2)
   w = rng.normal(size=(3, 6, 5, 3)).astype(np.float32)
@@ -41,7 +43,8 @@ def test_per_sample_conv_gradients_match_per_sample_tf_conv(jit):
   def loop(xv, kv):  # TensorFlow's ordinary conv, one sample at a time
     return tf.concat([tf.nn.conv2d(xv[b:b + 1], kv[b], 1, "SAME") for b in range(3)], 0)
 
-  got = grads(tf.function(backend_ops.per_sample_conv2d, jit_compile=jit))
+  got = grads(tf.function(lambda a, b: backend_ops.per_sample_conv2d(a, b, method),
+                          jit_compile=jit))
   want = grads(loop)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
@@ -51,6 +54,9 @@ def test_per_sample_conv_rejects_even_kernels():
   x, kernels = _data(k=2)
   with pytest.raises(ValueError, match="odd"):
     backend_ops.per_sample_conv2d(x, kernels)
+  x, kernels = _data(k=3)
+  with pytest.raises(ValueError, match="method must be one of"):
+    backend_ops.per_sample_conv2d(x, kernels, "winograd")
 
 
 def test_batched_histogram_matches_numpy_and_compiles():

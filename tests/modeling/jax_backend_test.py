@@ -46,29 +46,34 @@ from tests.modeling import reference
 out = {"jax": jax.__version__, "keras": keras.__version__}
 rng = np.random.default_rng(0)
 
-# 1. Per-sample conv (keras.ops.conv with the batch folded into groups) against the float64
-#    loop of tests/modeling/reference.py, for K = 1, 3, 5, eagerly and under jax.jit.
+# 1. Per-sample conv (keras.ops.conv with the batch folded into groups, and im2col) against the
+#    float64 loop of tests/modeling/reference.py, for K = 1, 3, 5, eagerly and under jax.jit.
 errors = []
 for k in (1, 3, 5):
   x = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
   kernels = rng.normal(size=(3, k, k, 4, 3)).astype(np.float32)
   want = np.stack([reference.conv2d_same(x[b], kernels[b]) for b in range(3)])
-  for fn in (backend_ops.per_sample_conv2d, jax.jit(backend_ops.per_sample_conv2d)):
-    got = np.asarray(fn(x, kernels))
-    errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+  for method in ("grouped", "im2col"):
+    conv = lambda a, b, method=method: backend_ops.per_sample_conv2d(a, b, method)
+    for fn in (conv, jax.jit(conv)):
+      got = np.asarray(fn(x, kernels))
+      errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
 out["conv_rel_err"] = max(errors)
 
-# 2. Its gradients against those of a per-sample loop of ordinary convs.
+# 2. Its gradients (both methods) against those of a per-sample loop of ordinary convs.
 x = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
 kernels = rng.normal(size=(3, 3, 3, 4, 3)).astype(np.float32)
 w = rng.normal(size=(3, 6, 5, 3)).astype(np.float32)
 folded = lambda a, k: jnp.sum(backend_ops.per_sample_conv2d(a, k) * w)
 loop = lambda a, k: jnp.sum(jnp.concatenate(
     [ops.conv(a[b:b + 1], k[b], padding="same") for b in range(3)]) * w)
+im2col = lambda a, k: jnp.sum(backend_ops.per_sample_conv2d(a, k, "im2col") * w)
 g1 = jax.grad(folded, argnums=(0, 1))(x, kernels)
 g2 = jax.grad(loop, argnums=(0, 1))(x, kernels)
+g1c = jax.grad(im2col, argnums=(0, 1))(x, kernels)
 out["conv_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()
-                                 / np.abs(np.asarray(b)).max()) for a, b in zip(g1, g2))
+                                 / np.abs(np.asarray(b)).max())
+                           for a, b in zip(list(g1) + list(g1c), list(g2) + list(g2)))
 
 # 3. The bounded loop (fori_loop here) is differentiable: d/dv of v * 1.5^min(n, bound).
 def looped(v, n):

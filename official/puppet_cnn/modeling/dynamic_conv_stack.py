@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from official.puppet_cnn.config_definitions import BLOCK_TYPES
+from official.puppet_cnn.config_definitions import BLOCK_TYPES, PER_SAMPLE_CONVS
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
 from official.puppet_cnn.modeling import scaling
@@ -49,6 +49,9 @@ class DynamicConvStack(keras.layers.Layer):
       `backend_ops.batch_norm_training` (TensorFlow's fused batch norm: same values, two
       fewer activation-sized tensors kept per layer); False: the two-pass moments and a
       scale and shift (`masked_batch_norm`).
+    per_sample_conv: how the per-sample path (`call`) convolves each sample with its own
+      kernel (`backend_ops.per_sample_conv2d`): 'grouped' (default) or 'im2col'. Same
+      values.
 
   Call args:
     features: (B, H, W, C_in) input features.
@@ -73,7 +76,7 @@ class DynamicConvStack(keras.layers.Layer):
                block_type: str = "plain", max_depth: int = 8,
                pool_after: Sequence[bool] | None = None, kernel_size: int = 3,
                momentum: float = 0.99, epsilon: float = 1e-3, fused_batch_norm: bool = True,
-               **kwargs):
+               per_sample_conv: str = "grouped", **kwargs):
     super().__init__(**kwargs)
     if block_type not in BLOCK_TYPES:
       raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
@@ -90,6 +93,10 @@ class DynamicConvStack(keras.layers.Layer):
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
     self.fused_batch_norm = bool(fused_batch_norm)
+    if per_sample_conv not in PER_SAMPLE_CONVS:
+      raise ValueError(f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got "
+                       f"{per_sample_conv!r}")
+    self.per_sample_conv = per_sample_conv
 
   @property
   def kernels_per_unit(self) -> int:
@@ -179,7 +186,7 @@ class DynamicConvStack(keras.layers.Layer):
     """conv -> BN for layer `index` of a BN group (None: the transition BN)."""
     gamma, beta, moving_mean, moving_var = (
         bn if index is None else [ops.take(w, index, axis=0) for w in bn])
-    y = backend_ops.per_sample_conv2d(x, kernel)
+    y = backend_ops.per_sample_conv2d(x, kernel, self.per_sample_conv)
     if training:
       mean, var = mbn.masked_moments(y, active)
     else:
@@ -555,5 +562,6 @@ class DynamicConvStack(keras.layers.Layer):
     config.update(stage_channels=list(self.stage_channels), block_type=self.block_type,
                   max_depth=self.max_depth, pool_after=list(self.pool_after),
                   kernel_size=self.kernel_size, momentum=self.momentum, epsilon=self.epsilon,
-                  fused_batch_norm=self.fused_batch_norm)
+                  fused_batch_norm=self.fused_batch_norm,
+                  per_sample_conv=self.per_sample_conv)
     return config

@@ -169,7 +169,8 @@ class PuppetClassifier(keras.Model):
     self.puppet = DynamicConvStack(
         stage_channels=c.channels, block_type=c.block, max_depth=c.max_depth,
         pool_after=c.pools, kernel_size=c.kernel_size, momentum=c.bn_momentum,
-        epsilon=c.bn_epsilon, fused_batch_norm=c.fused_batch_norm, name="puppet")
+        epsilon=c.bn_epsilon, fused_batch_norm=c.fused_batch_norm,
+        per_sample_conv=c.per_sample_conv, name="puppet")
     self.head_dropout = keras.layers.Dropout(c.head_dropout, name="head_dropout")
     self.head = keras.layers.Dense(c.num_classes, name="head")
     self._kernel_cache = None
