@@ -40,6 +40,9 @@ EXECUTIONS = ("per_sample", "gathered", "bucketed")
 # How the per-sample path convolves each sample with its own kernel
 # (`PuppetCNNConfig.per_sample_conv`, `backend_ops.per_sample_conv2d`).
 PER_SAMPLE_CONVS = ("grouped", "im2col")
+# How G's depthwise convolution is computed (`PuppetCNNConfig.generator_depthwise`,
+# `backend_ops.depthwise_conv_same`).
+DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 # How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
 BUCKETED_INFERENCES = ("loop", "per_bin")
 # Bucketed training (and `bucketed_inference='per_bin'`) builds one branch per complexity bin,
@@ -274,6 +277,14 @@ class PuppetCNNConfig:
       input's memory (kept in training for the kernel's gradient). Same values; on XLA's CPU
       backend im2col was 2.6x faster at the 512-channel stage (docs/benchmarks_gpu.md); a
       GPU may rank them differently.
+    generator_depthwise: how G's 3x3 depthwise convolution of the state is computed (same
+      values either way). 'conv': the backend's depthwise convolution. 'shifted': the sum of
+      the K*K shifted copies of the padded state, each times its per-channel weight
+      (`backend_ops.depthwise_conv_same`), which XLA fuses into one pass: under `jax.jit`
+      on a 2-core CPU 5.7x-13x faster than XLA's depthwise convolution forward and 5.5x-15x
+      in the gradient (docs/benchmarks_gpu.md). 'auto' (default): 'shifted' under XLA (the
+      JAX backend, or a TensorFlow function compiled with jit_compile=True), else 'conv'
+      (TensorFlow's own kernels, and a graph with one node instead of 2 K*K + 1).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -311,6 +322,7 @@ class PuppetCNNConfig:
   generator_loop: bool = False
   fused_batch_norm: bool = True
   per_sample_conv: str = "grouped"
+  generator_depthwise: str = "auto"
   narrow_kernels: bool = True
 
   def __post_init__(self):
@@ -383,6 +395,9 @@ class PuppetCNNConfig:
            f"generator_remat must be True or False, got {self.generator_remat!r}")
     _check(isinstance(self.generator_loop, bool),
            f"generator_loop must be True or False, got {self.generator_loop!r}")
+    _check(self.generator_depthwise in DEPTHWISE_METHODS,
+           f"generator_depthwise must be one of {DEPTHWISE_METHODS}, got "
+           f"{self.generator_depthwise!r}")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),

@@ -129,6 +129,10 @@ _PER_SAMPLE_CONV = flags.DEFINE_enum(
     "per_sample_conv", None, ["grouped", "im2col"], "How per_sample and gathered execution "
     "convolve each image with its own kernel: grouped (default; one grouped conv) or im2col "
     "(patches and a batched matrix product; same results, K*K times the input's memory).")
+_GENERATOR_DEPTHWISE = flags.DEFINE_enum(
+    "generator_depthwise", None, ["auto", "conv", "shifted"], "How G's depthwise conv is "
+    "computed: auto (default; shifted copies under XLA, the backend's conv otherwise), conv "
+    "or shifted. Same results.")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")
@@ -182,6 +186,7 @@ def config_from_flags() -> ExperimentConfig:
                generator_remat=_GENERATOR_REMAT.value, generator_rank=_GENERATOR_RANK.value,
                generator_loop=_GENERATOR_LOOP.value, fused_batch_norm=_FUSED_BATCH_NORM.value,
                narrow_kernels=_NARROW_KERNELS.value, per_sample_conv=_PER_SAMPLE_CONV.value,
+               generator_depthwise=_GENERATOR_DEPTHWISE.value,
                state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),

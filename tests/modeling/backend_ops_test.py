@@ -59,6 +59,44 @@ def test_per_sample_conv_rejects_even_kernels():
     backend_ops.per_sample_conv2d(x, kernels, "winograd")
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("method,jit", [("conv", False), ("shifted", False), ("shifted", True),
+                                        ("auto", True)])
+def test_depthwise_conv_same_matches_float64_loop(k, method, jit):
+  """G's depthwise conv, as the backend's op or as shifted copies (XLA's choice under 'auto'),
+  against a float64 loop; its gradients against TensorFlow's depthwise conv."""
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(2, 7, 5, 4)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, 4, 1)).astype(np.float32)
+  fn = tf.function(lambda a, b: backend_ops.depthwise_conv_same(a, b, method), jit_compile=jit)
+  got = fn(tf.constant(x), tf.constant(kernel)).numpy()
+  want = np.stack([reference.depthwise_same(x[n], kernel) for n in range(2)])
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  w = rng.normal(size=(2, 7, 5, 4)).astype(np.float32)
+
+  def grads(f):
+    xv, kv = tf.constant(x), tf.constant(kernel)
+    with tf.GradientTape() as tape:
+      tape.watch([xv, kv])
+      loss = tf.reduce_sum(f(xv, kv) * w)
+    return tape.gradient(loss, [xv, kv])
+
+  for g, r in zip(grads(fn), grads(lambda a, b: tf.nn.depthwise_conv2d(
+      a, b, [1, 1, 1, 1], "SAME"))):
+    np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_same_even_kernel_pads_like_same_and_rejects_bad_methods():
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(1, 6, 4, 3)).astype(np.float32)
+  kernel = rng.normal(size=(2, 2, 3, 1)).astype(np.float32)
+  want = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy()  # odd pad after
+  np.testing.assert_allclose(backend_ops.depthwise_conv_same(x, kernel, "shifted").numpy(),
+                             want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="method must be one of"):
+    backend_ops.depthwise_conv_same(x, kernel, "fft")
+
+
 def test_batched_histogram_matches_numpy_and_compiles():
   rng = np.random.default_rng(3)
   levels = rng.integers(0, 16, (4, 50)).astype(np.int32)

@@ -75,6 +75,21 @@ out["conv_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()
                                  / np.abs(np.asarray(b)).max())
                            for a, b in zip(list(g1) + list(g1c), list(g2) + list(g2)))
 
+# 2b. G's depthwise conv ('auto' is the shifted copies under JAX) against the float64 loop,
+#     and its gradients against keras.ops.depthwise_conv's.
+x = rng.normal(size=(2, 7, 5, 4)).astype(np.float32)
+dwk = rng.normal(size=(3, 3, 4, 1)).astype(np.float32)
+want = np.stack([reference.depthwise_same(x[n], dwk) for n in range(2)])
+got = np.asarray(jax.jit(backend_ops.depthwise_conv_same)(x, dwk))
+out["depthwise_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
+wd = rng.normal(size=(2, 7, 5, 4)).astype(np.float32)
+gd1 = jax.grad(lambda a, k: jnp.sum(backend_ops.depthwise_conv_same(a, k) * wd),
+               argnums=(0, 1))(x, dwk)
+gd2 = jax.grad(lambda a, k: jnp.sum(backend_ops.depthwise_conv_same(a, k, "conv") * wd),
+               argnums=(0, 1))(x, dwk)
+out["depthwise_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                      / np.abs(np.asarray(b)).max()) for a, b in zip(gd1, gd2))
+
 # 3. The bounded loop (fori_loop here) is differentiable: d/dv of v * 1.5^min(n, bound).
 def looped(v, n):
   def body(i, x):
@@ -222,6 +237,7 @@ def test_model_runs_and_trains_under_jax():
   out = json.loads(lines[-1][len("RESULT "):])
   assert out["conv_rel_err"] < 1e-5, out
   assert out["conv_grad_err"] < 1e-4, out
+  assert out["depthwise_rel_err"] < 1e-5 and out["depthwise_grad_err"] < 1e-5, out
   assert abs(out["loop_grad"] - 1.5 ** 3) < 1e-5, out
   assert out["depth_ok"] and out["logits_finite"], out
   assert out["grads_finite"] and out["puppeteer_grads_nonzero"], out

@@ -53,15 +53,18 @@ def _randomize_bn(layer, rng):
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
 
-@pytest.mark.parametrize("init,rank,width,loop", [
-    ("paper", 0, 6, False), ("learned", 0, 6, False), ("learned_additive", 0, 6, False),
-    ("learned", 2, 6, False), ("learned", 0, 3, False),
-    ("learned", 1, 2, False),  # state narrower than the stages: resized up
-    ("learned", 0, 6, True), ("learned", 1, 3, True)])  # repeated steps in one loop
-def test_euler_trajectory_matches_float64_reference(init, rank, width, loop):
+@pytest.mark.parametrize("init,rank,width,loop,depthwise", [
+    ("paper", 0, 6, False, "auto"), ("learned", 0, 6, False, "auto"),
+    ("learned_additive", 0, 6, False, "auto"),
+    ("learned", 2, 6, False, "auto"), ("learned", 0, 3, False, "auto"),
+    ("learned", 1, 2, False, "auto"),  # state narrower than the stages: resized up
+    ("learned", 0, 6, True, "auto"), ("learned", 1, 3, True, "auto"),  # steps in one loop
+    ("learned", 0, 6, False, "shifted"), ("learned", 0, 6, True, "shifted")])  # G's depthwise
+def test_euler_trajectory_matches_float64_reference(init, rank, width, loop, depthwise):
   rng = np.random.default_rng(0)
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
-                       init_rank=2, generator_rank=rank, state_channels=width, loop_steps=loop)
+                       init_rank=2, generator_rank=rank, state_channels=width, loop_steps=loop,
+                       depthwise=depthwise)
   layer.build(None)
   assert len(layer.generator_weights()) == (9 if rank else 8)
   _randomize_bn(layer, rng)

@@ -76,9 +76,11 @@ def test_beyond_the_paper_flags():
   assert config.model.complexity_bin_floor == 4.0
   assert _config("--model_dir=/tmp/x").model.complexity_bin_floor == 0.0
   gathered = _config("--model_dir=/tmp/x", "--complexity_bins=8", "--execution=gathered",
-                     "--per_sample_conv=im2col")
+                     "--per_sample_conv=im2col", "--generator_depthwise=shifted")
   assert (gathered.model.execution, gathered.model.complexity_bins) == ("gathered", 8)
   assert gathered.model.per_sample_conv == "im2col"
+  assert gathered.model.generator_depthwise == "shifted"
+  assert _config("--model_dir=/tmp/x").model.generator_depthwise == "auto"
   assert _config("--model_dir=/tmp/x").model.per_sample_conv == "grouped"
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"

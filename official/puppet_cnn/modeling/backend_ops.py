@@ -44,7 +44,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from official.puppet_cnn.config_definitions import PER_SAMPLE_CONVS
+from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, PER_SAMPLE_CONVS
 
 
 def backend() -> str:
@@ -130,6 +130,35 @@ def per_sample_conv2d(x, kernels, method: str = "grouped"):
   if backend() == "tensorflow":
     return _tf_per_sample_conv2d(x, kernels)
   return _fold_conv(x, kernels)
+
+
+def depthwise_conv_same(x, kernel, method: str = "auto"):
+  """Depthwise convolution, stride 1, 'same' padding: x (N, H, W, C), kernel (KH, KW, C, 1).
+
+  method: 'conv': `keras.ops.depthwise_conv`. 'shifted': the sum over the KH*KW kernel
+  taps of the zero-padded input shifted by the tap, times the tap's per-channel weight
+  (padding as 'same' pads: the odd pixel after); plain pads, slices, multiplies and adds,
+  which XLA fuses into one pass where its depthwise convolution is slow (its CPU backend).
+  'auto': 'shifted' under XLA (the JAX backend, or `in_xla_context()`), else 'conv'. The
+  same values up to float rounding (the taps are summed in another order).
+  """
+  if method not in DEPTHWISE_METHODS:
+    raise ValueError(f"depthwise_conv_same: method must be one of {DEPTHWISE_METHODS}, got "
+                     f"{method!r}")
+  if method == "auto":
+    method = "shifted" if backend() == "jax" or in_xla_context() else "conv"
+  if method == "conv":
+    return ops.depthwise_conv(x, kernel, strides=1, padding="same")
+  kh, kw = kernel.shape[0], kernel.shape[1]
+  top, left = (kh - 1) // 2, (kw - 1) // 2
+  padded = ops.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+  h, w = ops.shape(x)[1], ops.shape(x)[2]
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = padded[:, i:i + h, j:j + w, :] * kernel[i, j, :, 0]
+      out = term if out is None else out + term
+  return out
 
 
 def batched_histogram(levels, bins: int):

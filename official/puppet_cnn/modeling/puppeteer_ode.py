@@ -29,7 +29,8 @@ import keras
 from keras import ops
 
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
-from official.puppet_cnn.config_definitions import INITS, INTEGRATORS, KERNEL_SCALINGS
+from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
+from official.puppet_cnn.config_definitions import KERNEL_SCALINGS
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -63,6 +64,9 @@ class PuppeteerODE(keras.layers.Layer):
       per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
       paper: a speed option, see docs/generator_profile.md.
     momentum, epsilon: G's batch norm settings.
+    depthwise: how G's depthwise conv is computed (`backend_ops.depthwise_conv_same`):
+      'auto' (default; shifted copies under XLA, the backend's conv otherwise), 'conv' or
+      'shifted'. Same values.
     remat: recompute G's activations in the backward pass (`keras.remat`) instead of keeping
       them: less training memory for one more forward pass of G.
     loop_steps: False (default): the steps are unrolled (one set of graph nodes per step,
@@ -118,7 +122,7 @@ class PuppeteerODE(keras.layers.Layer):
                integrator: str = "euler", kernel_scaling: str = "fan_in",
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
-               loop_steps: bool = False, **kwargs):
+               loop_steps: bool = False, depthwise: str = "auto", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -137,6 +141,9 @@ class PuppeteerODE(keras.layers.Layer):
     self.epsilon = float(epsilon)
     self.remat = bool(remat)
     self.loop_steps = bool(loop_steps)
+    if depthwise not in DEPTHWISE_METHODS:
+      raise ValueError(f"depthwise must be one of {DEPTHWISE_METHODS}, got {depthwise!r}")
+    self.depthwise = depthwise
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if integrator not in INTEGRATORS:
@@ -272,7 +279,7 @@ class PuppeteerODE(keras.layers.Layer):
     recorded mean; in inference they are subtracted from the moving mean.
     """
     dw_kernel, dw_bias, pw_factors, pw_bias, _, _ = self._unpack(params)
-    y = ops.depthwise_conv(state, dw_kernel, strides=1, padding="same")
+    y = backend_ops.depthwise_conv_same(state, dw_kernel, self.depthwise)
     bias = dw_bias[None]
     for factor in pw_factors:
       y = ops.matmul(y, factor)
@@ -568,7 +575,7 @@ class PuppeteerODE(keras.layers.Layer):
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
         generator_rank=self.generator_rank,
         momentum=self.momentum, epsilon=self.epsilon, remat=self.remat,
-        loop_steps=self.loop_steps)
+        loop_steps=self.loop_steps, depthwise=self.depthwise)
     return config
 
 
