@@ -28,6 +28,11 @@ Every model is a Keras model run through `model.stateless_call` under `jax.jit` 
   puppet_gathered_im2col, puppet_light_gathered_im2col  the same with per_sample_conv='im2col'
                 (each image's patches times its kernel, a batched matrix product, instead of
                 one grouped convolution; the same values).
+  puppet_gathered_cached, puppet_light_gathered_cached  the gathered models with a float32
+                kernel table of every bin (`cache_kernels()`): inference gathers each image's
+                kernels and runs no puppeteer. The table is an argument of the jitted function,
+                like the weights (not constants inside it). Inference only: training
+                generates the kernels, as the model without the table.
   resnet, mobilenet_v2  the baselines of official/puppet_cnn/baselines.
 
 Each (model, phase) job runs in its own subprocess (every model's inference first, then the
@@ -68,7 +73,8 @@ import benchmark  # noqa: E402  (tools/benchmark.py: the twin, the images, the r
 
 MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_gathered",
           "puppet_gathered_im2col", "puppet_light", "puppet_light_remat", "puppet_light_gathered",
-          "puppet_light_gathered_im2col", "resnet", "mobilenet_v2")
+          "puppet_light_gathered_im2col", "puppet_gathered_cached",
+          "puppet_light_gathered_cached", "resnet", "mobilenet_v2")
 LIGHT = {"state_channels": 256, "generator_rank": 32}
 PUPPET_OVERRIDES = {
     "puppet_exact": {},
@@ -79,7 +85,12 @@ PUPPET_OVERRIDES = {
     "puppet_light_gathered": dict(LIGHT, execution="gathered"),
     "puppet_gathered_im2col": {"execution": "gathered", "per_sample_conv": "im2col"},
     "puppet_light_gathered_im2col": dict(LIGHT, execution="gathered", per_sample_conv="im2col"),
+    "puppet_gathered_cached": {"execution": "gathered"},
+    "puppet_light_gathered_cached": dict(LIGHT, execution="gathered"),
 }
+# Models built with a kernel table (`cache_kernels()`), and the model whose training they share.
+CACHED = {"puppet_gathered_cached": "puppet_gathered",
+          "puppet_light_gathered_cached": "puppet_light_gathered"}
 # The paper's Table 2 (s/img on an RTX 4090), for the rows that have a model here.
 PAPER_S_PER_IMG = {"puppet_exact": 0.0039, "resnet": 0.0019, "mobilenet_v2": 0.0032}
 BLOCK = "gpu"
@@ -176,6 +187,8 @@ def build_model(name: str, sizes: str, twin_depth: int, bins: int = 16):
     overrides["complexity_bins"] = bins
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
+  if name in CACHED:
+    model.cache_kernels()
   return model
 
 
@@ -215,24 +228,44 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     raise RuntimeError(f"tools/jax_benchmark.py needs KERAS_BACKEND=jax, got "
                        f"{keras.backend.backend()!r}")
   images, labels, _ = load_images(spec.get("data_dir"), spec.get("images_npz"))
+  start = time.perf_counter()
   model = build_model(spec["model"], spec["sizes"], spec["twin_depth"], spec["bins"])
+  build_s = time.perf_counter() - start
   trainable = [v.value for v in model.trainable_variables]
   non_trainable = [v.value for v in model.non_trainable_variables]
   out: Dict[str, Any] = {"model": spec["model"], "phase": spec["phase"],
                          "params": int(sum(np.prod(v.shape) for v in model.weights)),
                          "after_build": _device_memory()}
+  if spec["model"] in CACHED:
+    info = model.kernel_cache_info()
+    out["cache"] = {"bins": len(info["bins"]), "bytes": info["bytes"], "build_s": build_s}
   repeats, warmup = spec["repeats"], spec["warmup"]
   if spec["phase"] == "infer":
-    infer = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+    # The kernel table (if any) is passed in like the weights, so that XLA gets it as an
+    # argument rather than as constants folded into the program.
+    cached = spec["model"] in CACHED
+    cache = []
+    if cached:
+      with model.kernel_cache_stored_as(lambda t: t) as tensors:
+        cache = list(tensors)
+
+    def forward(tv, ntv, cache_tensors, x):
+      if not cached:
+        return model.stateless_call(tv, ntv, x, training=False)[0]
+      supply = iter(cache_tensors)
+      with model.kernel_cache_stored_as(lambda _: next(supply)):
+        return model.stateless_call(tv, ntv, x, training=False)[0]
+
+    infer = jax.jit(forward)
     for b in spec["batch_sizes"]:
       x = jax.device_put(batch_of(images, b).astype(np.float32))
-      out[f"infer_b{b}"] = _time(lambda i, x=x: infer(trainable, non_trainable, x), repeats,
-                                 warmup)
+      out[f"infer_b{b}"] = _time(lambda i, x=x: infer(trainable, non_trainable, cache, x),
+                                 repeats, warmup)
     # The timed function is the model: its logits at the first batch size (compiled above)
     # against an eager call of the model on the batch's first 8 images (in inference every
     # image's logits depend on that image alone).
     x = batch_of(images, spec["batch_sizes"][0]).astype(np.float32)
-    got = np.asarray(infer(trainable, non_trainable, jnp.asarray(x)))[:8]
+    got = np.asarray(infer(trainable, non_trainable, cache, jnp.asarray(x)))[:8]
     want = np.asarray(model(x[:8], training=False))
     out["logit_check"] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
   else:
@@ -277,7 +310,11 @@ def _run_subprocess(spec, timeout_s: float) -> Dict[str, Any]:
     return {"error": f"timed out after {timeout_s:.0f} s"}
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    # The exception's own line (e.g. XLA's "RESOURCE_EXHAUSTED: Out of memory allocating
+    # ... bytes"), not the traceback's source lines; else the output's last lines.
+    text = (proc.stderr or proc.stdout).strip().splitlines()
+    errors = [l.strip() for l in text if l[:1] not in (" ", "\t") and "Error" in l.split(":")[0]]
+    tail = errors[-1:] or text[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-400:]}
   return json.loads(lines[-1][len("RESULT "):])
 
@@ -351,6 +388,10 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
     row += [" / ".join(_fmt_mb((r.get("end") or {}).get("peak_bytes")) for r in (infer, train))]
     notes = [f"{phase}: {r['error']}" for phase, r in (("infer", infer), ("train", train))
              if r.get("error")]
+    if infer.get("cache"):
+      notes.append(f"kernel table: {infer['cache']['bins']} bins, "
+                   f"{infer['cache']['bytes'] / 1e6:.0f} MB float32, built in "
+                   f"{infer['cache']['build_s']:.1f} s")
     if "logit_check" in infer:
       notes.append(f"jitted logits vs eager call: {infer['logit_check']:.1e} (relative)")
     if name in PAPER_S_PER_IMG:
@@ -433,7 +474,10 @@ def main(argv):
     limit = FLAGS.job_timeout_s
     if FLAGS.time_budget_s:
       limit = min(limit, FLAGS.time_budget_s - (t0 - start))
-    if limit <= 0:
+    if phase == "train" and name in CACHED:
+      results.setdefault(name, {})[phase] = {
+          "error": f"skipped: training generates the kernels (as {CACHED[name]})"}
+    elif limit <= 0:
       results.setdefault(name, {})[phase] = {
           "error": f"skipped: --time_budget_s={FLAGS.time_budget_s} spent"}
     else:

@@ -14,6 +14,15 @@ def _data(b=3, h=6, w=5, ci=4, co=3, k=3, seed=0):
   return x, kernels
 
 
+def _weighted_sum_grads(fn, x, kernel, w):
+  """NumPy gradients of sum(fn(x, kernel) * w) with respect to x and kernel."""
+  xv, kv = tf.constant(x), tf.constant(kernel)
+  with tf.GradientTape() as tape:
+    tape.watch([xv, kv])
+    loss = tf.reduce_sum(fn(xv, kv) * w)
+  return [g.numpy() for g in tape.gradient(loss, [xv, kv])]
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("method", ["grouped", "im2col"])
@@ -34,11 +43,7 @@ def test_per_sample_conv_gradients_match_per_sample_tf_conv(jit, method):
   w = rng.normal(size=(3, 6, 5, 3)).astype(np.float32)
 
   def grads(fn):
-    xv, kv = tf.constant(x), tf.constant(kernels)
-    with tf.GradientTape() as tape:
-      tape.watch([xv, kv])
-      loss = tf.reduce_sum(fn(xv, kv) * w)
-    return [g.numpy() for g in tape.gradient(loss, [xv, kv])]
+    return _weighted_sum_grads(fn, x, kernels, w)
 
   def loop(xv, kv):  # TensorFlow's ordinary conv, one sample at a time
     return tf.concat([tf.nn.conv2d(xv[b:b + 1], kv[b], 1, "SAME") for b in range(3)], 0)
@@ -73,17 +78,9 @@ def test_depthwise_conv_same_matches_float64_loop(k, method, jit):
   want = np.stack([reference.depthwise_same(x[n], kernel) for n in range(2)])
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
   w = rng.normal(size=(2, 7, 5, 4)).astype(np.float32)
-
-  def grads(f):
-    xv, kv = tf.constant(x), tf.constant(kernel)
-    with tf.GradientTape() as tape:
-      tape.watch([xv, kv])
-      loss = tf.reduce_sum(f(xv, kv) * w)
-    return tape.gradient(loss, [xv, kv])
-
-  for g, r in zip(grads(fn), grads(lambda a, b: tf.nn.depthwise_conv2d(
-      a, b, [1, 1, 1, 1], "SAME"))):
-    np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-4)
+  for g, r in zip(_weighted_sum_grads(fn, x, kernel, w), _weighted_sum_grads(
+      lambda a, b: tf.nn.depthwise_conv2d(a, b, [1, 1, 1, 1], "SAME"), x, kernel, w)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_conv_same_even_kernel_pads_like_same_and_rejects_bad_methods():

@@ -49,6 +49,19 @@ def _close(got, want, tol=1e-4):
 
 
 # ----------------------------------------------------------------------------- binning
+def _assert_same_training_step(a, b, step):
+  """`step(model)` -> (loss, gradients) gives the same loss and gradients for the reference
+  model `a` and the model under test `b`, and leaves the same moving statistics."""
+  loss_a, grads_a = step(a)
+  loss_b, grads_b = step(b)
+  assert abs(loss_a - loss_b) < 1e-5
+  for w, ga, gb in zip(a.trainable_weights, grads_a, grads_b):
+    scale = max(float(np.abs(ga).max()), 1e-3 * max(float(np.abs(g).max()) for g in grads_a))
+    assert np.abs(ga - gb).max() <= 1e-3 * scale, w.path
+  for wa, wb in zip(a.non_trainable_weights, b.non_trainable_weights):  # moving statistics
+    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-4, err_msg=wa.path)
+
+
 def test_config_validation():
   with pytest.raises(ValueError, match="execution='bucketed' needs 1 <= complexity_bins"):
     PuppetCNNConfig(execution="bucketed")
@@ -236,14 +249,7 @@ def test_bucketed_training_matches_per_sample(puppet, rank, fused, graph, state)
     loss, grads = (tf.function(run) if graph and model is b else run)(tf.constant(images))
     return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
 
-  loss_a, grads_a = step(a)
-  loss_b, grads_b = step(b)
-  assert abs(loss_a - loss_b) < 1e-5
-  for w, ga, gb in zip(a.trainable_weights, grads_a, grads_b):
-    scale = max(float(np.abs(ga).max()), 1e-3 * max(float(np.abs(g).max()) for g in grads_a))
-    assert np.abs(ga - gb).max() <= 1e-3 * scale, w.path
-  for wa, wb in zip(a.non_trainable_weights, b.non_trainable_weights):  # moving statistics
-    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-4, err_msg=wa.path)
+  _assert_same_training_step(a, b, step)
 
 
 def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
@@ -300,14 +306,7 @@ def test_gathered_matches_per_sample(puppet, rank, bins):
     return float(loss), [tf.convert_to_tensor(g).numpy()
                          for g in tape.gradient(loss, model.trainable_weights)]
 
-  loss_a, grads_a = step(a)
-  loss_b, grads_b = step(b)
-  assert abs(loss_a - loss_b) < 1e-5
-  for w, ga, gb in zip(a.trainable_weights, grads_a, grads_b):
-    scale = max(float(np.abs(ga).max()), 1e-3 * max(float(np.abs(g).max()) for g in grads_a))
-    assert np.abs(ga - gb).max() <= 1e-3 * scale, w.path
-  for wa, wb in zip(a.non_trainable_weights, b.non_trainable_weights):  # moving statistics
-    np.testing.assert_allclose(wb.numpy(), wa.numpy(), rtol=1e-4, atol=1e-4, err_msg=wa.path)
+  _assert_same_training_step(a, b, step)
 
 
 def test_gathered_runs_one_state_per_bin(monkeypatch):
@@ -725,3 +724,100 @@ def test_active_rows_only_gradients_match_masking_when_no_state_reaches_the_last
     for w, g0, g1 in zip(masked.trainable_weights, want, got):
       assert np.isfinite(g1).all(), w.path
       np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-6, err_msg=w.path)
+
+
+def _puppeteer_counter(monkeypatch, model):
+  calls = []
+  original = model.puppeteer.call
+  monkeypatch.setattr(model.puppeteer, "call",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  return calls
+
+
+def test_gathered_kernel_table_serves_without_the_puppeteer(monkeypatch):
+  """cache_kernels() on a gathered model: inference gathers each sample's kernels from a
+  table of every bin's, runs no puppeteer eagerly, and gives the generating per-sample
+  model's logits eagerly, XLA-compiled and through predict."""
+  a, b = _gathered_pair()
+  images = _images()
+  want = a(images, training=False)
+  assert b.cache_kernels() == tuple(range(16))
+  info = b.kernel_cache_info()
+  assert info["valid"] and info["dtype"] == "float32" and info["fallback"] is True
+  # The table: per stage, a transition and L = max_depth - 1 repeated kernels per bin.
+  c_in, params = 3, 0
+  for c in TINY["stage_channels"]:
+    params += 16 * (9 * c_in * c + (TINY["max_depth"] - 1) * 9 * c * c)
+    c_in = c
+  assert info["params"] == params and info["bytes"] == 4 * params
+  calls = _puppeteer_counter(monkeypatch, b)
+  _close(b(images, training=False), want)
+  assert not calls  # eager: the table served the batch, nothing was generated
+  _close(tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(images)),
+         want)
+  _close(b.predict(images, verbose=0, batch_size=4), want)
+
+
+def test_stale_or_incomplete_gathered_table_generates():
+  """A table made stale by a weight change, or one without a batch's bin (fallback=True),
+  is not used: the logits are those of the generating per-sample model, eagerly and under
+  XLA (a conditional; XLA has no run-time errors)."""
+  a, b = _gathered_pair(bins=8)
+  images = _images()
+  bins = b(images, return_details=True)["complexity_bin"].numpy()
+  b.cache_kernels(bins=sorted(set(bins.tolist()))[:-1])  # one occupied bin left out
+  assert not set(bins.tolist()) <= set(b.kernel_cache_info()["bins"])
+  xla = tf.function(lambda x: b(x, training=False), jit_compile=True)
+  _close(b(images, training=False), a(images, training=False))
+  _close(xla(tf.constant(images)), a(images, training=False))
+  b.cache_kernels()
+  kernel = [w for w in b.puppeteer.trainable_weights][0]
+  before = a(images, training=False)
+  for m in (a, b):
+    w = [v for v in m.puppeteer.trainable_weights if v.path == kernel.path][0]
+    w.assign(w.numpy() * 1.2)
+  want = a(images, training=False)
+  assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3
+  assert not b.kernel_cache_info()["valid"]
+  _close(b(images, training=False), want)
+  _close(tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(images)),
+         want)
+
+
+def test_gathered_table_nearest_and_16_bit(monkeypatch):
+  """fallback='nearest': each image runs as the nearest cached bin (reference: the
+  per-sample model given that bin's centre); a 16-bit table is the float32 one rounded."""
+  a, b = _gathered_pair()
+  images = _images()
+  own = b(images, return_details=True)["complexity_bin"].numpy()
+  cached = (1, 5)
+  assert b.cache_kernels(bins=cached, fallback="nearest") == cached
+  served = np.array([_nearest_reference(cached, int(k)) for k in own])
+  assert set(own) - set(cached)
+  centres, _, depths = b.bin_table()
+  monkeypatch.setattr(a.complexity_layer, "call",
+                      lambda x, *args, **kwargs: tf.gather(centres.astype(np.float32), served))
+  want = np.asarray(a(images, training=False))
+  monkeypatch.undo()
+  calls = _puppeteer_counter(monkeypatch, b)
+  _close(b(images, training=False), want)
+  assert not calls
+  _close(tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(images)),
+         want)
+  np.testing.assert_array_equal(
+      b(images, training=False, return_details=True)["depth"].numpy(), depths[served])
+  b.cache_kernels(dtype="bfloat16")
+  info = b.kernel_cache_info()
+  assert info["dtype"] == "bfloat16" and info["bytes"] == 2 * info["params"]
+  table16 = [k for pair in b._kernel_cache.table for k in pair]  # pylint: disable=protected-access
+  full = b.cache_kernels()
+  table32 = [k.numpy() for pair in b._kernel_cache.table for k in pair]  # pylint: disable=protected-access
+  assert full == tuple(range(16))
+  for got, ref in zip(table16, table32):
+    np.testing.assert_array_equal(tf.cast(got, tf.float32).numpy(),
+                                  tf.cast(tf.cast(ref, tf.bfloat16), tf.float32).numpy())
+  for kwargs, match in [(dict(dtype="int8"), "dtype float32, float16 or bfloat16"),
+                        (dict(fallback=False), "fallback=True or 'nearest'"),
+                        (dict(bins=[]), "needs at least one bin")]:
+    with pytest.raises(ValueError, match=match):
+      b.cache_kernels(**kwargs)

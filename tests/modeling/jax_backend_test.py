@@ -204,6 +204,24 @@ scale = max(float(np.abs(np.asarray(a)).max()) for a in g4)
 out["gathered_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                                for a, b in zip(g4, g5)) / scale
 
+# 6d. The gathered model's kernel table (cache_kernels): jitted inference (stateless_call, as
+#     tools/jax_benchmark.py runs it) gives the per-sample model's logits, and after a weight
+#     change (a stale table) the logits of the changed weights, not the table's.
+pair[1].cache_kernels()
+def infer(m):
+  return jax.jit(lambda tv, ntv, x: m.stateless_call(tv, ntv, x, training=False)[0])
+tv = [v.value for v in pair[1].trainable_variables]
+ntv = [v.value for v in pair[1].non_trainable_variables]
+want = np.asarray(pair[0](images, training=False))
+out["table_err"] = float(np.abs(np.asarray(infer(pair[1])(tv, ntv, images)) - want).max()
+                         / np.abs(want).max())
+tv = [t * 1.1 if "puppeteer" in v.path else t for t, v in zip(tv, pair[1].trainable_variables)]
+want_changed = np.asarray(infer(pair[0])(tv, ntv, images))
+out["stale_table_err"] = float(
+    np.abs(np.asarray(infer(pair[1])(tv, ntv, images)) - want_changed).max()
+    / np.abs(want_changed).max())
+out["stale_table_moves"] = float(np.abs(want_changed - want).max() / np.abs(want).max())
+
 # 7. Bucketed execution says clearly that it needs TensorFlow.
 bucketed = PuppetClassifier(**tiny, complexity_bins=8, execution="bucketed")
 try:
@@ -246,6 +264,8 @@ def test_model_runs_and_trains_under_jax():
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
   assert out["gathered_loss_err"] < 1e-5 and out["gathered_grad_err"] < 1e-4, out
+  assert out["table_err"] < 1e-4 and out["stale_table_err"] < 1e-4, out
+  assert out["stale_table_moves"] > 1e-3, out
   assert out["lowrank_loss_finite"], out
   assert len(out["lowrank_factor_grads"]) == 2 and min(out["lowrank_factor_grads"]) > 0, out
   assert out["bucketed_error"] and "TensorFlow" in out["bucketed_error"], out

@@ -380,34 +380,45 @@ def test_generator_remat_trains_the_bucketed_model_identically():
   assert PuppetClassifier.from_config(model.get_config()).config.generator_remat
 
 
+def _assert_same_compiled_step(reference, model, seed, logits=False):
+  """Gives `model` the weights of `reference` and checks that one compiled (tf.function)
+  training step, as model.fit runs it, has the same loss and gradients and leaves the same
+  moving statistics (and, with `logits`, that inference afterwards gives the same logits)."""
+  images, labels = _images(8, seed=seed), np.arange(8) % 5
+  results = []
+  for m in (reference, model):
+    m.build((None, 16, 16, 3))
+    if results:
+      m.set_weights(results[0][0])
+    start = m.get_weights()
+
+    @tf.function
+    def step(x, y, m=m):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_loss()(y, m(x, training=True)))
+      return loss, tape.gradient(loss, m.trainable_weights)
+
+    loss, grads = step(tf.constant(images), tf.constant(labels))
+    results.append((start, float(loss), [g.numpy() for g in grads],
+                    [w.numpy() for w in m.non_trainable_weights],
+                    m(images, training=False).numpy() if logits else None))
+  assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+  for got, want in zip(results[1][2] + results[1][3], results[0][2] + results[0][3]):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+  if logits:
+    np.testing.assert_allclose(results[1][4], results[0][4], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_generator_loop_trains_the_bucketed_model_identically(remat):
   # A compiled (graph) training step, as model.fit runs it: with generator_loop the
   # puppeteer's repeated steps run in a tf.while_loop; loss, gradients and the moving
   # statistics after the step must be those of the unrolled model.
-  images, labels = _images(8, seed=6), np.arange(8) % 5
-  results = []
-  for loop in (False, True):
-    model = PuppetClassifier(**TINY, complexity_bins=8, execution="bucketed",
+  models = [PuppetClassifier(**TINY, complexity_bins=8, execution="bucketed",
                              generator_remat=remat, generator_loop=loop)
-    model.build((None, 16, 16, 3))
-    if results:
-      model.set_weights(results[0][0])
-    start = model.get_weights()
-
-    @tf.function
-    def step(x, y, model=model):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(_loss()(y, model(x, training=True)))
-      return loss, tape.gradient(loss, model.trainable_weights)
-
-    loss, grads = step(tf.constant(images), tf.constant(labels))
-    results.append((start, float(loss), [g.numpy() for g in grads],
-                    [w.numpy() for w in model.non_trainable_weights]))
-  assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
-  for got, want in zip(results[1][2] + results[1][3], results[0][2] + results[0][3]):
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
-  assert PuppetClassifier.from_config(model.get_config()).config.generator_loop
+            for loop in (False, True)]
+  _assert_same_compiled_step(*models, seed=6)
+  assert PuppetClassifier.from_config(models[1].get_config()).config.generator_loop
 
 
 @pytest.mark.parametrize("execution", ["per_sample", "gathered"])
@@ -415,30 +426,10 @@ def test_im2col_per_sample_conv_trains_identically(execution):
   # per_sample_conv='im2col' (patches and a batched matmul) against the grouped conv: the
   # same logits, loss, gradients and moving statistics after a compiled training step; the
   # option survives get_config and bad values are refused.
-  images, labels = _images(8, seed=7), np.arange(8) % 5
-  results = []
-  for method in ("grouped", "im2col"):
-    model = PuppetClassifier(**TINY, complexity_bins=4, execution=execution,
+  models = [PuppetClassifier(**TINY, complexity_bins=4, execution=execution,
                              per_sample_conv=method)
-    model.build((None, 16, 16, 3))
-    if results:
-      model.set_weights(results[0][0])
-    start = model.get_weights()
-
-    @tf.function
-    def step(x, y, model=model):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(_loss()(y, model(x, training=True)))
-      return loss, tape.gradient(loss, model.trainable_weights)
-
-    loss, grads = step(tf.constant(images), tf.constant(labels))
-    results.append((start, float(loss), [g.numpy() for g in grads],
-                    [w.numpy() for w in model.non_trainable_weights],
-                    model(images, training=False).numpy()))
-  assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
-  for got, want in zip(results[1][2] + results[1][3], results[0][2] + results[0][3]):
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
-  np.testing.assert_allclose(results[1][4], results[0][4], rtol=1e-4, atol=1e-4)
-  assert PuppetClassifier.from_config(model.get_config()).puppet.per_sample_conv == "im2col"
+            for method in ("grouped", "im2col")]
+  _assert_same_compiled_step(*models, seed=7, logits=True)
+  assert PuppetClassifier.from_config(models[1].get_config()).puppet.per_sample_conv == "im2col"
   with pytest.raises(ValueError, match="per_sample_conv must be one of"):
     PuppetClassifier(**TINY, per_sample_conv="winograd")

@@ -85,6 +85,19 @@ def test_images_npz_is_checked(tmp_path):
     jax_benchmark.load_images(None, str(tmp_path / "short.npz"))
 
 
+def _run_tool(python, tmp_path, timeout, *flags):
+  """Runs tools/jax_benchmark.py (small sizes) in the JAX interpreter on
+  tmp_path/images.npz, writing tmp_path/gpu.md and gpu.json; returns the JSON."""
+  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small", *flags,
+         f"--images_npz={tmp_path / 'images.npz'}", f"--output={tmp_path / 'gpu.md'}",
+         f"--json_output={tmp_path / 'gpu.json'}"]
+  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads((tmp_path / "gpu.json").read_text())
+
+
 def test_tiny_run_under_jax(tmp_path):
   """The tool end to end in the JAX interpreter: every job runs, the timed inference function
   gives the model's logits, the training steps lower the twin's loss on their fixed batch,
@@ -95,17 +108,11 @@ def test_tiny_run_under_jax(tmp_path):
   images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
   images[0] = 128  # a constant image: H = 0, the deepest puppet
   np.savez(tmp_path / "images.npz", images=images, labels=np.arange(6) % 10)
-  output, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
-  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small",
-         "--models=static_twin,puppet_exact,puppet_gathered", "--bins=4", "--batch_sizes=4",
-         "--train_batch=4",
-         "--repeats=3", "--warmup=0", f"--images_npz={tmp_path / 'images.npz'}",
-         f"--output={output}", f"--json_output={raw}"]
-  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  data = json.loads(raw.read_text())
+  output = tmp_path / "gpu.md"
+  data = _run_tool(python, tmp_path, 900,
+                   "--models=static_twin,puppet_exact,puppet_gathered,puppet_gathered_cached",
+                   "--bins=4", "--batch_sizes=4", "--train_batch=4", "--repeats=3",
+                   "--warmup=0")
   header, results = data["header"], data["results"]
   assert header["machine"]["backend"] == "jax" and header["machine"]["platform"] == "cpu"
   assert sum(header["depth"]["histogram"].values()) == 6
@@ -116,6 +123,11 @@ def test_tiny_run_under_jax(tmp_path):
     assert infer["logit_check"] < 1e-4
     assert len(infer["infer_b4"]["times"]) == 3 and len(train["train_b4"]["times"]) == 3
     assert np.all(np.isfinite(train["losses"])) and len(train["losses"]) == 4
+  # The kernel table (every bin, passed to the jitted function as an argument): the
+  # model's logits, no training job.
+  cached = results["puppet_gathered_cached"]
+  assert cached["infer"]["logit_check"] < 1e-4 and cached["infer"]["cache"]["bins"] == 4
+  assert cached["train"]["error"].startswith("skipped: training generates the kernels")
   twin_losses = results["static_twin"]["train"]["losses"]
   assert twin_losses[-1] < twin_losses[0], twin_losses
   text = output.read_text()
@@ -136,18 +148,30 @@ def test_time_budget_skips_what_it_cannot_start(tmp_path):
     pytest.skip(f"no JAX interpreter (tried {tried})")
   images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
   np.savez(tmp_path / "images.npz", images=images, labels=np.arange(4))
-  output, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
-  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small",
-         "--models=static_twin,resnet", "--batch_sizes=2", "--train_batch=2",
-         "--time_budget_s=1", f"--images_npz={tmp_path / 'images.npz'}",
-         f"--output={output}", f"--json_output={raw}"]
-  env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  data = json.loads(raw.read_text())
+  output = tmp_path / "gpu.md"
+  data = _run_tool(python, tmp_path, 300, "--models=static_twin,resnet", "--batch_sizes=2",
+                   "--train_batch=2", "--time_budget_s=1")
   assert data["done"]
   errors = [data["results"][m][p].get("error", "") for m in ("static_twin", "resnet")
             for p in ("infer", "train")]
   assert all(e.startswith(("skipped: --time_budget_s=1", "timed out")) for e in errors), errors
   assert "skipped: --time_budget_s=1 spent" in output.read_text()
+
+
+def test_a_failed_job_reports_the_exception_line(monkeypatch):
+  """A job that dies reports its exception's line (an XLA out-of-memory), not the
+  traceback's source lines around it."""
+  stderr = ("Traceback (most recent call last):\n"
+            '  File "x.py", line 3, in <module>\n'
+            "    return x.block_until_ready()\n"
+            "           ^^^^^^^^^^^^^^^^^^^^^\n"
+            "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating "
+            "31279000984 bytes.\n")
+  monkeypatch.setattr(jax_benchmark.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+      a, 1, stdout="", stderr=stderr))
+  assert jax_benchmark._run_subprocess({}, 10) == {  # pylint: disable=protected-access
+      "error": "exit 1: jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory "
+               "allocating 31279000984 bytes."}
+  monkeypatch.setattr(jax_benchmark.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+      a, 2, stdout="", stderr="a\nb\nc\nd\n"))
+  assert jax_benchmark._run_subprocess({}, 10) == {"error": "exit 2: b | c | d"}  # pylint: disable=protected-access

@@ -58,6 +58,7 @@ class _KernelCache:
   weights; a SavedModel export can include it), and it does not change the model's weights
   or parameter counts.
   """
+  execution = "bucketed"
 
   def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
                scales=None, fallback=True):
@@ -115,13 +116,15 @@ class _KernelCache:
     return total
 
   def map(self, fn) -> "_KernelCache":
-    """A copy with `fn` applied to every stored tensor (kernels, scales and snapshot)."""
+    """A copy with `fn` applied to every stored tensor, in the order of `tensors()`."""
     def tree(per_bin):
       return {b: [tuple(fn(k) for k in pair) for pair in stages]
               for b, stages in per_bin.items()}
-    return _KernelCache(self.n_bins, self.integrator, tree(self.kernels),
+    kernels = tree(self.kernels)
+    scales = None if self.scales is None else tree(self.scales)
+    return _KernelCache(self.n_bins, self.integrator, kernels,
                         [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
-                        None if self.scales is None else tree(self.scales), self.fallback)
+                        scales, self.fallback)
 
   def tensors(self, snapshot: bool = True) -> List[Any]:
     """Every stored tensor: kernels, then int8 scales, then (with `snapshot`) the weight
@@ -135,6 +138,58 @@ class _KernelCache:
     """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
     return sum(int(np.prod(k.shape)) * _ITEMSIZE[keras.backend.standardize_dtype(k.dtype)]
                for k in self.tensors(snapshot=False))
+
+
+class _GatheredKernelTable:
+  """execution='gathered': the puppeteer's inference-mode output for the cached bins as one
+  static table per stage, from which each sample's kernels are gathered by its bin.
+
+  Unlike `_KernelCache` (bucketed, shared-kernel convolutions) nothing is folded: the
+  per-sample puppet applies its batch norm itself, as with generated kernels. Same
+  bookkeeping (bins, fallback, snapshot, `map`, `tensors`), never saved with the model.
+  """
+  execution = "gathered"
+  scales = None
+
+  def __init__(self, n_bins, integrator, table, rows, snapshot, depth_scale,
+               dtype="float32", fallback=True):
+    self.n_bins = n_bins
+    self.integrator = integrator
+    self.table = table        # [(transition (m, K, K, Ci, Co), repeated (m, L, K, K, C, C))
+                              # per stage] in the storage dtype, m cached bins in bin order
+    self.rows = rows          # (n_bins,) int32 NumPy: each bin's row in the table, -1 uncached
+    self.snapshot = snapshot
+    self.depth_scale = depth_scale
+    self.dtype = dtype
+    self.fallback = fallback
+
+  @property
+  def bins(self):
+    return tuple(int(b) for b in np.flatnonzero(self.rows >= 0))
+
+  nearest_bins = _KernelCache.nearest_bins
+
+  def gather(self, rows):
+    """Per-sample float32 kernels [(transition, repeated) per stage] for table rows `rows`."""
+    return [tuple(ops.cast(ops.take(k, rows, axis=0), "float32") for k in pair)
+            for pair in self.table]
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(k.shape)) for pair in self.table for k in pair)
+
+  def map(self, fn) -> "_GatheredKernelTable":
+    """A copy with `fn` applied to every stored tensor, in the order of `tensors()`."""
+    return _GatheredKernelTable(self.n_bins, self.integrator,
+                                [tuple(fn(k) for k in pair) for pair in self.table], self.rows,
+                                [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
+                                self.fallback)
+
+  def tensors(self, snapshot: bool = True) -> List[Any]:
+    """Every stored tensor: the table's, then (with `snapshot`) the weight snapshot."""
+    out = [k for pair in self.table for k in pair]
+    return out + (list(self.snapshot) if snapshot else [])
+
+  num_bytes = _KernelCache.num_bytes
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -305,15 +360,30 @@ class PuppetClassifier(keras.Model):
     with the same bins). Returns the per-sample kernels `self.puppeteer` would give.
     """
     n = self.config.complexity_bins
-    centres, steps, depths = self.bin_table()
-    h_kernels, dl_kernels = self._kernel_complexity(ops.convert_to_tensor(centres, "float32"),
-                                                    ops.convert_to_tensor(steps, "float32"))
-    weight = ops.sum(ops.one_hot(bins, n, dtype="float32"), axis=0) if training else None
-    kernels = self.puppeteer(h_kernels, dl_kernels, ops.convert_to_tensor(depths, "int32"),
-                             training=training, channels=channels, state_weight=weight,
-                             **self._puppeteer_scaling())
-    return [(ops.take(transition, bins, axis=0), ops.take(repeated, bins, axis=0))
-            for transition, repeated in kernels]
+
+    def generated():
+      centres, steps, depths = self.bin_table()
+      h_kernels, dl_kernels = self._kernel_complexity(
+          ops.convert_to_tensor(centres, "float32"), ops.convert_to_tensor(steps, "float32"))
+      weight = ops.sum(ops.one_hot(bins, n, dtype="float32"), axis=0) if training else None
+      kernels = self.puppeteer(h_kernels, dl_kernels, ops.convert_to_tensor(depths, "int32"),
+                               training=training, channels=channels, state_weight=weight,
+                               **self._puppeteer_scaling())
+      return [(ops.take(transition, bins, axis=0), ops.take(repeated, bins, axis=0))
+              for transition, repeated in kernels]
+
+    cache = None
+    if not training and channels == self.config.channels:
+      cache = self._usable_kernel_cache()
+    if cache is None:
+      return generated()
+    # A valid table serves the batch when every sample's bin is cached (with
+    # fallback='nearest', `call` has already moved each sample to a cached bin); otherwise
+    # (stale weights, an uncached bin with fallback=True) the kernels are generated. A
+    # conditional, not an error: XLA has no run-time errors, and this path must compile.
+    rows = ops.take(ops.convert_to_tensor(cache.rows), bins)
+    ok = ops.logical_and(self._kernel_cache_matches(cache), ops.all(rows >= 0))
+    return ops.cond(ok, lambda: cache.gather(ops.maximum(rows, 0)), generated)
 
   def _head(self, pooled, training, width):
     """Dropout + the linear classifier; at another width its input weights are resized."""
@@ -694,8 +764,16 @@ class PuppetClassifier(keras.Model):
 
     Call it after training or loading and before tracing your own `tf.function`s (a function
     traced before the cache existed keeps generating); Keras's predict/evaluate functions are
-    reset here. Needs execution='bucketed'. Bins without cached kernels are generated on the
-    fly (`fallback=True`), raise (False) or run as the nearest cached bin ('nearest').
+    reset here. Needs execution='bucketed' or 'gathered'. Bins without cached kernels are
+    generated on the fly (`fallback=True`), raise (False) or run as the nearest cached bin
+    ('nearest').
+
+    With execution='gathered' (XLA, `jax.jit`) the cache is one table per stage of the
+    puppeteer's inference-mode kernels (not folded: the per-sample puppet applies its batch
+    norm), from which each sample's kernels are gathered, so inference runs no puppeteer.
+    It takes dtype 'float32', 'float16' or 'bfloat16' and fallback True or 'nearest'; a
+    batch the table cannot serve (stale weights, or an uncached bin with fallback=True) has
+    all bins' kernels generated instead, through a conditional (XLA has no run-time errors).
 
     Args:
       bins: bin indices to cache; None: every bin (or the bins of `images`).
@@ -724,15 +802,21 @@ class PuppetClassifier(keras.Model):
       The sorted tuple of cached bins.
     """
     c = self.config
-    if c.execution != "bucketed":
-      raise ValueError("cache_kernels needs execution='bucketed' (and complexity_bins > 0); "
-                       f"this model has execution={c.execution!r}")
+    if c.execution not in ("bucketed", "gathered"):
+      raise ValueError("cache_kernels needs execution='bucketed' or 'gathered' (and "
+                       f"complexity_bins > 0); this model has execution={c.execution!r}")
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
     if not (isinstance(fallback, (bool, np.bool_)) or fallback == "nearest"):
       raise ValueError(f"cache_kernels: fallback must be one of {CACHE_FALLBACKS}, got "
                        f"{fallback!r}")
     fallback = bool(fallback) if isinstance(fallback, (bool, np.bool_)) else "nearest"
+    if c.execution == "gathered" and (dtype == "int8" or fallback is False):
+      raise ValueError(
+          "cache_kernels with execution='gathered' (a table the XLA-compiled graph gathers "
+          "from) takes dtype float32, float16 or bfloat16 and fallback=True or 'nearest'; "
+          f"got dtype={dtype!r}, fallback={fallback!r} (int8 and fallback=False are "
+          "execution='bucketed''s)")
     if not self.built:
       self.build()
     n = c.complexity_bins
@@ -743,10 +827,15 @@ class PuppetClassifier(keras.Model):
       wanted = sorted({int(b) for b in (range(n) if bins is None else bins)})
     if any(not 0 <= b < n for b in wanted):
       raise ValueError(f"bins must be in [0, {n}), got {wanted}")
-    if fallback == "nearest" and not wanted:
-      raise ValueError("cache_kernels(fallback='nearest') needs at least one bin to cache")
+    if (fallback == "nearest" or c.execution == "gathered") and not wanted:
+      raise ValueError(f"cache_kernels(fallback={fallback!r}) with execution="
+                       f"{c.execution!r} needs at least one bin to cache")
     snapshot = [ops.convert_to_tensor(np.array(ops.convert_to_numpy(w)))
                 for w in self._kernel_cache_inputs()]
+    if c.execution == "gathered":
+      self._kernel_cache = self._gathered_kernel_table(wanted, snapshot, dtype, fallback)
+      self._reset_compiled_functions()
+      return self._kernel_cache.bins
     centres, steps, depths = self.bin_table()
     kpu = self.puppet.kernels_per_unit
     affine = self.puppet.inference_affine(**self._puppet_scaling())
@@ -806,6 +895,25 @@ class PuppetClassifier(keras.Model):
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
+  def _gathered_kernel_table(self, wanted, snapshot, dtype, fallback):
+    """`cache_kernels` for execution='gathered': the puppeteer's inference-mode kernels of
+    the `wanted` bins, generated together (as gathered inference generates every bin's),
+    stored in `dtype` as one table per stage and kernel role."""
+    c = self.config
+    centres, steps, depths = self.bin_table()
+    index = np.asarray(wanted, np.int32)
+    h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
+                                    ops.convert_to_tensor(steps[index]))
+    kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
+                             channels=c.channels, **self._puppeteer_scaling())
+    table = [tuple(ops.convert_to_tensor(ops.convert_to_numpy(
+        k if dtype == "float32" else ops.cast(k, dtype))) for k in pair) for pair in kernels]
+    del kernels
+    rows = np.full((c.complexity_bins,), -1, np.int32)
+    rows[index] = np.arange(len(index), dtype=np.int32)
+    return _GatheredKernelTable(c.complexity_bins, self.puppeteer.integrator, table, rows,
+                                snapshot, c.depth_scale, dtype, fallback)
+
   def clear_kernel_cache(self) -> None:
     """Drops the inference kernel cache (bucketed inference then generates kernels)."""
     self._kernel_cache = None
@@ -845,6 +953,12 @@ class PuppetClassifier(keras.Model):
     variables (captured tensors would be constants inside the graph). Yields the new tensors
     (to be tracked by the exported module); an empty list without a usable cache. The
     original cache is back after the block.
+
+    `fn` is called once per tensor, in the order of the yielded list, so under `jax.jit`
+    the cache can be an argument of the compiled function, like the weights
+    (tools/jax_benchmark.py): `with model.kernel_cache_stored_as(lambda t: t) as tensors`
+    gives the tensors to pass, and inside the jitted function
+    `supply = iter(args); with model.kernel_cache_stored_as(lambda _: next(supply)): ...`.
     """
     original = self._kernel_cache
     cache = self._usable_kernel_cache()
@@ -860,6 +974,7 @@ class PuppetClassifier(keras.Model):
   def _usable_kernel_cache(self):
     cache = self._kernel_cache
     if (cache is None or cache.n_bins != self.config.complexity_bins
+        or cache.execution != self.config.execution
         or cache.integrator != self.puppeteer.integrator
         or cache.depth_scale != self.config.depth_scale):
       return None
