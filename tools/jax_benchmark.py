@@ -49,7 +49,8 @@ on an RTX 4090, batch size not stated), and ratios against the twin from the sam
 
 Writes block `gpu` of --output (default docs/benchmarks_gpu.md; other blocks are kept) and,
 with --json_output, every raw time (rewritten after each job, so that a run stopped part-way
-keeps what it measured).
+keeps what it measured). --report_from_json writes the block again from such a JSON,
+measuring nothing (a run returned from another machine, or cut short before its report).
 """
 from __future__ import annotations
 
@@ -122,6 +123,9 @@ def define_flags():
   flags.DEFINE_integer("time_budget_s", 0, "Start no job once the run has taken this long "
                        "(the rest are reported as skipped; 0: no budget). A job's limit is "
                        "also cut to what is left.")
+  flags.DEFINE_string("report_from_json", None, "Measure nothing: write --output's block "
+                      "from this --json_output of an earlier run (e.g. one returned from a "
+                      "GPU machine).")
   flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
 
 
@@ -369,13 +373,15 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       f"- Protocol: each (model, phase) job in its own process; first call (compilation) timed "
       f"apart; {header['warmup']} warm-up call(s); {header['repeats']} timed calls ended by "
       f"`jax.block_until_ready`, inputs already on the device; **median [min, max]**",
-      f"- Inference at batch {', '.join(str(b) for b in batches)}; training: one SGD step "
-      f"(momentum 0.9) at batch {tb}. Device memory: the job's peak bytes in use "
+      f"- Inference at batch {', '.join(str(b) for b in batches)}; training: "
+      + (f"one SGD step (momentum 0.9) at batch {tb}" if tb else "not run (--train_batch=0)")
+      + ". Device memory: the job's peak bytes in use "
       "(`memory_stats()`, '-' where the device keeps none, as JAX's CPU client)", "",
   ]
   head = ["model", "compile s (infer / train)"]
   head += [f"s/img b{b}" for b in batches] + [f"images/s b{b}" for b in batches]
-  head += [f"train step b{tb}", "peak device MB (infer / train)", "notes"]
+  train_label = f"train step b{tb}" if tb else "train step (not run)"
+  head += [train_label, "peak device MB (infer / train)", "notes"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in header["models"]:
     infer, train = results.get(name, {}).get("infer", {}), results.get(name, {}).get("train", {})
@@ -396,12 +402,12 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       notes.append(f"jitted logits vs eager call: {infer['logit_check']:.1e} (relative)")
     if name in PAPER_S_PER_IMG:
       notes.append(f"paper (RTX 4090): {PAPER_S_PER_IMG[name]} s/img")
-    row.append("; ".join(notes) or "-")
+    row.append(("; ".join(notes) or "-").replace("|", "\\|"))  # a table cell
     lines.append("| " + " | ".join(row) + " |")
   twin = results.get("static_twin", {})
   lines += ["", "Against the static twin from the same run (inference time and training step: "
             "model / twin, lower is better; memory: model / twin):", ""]
-  head = ["model"] + [f"time b{b}" for b in batches] + [f"train step b{tb}",
+  head = ["model"] + [f"time b{b}" for b in batches] + [train_label,
                                                           "peak memory infer / train"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in header["models"]:
@@ -421,10 +427,31 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
   return lines
 
 
+def write_report(output: str, header: Dict[str, Any], results: Dict[str, Dict[str, Any]]):
+  """Writes block `gpu` of `output` (created with the title if missing); returns its lines."""
+  lines = report_lines(header, results)
+  if not os.path.exists(output):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      f.write(TITLE + "\n")
+  benchmark.write_block(output, BLOCK, lines)
+  return lines
+
+
 def main(argv):
   del argv
   if FLAGS.worker:
     print("RESULT " + json.dumps(run_job(json.loads(FLAGS.worker))), flush=True)
+    return
+  if FLAGS.report_from_json:
+    try:
+      with open(FLAGS.report_from_json) as f:
+        data = json.load(f)
+      header, results = data["header"], data["results"]
+    except (OSError, ValueError, KeyError) as e:
+      raise app.UsageError(f"--report_from_json={FLAGS.report_from_json}: not a JSON written "
+                           f"by --json_output ({type(e).__name__}: {e})") from e
+    print("\n".join(write_report(FLAGS.output, header, results)))
     return
   import keras
   if keras.backend.backend() != "jax":
@@ -490,13 +517,7 @@ def main(argv):
       with open(FLAGS.json_output, "w") as f:
         json.dump({"header": header, "results": results, "done": i + 1 == len(jobs)}, f,
                   indent=1)
-  lines = report_lines(header, results)
-  if not os.path.exists(FLAGS.output):
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      f.write(TITLE + "\n")
-  benchmark.write_block(FLAGS.output, BLOCK, lines)
-  print("\n".join(lines))
+  print("\n".join(write_report(FLAGS.output, header, results)))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ def _header(models, batches=(4, 8), train_batch=4):
 
 
 def _rows(lines, first_cell):
-  return [[c.strip() for c in l.strip("|").split("|")] for l in lines
-          if l.startswith(f"| {first_cell} |")]
+  """The table rows that start with first_cell, as lists of cells (an escaped \\| is text)."""
+  return [[c.strip().replace("\0", "|") for c in
+           l.replace("\\|", "\0").strip("|").split("|")]
+          for l in lines if l.startswith(f"| {first_cell} |")]
 
 
 def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
@@ -175,3 +177,23 @@ def test_a_failed_job_reports_the_exception_line(monkeypatch):
   monkeypatch.setattr(jax_benchmark.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
       a, 2, stdout="", stderr="a\nb\nc\nd\n"))
   assert jax_benchmark._run_subprocess({}, 10) == {"error": "exit 2: b | c | d"}  # pylint: disable=protected-access
+
+
+def test_report_from_saved_results_escapes_cells_and_keeps_other_blocks(tmp_path):
+  """write_report (what --report_from_json runs) writes the block from saved results,
+  keeps the rest of the file, and escapes a '|' inside a note so the table keeps its
+  columns."""
+  results = {"static_twin": {"infer": {"infer_b4": {"first_call_s": 1.0, "times": [0.4]}}},
+             "puppet_exact": {"infer": {"error": "exit 1: a | b"}}}
+  header = _header(["static_twin", "puppet_exact"], batches=(4,), train_batch=0)
+  output = tmp_path / "gpu.md"
+  output.write_text("# Title\n\nkept text\n")
+  lines = jax_benchmark.write_report(str(output), json.loads(json.dumps(header)), results)
+  text = output.read_text()
+  assert text.startswith("# Title\n\nkept text\n") and "<!-- gpu:begin -->" in text
+  assert "\n".join(lines) in text
+  (twin,), (puppet,) = _rows(lines, "static_twin")[:1], _rows(lines, "puppet_exact")[:1]
+  assert len(puppet) == len(twin) == 7
+  assert "train step (not run)" in text and "training: not run (--train_batch=0)" in text
+  assert twin[2] == "0.10000 [0.10000, 0.10000]"
+  assert puppet[6].startswith("infer: exit 1: a | b;")

@@ -19,7 +19,9 @@ then runs the puppeteer once per occupied bin and each bin's samples with ordina
 (shared-kernel) convolutions for exactly the bin's depth; `cache_kernels()` stores the
 inference-mode kernels of every bin so that inference does not regenerate them.
 `execution='gathered'` runs the puppeteer once per bin (every bin: static shapes, for XLA)
-and gathers each sample's kernels from its bin's, then runs the per-sample puppet.
+and gathers each sample's kernels from its bin's, then runs the per-sample puppet;
+`cache_kernels()` on a gathered model stores the bins' kernels as a table, so that its
+inference (XLA, `jax.jit`) runs no puppeteer.
 """
 
 from __future__ import annotations
@@ -915,7 +917,7 @@ class PuppetClassifier(keras.Model):
                                 snapshot, c.depth_scale, dtype, fallback)
 
   def clear_kernel_cache(self) -> None:
-    """Drops the inference kernel cache (bucketed inference then generates kernels)."""
+    """Drops the inference kernel cache (inference then generates kernels)."""
     self._kernel_cache = None
     self._reset_compiled_functions()
 
