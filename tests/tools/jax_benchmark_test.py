@@ -94,6 +94,9 @@ def _run_tool(python, tmp_path, timeout, *flags):
          f"--images_npz={tmp_path / 'images.npz'}", f"--output={tmp_path / 'gpu.md'}",
          f"--json_output={tmp_path / 'gpu.json'}"]
   env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  # Faster XLA compiles (the same HLO; as in tests/modeling/jax_backend_test.py).
+  env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                 "--xla_llvm_disable_expensive_passes=true")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -112,14 +115,14 @@ def test_tiny_run_under_jax(tmp_path):
   np.savez(tmp_path / "images.npz", images=images, labels=np.arange(6) % 10)
   output = tmp_path / "gpu.md"
   data = _run_tool(python, tmp_path, 900,
-                   "--models=static_twin,puppet_exact,puppet_gathered,puppet_gathered_cached",
+                   "--models=static_twin,puppet_gathered,puppet_gathered_cached",
                    "--bins=4", "--batch_sizes=4", "--train_batch=4", "--repeats=3",
                    "--warmup=0")
   header, results = data["header"], data["results"]
   assert header["machine"]["backend"] == "jax" and header["machine"]["platform"] == "cpu"
   assert sum(header["depth"]["histogram"].values()) == 6
   assert header["twin_depth"] == round(header["depth"]["mean"]) and header["bins"] == 4
-  for name in ("static_twin", "puppet_exact", "puppet_gathered"):
+  for name in ("static_twin", "puppet_gathered"):
     infer, train = results[name]["infer"], results[name]["train"]
     assert "error" not in infer and "error" not in train, (infer, train)
     assert infer["logit_check"] < 1e-4
@@ -134,10 +137,10 @@ def test_tiny_run_under_jax(tmp_path):
   assert twin_losses[-1] < twin_losses[0], twin_losses
   text = output.read_text()
   assert text.startswith(jax_benchmark.TITLE) and "<!-- gpu:begin -->" in text
-  row = next(l for l in text.splitlines() if l.startswith("| puppet_exact |"))
-  times = results["puppet_exact"]["infer"]["infer_b4"]["times"]
+  row = next(l for l in text.splitlines() if l.startswith("| puppet_gathered |"))
+  times = results["puppet_gathered"]["infer"]["infer_b4"]["times"]
   assert f"{np.median(times) / 4:.5f} [{min(times) / 4:.5f}, {max(times) / 4:.5f}]" in row
-  ratio = [l for l in text.splitlines() if l.startswith("| puppet_exact |")][1]
+  ratio = [l for l in text.splitlines() if l.startswith("| puppet_gathered |")][1]
   twin_times = results["static_twin"]["infer"]["infer_b4"]["times"]
   assert re.search(rf"\| {np.median(times) / np.median(twin_times):.2f}x \|", ratio)
 
