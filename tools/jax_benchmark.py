@@ -54,6 +54,7 @@ measuring nothing (a run returned from another machine, or cut short before its 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -191,8 +192,6 @@ def build_model(name: str, sizes: str, twin_depth: int, bins: int = 16):
     overrides["complexity_bins"] = bins
   model = PuppetClassifier(config.replace(**overrides))
   model.build()
-  if name in CACHED:
-    model.cache_kernels()
   return model
 
 
@@ -232,32 +231,32 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     raise RuntimeError(f"tools/jax_benchmark.py needs KERAS_BACKEND=jax, got "
                        f"{keras.backend.backend()!r}")
   images, labels, _ = load_images(spec.get("data_dir"), spec.get("images_npz"))
-  start = time.perf_counter()
   model = build_model(spec["model"], spec["sizes"], spec["twin_depth"], spec["bins"])
-  build_s = time.perf_counter() - start
+  cached = spec["model"] in CACHED
+  if cached:
+    start = time.perf_counter()
+    model.cache_kernels()
+    info = model.kernel_cache_info()
+    cache_info = {"bins": len(info["bins"]), "bytes": info["bytes"],
+                  "build_s": time.perf_counter() - start}
   trainable = [v.value for v in model.trainable_variables]
   non_trainable = [v.value for v in model.non_trainable_variables]
   out: Dict[str, Any] = {"model": spec["model"], "phase": spec["phase"],
                          "params": int(sum(np.prod(v.shape) for v in model.weights)),
                          "after_build": _device_memory()}
-  if spec["model"] in CACHED:
-    info = model.kernel_cache_info()
-    out["cache"] = {"bins": len(info["bins"]), "bytes": info["bytes"], "build_s": build_s}
+  if cached:
+    out["cache"] = cache_info
   repeats, warmup = spec["repeats"], spec["warmup"]
   if spec["phase"] == "infer":
     # The kernel table (if any) is passed in like the weights, so that XLA gets it as an
     # argument rather than as constants folded into the program.
-    cached = spec["model"] in CACHED
-    cache = []
-    if cached:
-      with model.kernel_cache_stored_as(lambda t: t) as tensors:
-        cache = list(tensors)
+    stored_as = model.kernel_cache_stored_as if cached else lambda _: contextlib.nullcontext([])
+    with stored_as(lambda t: t) as tensors:
+      cache = list(tensors)
 
     def forward(tv, ntv, cache_tensors, x):
-      if not cached:
-        return model.stateless_call(tv, ntv, x, training=False)[0]
       supply = iter(cache_tensors)
-      with model.kernel_cache_stored_as(lambda _: next(supply)):
+      with stored_as(lambda _: next(supply)):
         return model.stateless_call(tv, ntv, x, training=False)[0]
 
     infer = jax.jit(forward)

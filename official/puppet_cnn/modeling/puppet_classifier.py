@@ -52,7 +52,29 @@ CACHE_FALLBACKS = (True, False, "nearest")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
-class _KernelCache:
+class _StoredKernels:
+  """What the two kernel stores share; a subclass has `n_bins`, `bins` (the sorted cached
+  bins) and `tensors(snapshot=...)`."""
+
+  def nearest_bins(self) -> np.ndarray:
+    """(n_bins,) int32: for each bin, the cached bin nearest to it (itself when cached; an
+    uncached bin midway between two cached ones goes to the higher, deeper one)."""
+    cached = np.asarray(self.bins, np.int64)
+    if not len(cached):
+      raise ValueError("an empty kernel cache has no nearest bin")
+    out = np.empty((self.n_bins,), np.int32)
+    for b in range(self.n_bins):
+      distance = np.abs(cached - b)
+      out[b] = cached[distance == distance.min()].max()
+    return out
+
+  def num_bytes(self) -> int:
+    """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
+    return sum(int(np.prod(k.shape)) * _ITEMSIZE[keras.backend.standardize_dtype(k.dtype)]
+               for k in self.tensors(snapshot=False))
+
+
+class _KernelCache(_StoredKernels):
   """Inference-mode kernels per bin (puppet batch norm folded in), with the weights they
   were generated from.
 
@@ -81,18 +103,6 @@ class _KernelCache:
   @property
   def bins(self):
     return tuple(sorted(self.kernels))
-
-  def nearest_bins(self) -> np.ndarray:
-    """(n_bins,) int32: for each bin, the cached bin nearest to it (itself when cached; an
-    uncached bin midway between two cached ones goes to the higher, deeper one)."""
-    cached = np.asarray(self.bins, np.int64)
-    if not len(cached):
-      raise ValueError("an empty kernel cache has no nearest bin")
-    out = np.empty((self.n_bins,), np.int32)
-    for b in range(self.n_bins):
-      distance = np.abs(cached - b)
-      out[b] = cached[distance == distance.min()].max()
-    return out
 
   def stage_scales(self, b):
     """Bin b's per-stage (transition scale, repeated scales); (None, None) per stage for
@@ -136,13 +146,8 @@ class _KernelCache:
       out += [k for stages in self.scales.values() for pair in stages for k in pair]
     return out + (list(self.snapshot) if snapshot else [])
 
-  def num_bytes(self) -> int:
-    """Bytes stored: the kernels in their storage dtype, plus the int8 scales."""
-    return sum(int(np.prod(k.shape)) * _ITEMSIZE[keras.backend.standardize_dtype(k.dtype)]
-               for k in self.tensors(snapshot=False))
 
-
-class _GatheredKernelTable:
+class _GatheredKernelTable(_StoredKernels):
   """execution='gathered': the puppeteer's inference-mode output for the cached bins as one
   static table per stage, from which each sample's kernels are gathered by its bin.
 
@@ -151,7 +156,6 @@ class _GatheredKernelTable:
   bookkeeping (bins, fallback, snapshot, `map`, `tensors`), never saved with the model.
   """
   execution = "gathered"
-  scales = None
 
   def __init__(self, n_bins, integrator, table, rows, snapshot, depth_scale,
                dtype="float32", fallback=True):
@@ -168,8 +172,6 @@ class _GatheredKernelTable:
   @property
   def bins(self):
     return tuple(int(b) for b in np.flatnonzero(self.rows >= 0))
-
-  nearest_bins = _KernelCache.nearest_bins
 
   def gather(self, rows):
     """Per-sample float32 kernels [(transition, repeated) per stage] for table rows `rows`."""
@@ -190,8 +192,6 @@ class _GatheredKernelTable:
     """Every stored tensor: the table's, then (with `snapshot`) the weight snapshot."""
     out = [k for pair in self.table for k in pair]
     return out + (list(self.snapshot) if snapshot else [])
-
-  num_bytes = _KernelCache.num_bytes
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
