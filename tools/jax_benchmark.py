@@ -205,6 +205,21 @@ def _device_memory() -> Dict[str, Optional[int]]:
   return {"peak_bytes": stats.get("peak_bytes_in_use"), "bytes": stats.get("bytes_in_use")}
 
 
+def _xla_memory(jitted, *args) -> Optional[Dict[str, int]]:
+  """XLA's plan for `jitted(*args)` (already compiled by a call, so this compiles nothing):
+  bytes of its temporaries, arguments and outputs (`Compiled.memory_analysis()`), on any
+  backend, JAX's CPU client too. None where the backend gives none."""
+  try:
+    analysis = jitted.lower(*args).compile().memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (a backend without the analysis)
+    return None
+  if analysis is None:
+    return None
+  return {"temp_bytes": int(analysis.temp_size_in_bytes),
+          "argument_bytes": int(analysis.argument_size_in_bytes),
+          "output_bytes": int(analysis.output_size_in_bytes)}
+
+
 def _time(fn, repeats: int, warmup: int) -> Dict[str, Any]:
   """fn(i) -> a value to block on; the first call, then warmup untimed, repeats timed."""
   import jax
@@ -264,6 +279,8 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
       x = jax.device_put(batch_of(images, b).astype(np.float32))
       out[f"infer_b{b}"] = _time(lambda i, x=x: infer(trainable, non_trainable, cache, x),
                                  repeats, warmup)
+      out.setdefault("xla", {})[f"infer_b{b}"] = _xla_memory(infer, trainable, non_trainable,
+                                                             cache, x)
     # The timed function is the model: its logits at the first batch size (compiled above)
     # against an eager call of the model on the batch's first 8 images (in inference every
     # image's logits depend on that image alone).
@@ -299,18 +316,23 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
       return loss
 
     out[f"train_b{b}"] = _time(one, repeats, warmup)
+    out["xla"] = {f"train_b{b}": _xla_memory(step, state["tv"], state["ntv"], state["m"], x, y)}
     out["losses"] = [float(l) for l in losses]
   out["end"] = _device_memory()
   return out
 
 
 # ------------------------------------------------------------------------------ the run
-def _run_subprocess(spec, timeout_s: float) -> Dict[str, Any]:
+def _run_subprocess(spec, timeout_s: float, budget_cut: bool = False) -> Dict[str, Any]:
+  """Runs one job in a subprocess; `budget_cut`: `timeout_s` is what --time_budget_s left
+  (less than --job_timeout_s), which the error then says."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
   except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout_s:.0f} s"}
+    if budget_cut:
+      return {"error": f"stopped after {timeout_s:.0f} s, what --time_budget_s had left"}
+    return {"error": f"timed out after {timeout_s:.0f} s (--job_timeout_s)"}
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
     # The exception's own line (e.g. XLA's "RESOURCE_EXHAUSTED: Out of memory allocating
@@ -344,6 +366,11 @@ def _fmt_s_per_img(entry, batch: int) -> str:
   return f"{s['median'] / batch:.5f} [{s['min'] / batch:.5f}, {s['max'] / batch:.5f}]"
 
 
+def _xla_temp(result: Dict[str, Any], key: str) -> Optional[int]:
+  """The temp bytes XLA planned for measurement `key` of a job's result (None if absent)."""
+  return ((result.get("xla") or {}).get(key) or {}).get("temp_bytes")
+
+
 def _fmt_mb(nbytes) -> str:
   return "-" if nbytes is None else f"{nbytes / 1e6:.0f}"
 
@@ -375,12 +402,16 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       f"- Inference at batch {', '.join(str(b) for b in batches)}; training: "
       + (f"one SGD step (momentum 0.9) at batch {tb}" if tb else "not run (--train_batch=0)")
       + ". Device memory: the job's peak bytes in use "
-      "(`memory_stats()`, '-' where the device keeps none, as JAX's CPU client)", "",
+      "(`memory_stats()`, '-' where the device keeps none, as JAX's CPU client). XLA temp: "
+      "the compiled function's temporary buffers as XLA planned them "
+      "(`memory_analysis().temp_size_in_bytes`; arguments such as the weights and a kernel "
+      f"table not included), inference at batch {batches[-1]}", "",
   ]
   head = ["model", "compile s (infer / train)"]
   head += [f"s/img b{b}" for b in batches] + [f"images/s b{b}" for b in batches]
   train_label = f"train step b{tb}" if tb else "train step (not run)"
-  head += [train_label, "peak device MB (infer / train)", "notes"]
+  head += [train_label, "peak device MB (infer / train)", "XLA temp MB (infer / train)",
+           "notes"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in header["models"]:
     infer, train = results.get(name, {}).get("infer", {}), results.get(name, {}).get("train", {})
@@ -391,6 +422,8 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
     row += [benchmark._fmt_throughput(infer.get(f"infer_b{b}"), b) for b in batches]  # pylint: disable=protected-access
     row += [benchmark._fmt_time(train.get(f"train_b{tb}"))]  # pylint: disable=protected-access
     row += [" / ".join(_fmt_mb((r.get("end") or {}).get("peak_bytes")) for r in (infer, train))]
+    row += [" / ".join(_fmt_mb(_xla_temp(r, key)) for r, key in
+                       ((infer, f"infer_b{batches[-1]}"), (train, f"train_b{tb}")))]
     notes = [f"{phase}: {r['error']}" for phase, r in (("infer", infer), ("train", train))
              if r.get("error")]
     if infer.get("cache"):
@@ -407,7 +440,8 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
   lines += ["", "Against the static twin from the same run (inference time and training step: "
             "model / twin, lower is better; memory: model / twin):", ""]
   head = ["model"] + [f"time b{b}" for b in batches] + [train_label,
-                                                          "peak memory infer / train"]
+                                                          "peak memory infer / train",
+                                                          "XLA temp infer / train"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in header["models"]:
     if name == "static_twin":
@@ -422,6 +456,9 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
     row.append(" / ".join(benchmark._ratio(  # pylint: disable=protected-access
         (r.get(p, {}).get("end") or {}).get("peak_bytes"),
         (twin.get(p, {}).get("end") or {}).get("peak_bytes")) for p in ("infer", "train")))
+    row.append(" / ".join(benchmark._ratio(  # pylint: disable=protected-access
+        _xla_temp(r.get(p, {}), key), _xla_temp(twin.get(p, {}), key))
+        for p, key in (("infer", f"infer_b{batches[-1]}"), ("train", f"train_b{tb}"))))
     lines.append("| " + " | ".join(row) + " |")
   return lines
 
@@ -508,7 +545,7 @@ def main(argv):
           "error": f"skipped: --time_budget_s={FLAGS.time_budget_s} spent"}
     else:
       results.setdefault(name, {})[phase] = _run_subprocess(
-          dict(base, model=name, phase=phase), limit)
+          dict(base, model=name, phase=phase), limit, budget_cut=limit < FLAGS.job_timeout_s)
     status = results[name][phase].get("error", "ok")
     print(f"{status} ({time.time() - t0:.0f} s)", flush=True)
     header["wall_s"] = time.time() - start

@@ -43,6 +43,9 @@ PER_SAMPLE_CONVS = ("grouped", "im2col")
 # How G's depthwise convolution is computed (`PuppetCNNConfig.generator_depthwise`,
 # `backend_ops.depthwise_conv_same`).
 DEPTHWISE_METHODS = ("auto", "conv", "shifted")
+# When execution='gathered' gathers each sample's kernels from its bin's
+# (`PuppetCNNConfig.gathered_kernels`).
+GATHERED_KERNELS = ("per_layer", "upfront")
 # How bucketed inference lays out its graph (`PuppetCNNConfig.bucketed_inference`).
 BUCKETED_INFERENCES = ("loop", "per_bin")
 # Bucketed training (and `bucketed_inference='per_bin'`) builds one branch per complexity bin,
@@ -201,6 +204,13 @@ class PuppetCNNConfig:
       group sizes): `compile(jit_compile='auto')` turns XLA off, `jit_compile=True` and
       `tf.function(jit_compile=True)` raise a ValueError. In inference the kernels depend
       only on the weights: `PuppetClassifier.cache_kernels()` stores them (see there).
+    gathered_kernels: when execution='gathered' gathers each sample's kernels from its
+      bin's (or from the rows of a kernel table). 'per_layer' (default): each layer's, in the
+      layer loop where the layer runs (`DynamicConvStack(kernel_rows=...)`), so one layer's
+      (batch, K, K, C, C) exists at a time and the gradient is accumulated per bin.
+      'upfront': every layer's at once before the puppet runs, (batch, layers, K, K, C, C)
+      per stage (the code before 2026-12-04: at batch 256 with the paper's G, 52 GB of
+      device memory with the kernel table on an H200, docs/benchmarks_gpu.md). Same values.
     bucketed_inference: the graph of bucketed inference (execution='bucketed', training=False;
       training always runs one branch per bin). 'loop' (default): one `tf.while_loop` over
       the occupied bins runs each bin's samples through one shared subgraph per stage (a
@@ -315,6 +325,7 @@ class PuppetCNNConfig:
   complexity_bin_floor: float = 0.0
   execution: str = "per_sample"
   bucketed_inference: str = "loop"
+  gathered_kernels: str = "per_layer"
   depth_scale: float = 1.0
   train_widths: Tuple[float, ...] = ()
   generator_remat: bool = False
@@ -388,6 +399,8 @@ class PuppetCNNConfig:
     self.complexity_bin_floor = float(self.complexity_bin_floor)
     _check(self.execution in EXECUTIONS,
            f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+    _check(self.gathered_kernels in GATHERED_KERNELS,
+           f"gathered_kernels must be one of {GATHERED_KERNELS}, got {self.gathered_kernels!r}")
     _check(self.bucketed_inference in BUCKETED_INFERENCES,
            f"bucketed_inference must be one of {BUCKETED_INFERENCES}, got "
            f"{self.bucketed_inference!r}")

@@ -129,6 +129,11 @@ _PER_SAMPLE_CONV = flags.DEFINE_enum(
     "per_sample_conv", None, ["grouped", "im2col"], "How per_sample and gathered execution "
     "convolve each image with its own kernel: grouped (default; one grouped conv) or im2col "
     "(patches and a batched matrix product; same results, K*K times the input's memory).")
+_GATHERED_KERNELS = flags.DEFINE_enum(
+    "gathered_kernels", None, ["per_layer", "upfront"], "Gathered execution: gather each "
+    "image's kernels from its bin's per layer, inside the layer loop (per_layer, default; "
+    "one layer's per-image kernels in memory at a time) or all layers' first (upfront). "
+    "Same results.")
 _GENERATOR_DEPTHWISE = flags.DEFINE_enum(
     "generator_depthwise", None, ["auto", "conv", "shifted"], "How G's depthwise conv is "
     "computed: auto (default; shifted copies under XLA, the backend's conv otherwise), conv "
@@ -187,6 +192,7 @@ def config_from_flags() -> ExperimentConfig:
                generator_loop=_GENERATOR_LOOP.value, fused_batch_norm=_FUSED_BATCH_NORM.value,
                narrow_kernels=_NARROW_KERNELS.value, per_sample_conv=_PER_SAMPLE_CONV.value,
                generator_depthwise=_GENERATOR_DEPTHWISE.value,
+               gathered_kernels=_GATHERED_KERNELS.value,
                state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),

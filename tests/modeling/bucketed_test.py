@@ -285,14 +285,16 @@ def _gathered_pair(bins=16, **kw):
   return a, b
 
 
-@pytest.mark.parametrize("puppet,rank,bins", [("vgg", 0, 16), ("resnet", 0, 16), ("vgg", 3, 16),
-                                              ("vgg", 0, 3)])
-def test_gathered_matches_per_sample(puppet, rank, bins):
-  """execution='gathered' (one state per bin, kernels gathered per sample) against the
-  per-sample model with the same bins: predictions eagerly and XLA-compiled, and one training
-  step's loss, gradients and moving statistics (16 bins for 8 images: most bins empty, their
-  states weighing 0 in G's batch statistics; 3 bins: several images per bin)."""
-  a, b = _gathered_pair(bins, puppet=puppet, generator_rank=rank)
+@pytest.mark.parametrize("puppet,rank,bins,gather", [
+    ("vgg", 0, 16, "per_layer"), ("resnet", 0, 16, "per_layer"), ("vgg", 3, 16, "per_layer"),
+    ("vgg", 0, 3, "per_layer"), ("resnet", 0, 3, "upfront")])
+def test_gathered_matches_per_sample(puppet, rank, bins, gather):
+  """execution='gathered' (one state per bin, kernels gathered per sample, layer by layer or
+  upfront) against the per-sample model with the same bins: predictions eagerly and
+  XLA-compiled, and one training step's loss, gradients and moving statistics (16 bins for 8
+  images: most bins empty, their states weighing 0 in G's batch statistics; 3 bins: several
+  images per bin)."""
+  a, b = _gathered_pair(bins, puppet=puppet, generator_rank=rank, gathered_kernels=gather)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
   want = a(images, training=False)
@@ -328,6 +330,8 @@ def test_gathered_runs_one_state_per_bin(monkeypatch):
   np.testing.assert_array_equal(seen["weight"], np.bincount(bins, minlength=5))
   with pytest.raises(ValueError, match="execution='gathered' needs complexity_bins >= 1"):
     PuppetCNNConfig(execution="gathered")
+  with pytest.raises(ValueError, match="gathered_kernels must be one of"):
+    PuppetCNNConfig(complexity_bins=4, execution="gathered", gathered_kernels="lazy")
   b.set_binning(0)
   assert b.config.execution == "per_sample"
 

@@ -177,6 +177,58 @@ def test_wrong_kernel_shapes_are_reported():
     stack(x, kernels[:1], np.array([1, 1]))
 
 
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_kernel_rows_gather_each_samples_row(block_type):
+  """`kernel_rows`: R rows of kernels (float16 here), sample b running with row rows[b],
+  against the float64 loop given NumPy's per-sample kernels (the float16 values), eagerly and
+  XLA-compiled; in training the loss and the gradient of each row equal those of the
+  per-sample kernels summed over the samples that use the row."""
+  stack = _stack(block_type)
+  x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  table = [tuple(k.astype(np.float16) for k in pair) for pair in _kernels(stack, 3, seed=2)]
+  rows, depth = np.array([2, 0, 2, 1], np.int32), np.array([3, 1, 2, 3], np.int32)
+  per_sample = [tuple(k[rows].astype(np.float32) for k in pair) for pair in table]
+  want = _np_forward(stack, x, per_sample, depth)
+  for jit in (False, True):
+    fn = tf.function(lambda a, k, d, r: stack(a, k, d, training=False, kernel_rows=r),
+                     jit_compile=jit)
+    got = fn(x, table, depth, rows).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+  table = [tuple(tf.constant(k.astype(np.float32)) for k in pair) for pair in table]
+  with tf.GradientTape() as tape:
+    tape.watch(table)
+    loss = tf.reduce_sum(stack(x, table, depth, training=True, kernel_rows=rows) ** 2)
+  grads = tape.gradient(loss, table)
+  per_sample = [tuple(tf.constant(k) for k in pair) for pair in per_sample]
+  with tf.GradientTape() as tape:
+    tape.watch(per_sample)
+    want_loss = tf.reduce_sum(stack(x, per_sample, depth, training=True) ** 2)
+  want_grads = tape.gradient(want_loss, per_sample)
+  assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+  for got_pair, want_pair in zip(grads, want_grads):
+    for g, w in zip(got_pair, want_pair):
+      w = tf.math.unsorted_segment_sum(w, rows, 3).numpy()  # the samples of each row, summed
+      np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(), w,
+                                 atol=1e-5 * np.abs(w).max())
+
+
+def test_bad_kernel_rows_are_reported():
+  stack = _stack()
+  x = np.zeros((2, 8, 8, 3), np.float32)
+  kernels, depth = _kernels(stack, 3), np.array([1, 1])
+  with pytest.raises(ValueError, match=r"kernel_rows must be \(batch,\) = \(2,\)"):
+    stack(x, kernels, depth, kernel_rows=np.array([0, 1, 2], np.int32))
+  with pytest.raises(TypeError, match="kernel_rows must be integers"):
+    stack(x, kernels, depth, kernel_rows=np.array([0.0, 1.0], np.float32))
+  with pytest.raises(ValueError, match="transition kernels have 3 rows and the repeated ones 2"):
+    stack(x, [kernels[0], (kernels[1][0], kernels[1][1][:2])], depth,
+          kernel_rows=np.array([0, 1], np.int32))
+  with pytest.raises(ValueError, match=r"transition kernel must be \(rows,\)"):
+    stack(x, [kernels[0], (kernels[0][0], kernels[1][1])], depth,
+          kernel_rows=np.array([0, 1], np.int32))
+
+
 def test_config_round_trip():
   stack = DynamicConvStack(stage_channels=(8, 16, 32), block_type="residual", max_depth=6,
                            pool_after=(True, False, True))

@@ -40,12 +40,16 @@ def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
   results = {
       "static_twin": {"infer": {"infer_b4": {"first_call_s": 2.0, "times": twin_times},
                                 "infer_b8": {"first_call_s": 0.1, "times": twin_times},
-                                "end": {"peak_bytes": 100e6}},
+                                "end": {"peak_bytes": 100e6},
+                                "xla": {"infer_b4": {"temp_bytes": 1e6},
+                                        "infer_b8": {"temp_bytes": 50e6}}},
                       "train": {"train_b4": {"first_call_s": 3.0, "times": [1.0, 2.0, 3.0]},
-                                "end": {"peak_bytes": 400e6}}},
+                                "end": {"peak_bytes": 400e6},
+                                "xla": {"train_b4": {"temp_bytes": 200e6}}}},
       "puppet_exact": {"infer": {"infer_b4": {"first_call_s": 5.0, "times": puppet_times},
                                  "infer_b8": {"first_call_s": 0.1, "times": puppet_times},
-                                 "logit_check": 3e-7, "end": {"peak_bytes": 250e6}},
+                                 "logit_check": 3e-7, "end": {"peak_bytes": 250e6},
+                                 "xla": {"infer_b8": {"temp_bytes": 150e6}}},
                        "train": {"error": "exit 1: out of memory"}},
   }
   lines = jax_benchmark.report_lines(_header(["static_twin", "puppet_exact"]), results)
@@ -60,11 +64,13 @@ def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
   assert twin[1] == "2.0 / 3.0" and puppet[1] == "5.0 / -"  # compile: first calls
   assert twin[6] == "2000.0 [1000.0, 3000.0] ms"
   assert twin[7] == "100 / 400" and puppet[7] == "250 / -"
-  assert "train: exit 1: out of memory" in puppet[8] and "3.0e-07" in puppet[8]
-  assert "paper (RTX 4090): 0.0039 s/img" in puppet[8]
-  # Ratios: 1.0 / 0.2 = 5x at both batch sizes, no training, memory 2.5x.
+  # XLA's planned temporaries at the largest inference batch (8) and in training.
+  assert twin[8] == "50 / 200" and puppet[8] == "150 / -"
+  assert "train: exit 1: out of memory" in puppet[9] and "3.0e-07" in puppet[9]
+  assert "paper (RTX 4090): 0.0039 s/img" in puppet[9]
+  # Ratios: 1.0 / 0.2 = 5x at both batch sizes, no training, memory 2.5x, XLA temp 3x.
   ratio = _rows(lines, "puppet_exact")[1]
-  assert ratio[1:] == ["5.00x", "5.00x", "-", "2.50x / -"]
+  assert ratio[1:] == ["5.00x", "5.00x", "-", "2.50x / -", "3.00x / -"]
 
 
 def test_images_npz_is_checked(tmp_path):
@@ -128,6 +134,8 @@ def test_tiny_run_under_jax(tmp_path):
     assert infer["logit_check"] < 1e-4
     assert len(infer["infer_b4"]["times"]) == 3 and len(train["train_b4"]["times"]) == 3
     assert np.all(np.isfinite(train["losses"])) and len(train["losses"]) == 4
+    # XLA's memory plan, which JAX's CPU client gives (its memory_stats() does not).
+    assert infer["xla"]["infer_b4"]["temp_bytes"] > 0 < train["xla"]["train_b4"]["temp_bytes"]
   # The kernel table (every bin, passed to the jitted function as an argument): the
   # model's logits, no training job.
   cached = results["puppet_gathered_cached"]
@@ -159,7 +167,7 @@ def test_time_budget_skips_what_it_cannot_start(tmp_path):
   assert data["done"]
   errors = [data["results"][m][p].get("error", "") for m in ("static_twin", "resnet")
             for p in ("infer", "train")]
-  assert all(e.startswith(("skipped: --time_budget_s=1", "timed out")) for e in errors), errors
+  assert all(e.startswith(("skipped: --time_budget_s=1", "stopped after")) for e in errors), errors
   assert "skipped: --time_budget_s=1 spent" in output.read_text()
 
 
@@ -181,6 +189,16 @@ def test_a_failed_job_reports_the_exception_line(monkeypatch):
       a, 2, stdout="", stderr="a\nb\nc\nd\n"))
   assert jax_benchmark._run_subprocess({}, 10) == {"error": "exit 2: b | c | d"}  # pylint: disable=protected-access
 
+  def timeout(*args, **kwargs):
+    raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+  # A job past its limit: --job_timeout_s, or what --time_budget_s had left.
+  monkeypatch.setattr(jax_benchmark.subprocess, "run", timeout)
+  assert jax_benchmark._run_subprocess({}, 30) == {  # pylint: disable=protected-access
+      "error": "timed out after 30 s (--job_timeout_s)"}
+  assert jax_benchmark._run_subprocess({}, 30, budget_cut=True) == {  # pylint: disable=protected-access
+      "error": "stopped after 30 s, what --time_budget_s had left"}
+
 
 def test_report_from_saved_results_escapes_cells_and_keeps_other_blocks(tmp_path):
   """write_report (what --report_from_json runs) writes the block from saved results,
@@ -196,7 +214,7 @@ def test_report_from_saved_results_escapes_cells_and_keeps_other_blocks(tmp_path
   assert text.startswith("# Title\n\nkept text\n") and "<!-- gpu:begin -->" in text
   assert "\n".join(lines) in text
   (twin,), (puppet,) = _rows(lines, "static_twin")[:1], _rows(lines, "puppet_exact")[:1]
-  assert len(puppet) == len(twin) == 7
+  assert len(puppet) == len(twin) == 8
   assert "train step (not run)" in text and "training: not run (--train_batch=0)" in text
   assert twin[2] == "0.10000 [0.10000, 0.10000]"
-  assert puppet[6].startswith("infer: exit 1: a | b;")
+  assert puppet[7].startswith("infer: exit 1: a | b;")

@@ -76,8 +76,11 @@ def test_beyond_the_paper_flags():
   assert config.model.complexity_bin_floor == 4.0
   assert _config("--model_dir=/tmp/x").model.complexity_bin_floor == 0.0
   gathered = _config("--model_dir=/tmp/x", "--complexity_bins=8", "--execution=gathered",
-                     "--per_sample_conv=im2col", "--generator_depthwise=shifted")
+                     "--per_sample_conv=im2col", "--generator_depthwise=shifted",
+                     "--gathered_kernels=upfront")
   assert (gathered.model.execution, gathered.model.complexity_bins) == ("gathered", 8)
+  assert gathered.model.gathered_kernels == "upfront"
+  assert _config("--model_dir=/tmp/x").model.gathered_kernels == "per_layer"
   assert gathered.model.per_sample_conv == "im2col"
   assert gathered.model.generator_depthwise == "shifted"
   assert _config("--model_dir=/tmp/x").model.generator_depthwise == "auto"

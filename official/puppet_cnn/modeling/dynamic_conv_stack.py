@@ -33,6 +33,14 @@ from official.puppet_cnn.modeling import scaling
 KERNELS_PER_UNIT = {"plain": 1, "residual": 2}
 
 
+def per_sample_kernels(kernel, kernel_rows=None):
+  """`kernel` as (B, ...) per-sample kernels: itself (`kernel_rows` None), or its rows
+  `kernel_rows` (B,) cast to float32 (kernels stored at a lower precision)."""
+  if kernel_rows is None:
+    return kernel
+  return ops.cast(ops.take(kernel, kernel_rows, axis=0), "float32")
+
+
 @keras.saving.register_keras_serializable(package="puppet_cnn")
 class DynamicConvStack(keras.layers.Layer):
   """A CNN with per-sample generated kernels and per-sample depth.
@@ -57,6 +65,8 @@ class DynamicConvStack(keras.layers.Layer):
     features: (B, H, W, C_in) input features.
     kernels: what `PuppeteerODE` returns: per stage `(transition, repeated)` with transition
       (B, K, K, C_prev, C_s) and repeated (B, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
+      With `kernel_rows`, R rows of such kernels instead of B (R, K, K, ...), in any float
+      dtype.
     depth: (B,) int32 units per stage, in [1, max_depth] (or [1, units + 1]).
     training: batch statistics (True) or moving statistics (False).
     units: repeated units per stage (None: max_depth - 1); with scaled steps
@@ -67,6 +77,12 @@ class DynamicConvStack(keras.layers.Layer):
     channels: stage widths to run at (None: `stage_channels`). At another width the batch-norm
       parameters are resized along channels (`scaling.resize_channels`), and in training the
       moving statistics are left alone (they are learned at full width).
+    kernel_rows: None (default: `kernels` are per sample), or (B,) int32 indices into the
+      R rows of `kernels`: sample b runs with row kernel_rows[b]. Each layer's per-sample
+      kernels are then gathered (and cast to float32) where the layer runs, inside the
+      layer loop, so that only one layer's (B, K, K, C, C) exists at a time instead of
+      every layer's (execution='gathered': R = one row per complexity bin, or a kernel
+      table's rows). Same values as gathering all of them first.
 
   Returns:
     (B, H', W', stage_channels[-1]) features.
@@ -164,10 +180,18 @@ class DynamicConvStack(keras.layers.Layer):
     return {prefix: [scaling.resize_channels(ops.convert_to_tensor(w), width) for w in ws]
             for prefix, ws in stage.items()}
 
-  def _check_kernels(self, features, kernels, units=None, channels=None):
+  def _check_kernels(self, features, kernels, units=None, channels=None, kernel_rows=None):
     if len(kernels) != len(self.stage_channels):
       raise ValueError(f"DynamicConvStack has {len(self.stage_channels)} stages but got "
                        f"kernels for {len(kernels)}")
+    lead = "(batch,)" if kernel_rows is None else "(rows,)"
+    if kernel_rows is not None:
+      if len(kernel_rows.shape) != 1 or (kernel_rows.shape[0] is not None and features.shape[0]
+                                         is not None and kernel_rows.shape[0] != features.shape[0]):
+        raise ValueError(f"kernel_rows must be (batch,) = ({features.shape[0]},) indices into "
+                         f"the kernels' rows, got shape {tuple(kernel_rows.shape)}")
+      if not keras.backend.standardize_dtype(kernel_rows.dtype).startswith("int"):
+        raise TypeError(f"kernel_rows must be integers, got {kernel_rows.dtype}")
     units = self.max_depth - 1 if units is None else units
     k, c_prev, shapes = self.kernel_size, features.shape[-1], []
     for c in (channels or self.stage_channels):
@@ -175,12 +199,15 @@ class DynamicConvStack(keras.layers.Layer):
       c_prev = c
     for s, ((shape, repeated), (transition, rep)) in enumerate(zip(shapes, kernels)):
       if tuple(transition.shape[1:]) != shape:
-        raise ValueError(f"stage {s}: transition kernel must be (batch,) + {shape}, "
+        raise ValueError(f"stage {s}: transition kernel must be {lead} + {shape}, "
                          f"got {tuple(transition.shape)}")
       want = (repeated,) + (shape[0], shape[1], shape[3], shape[3])
       if tuple(rep.shape[1:]) != want:
-        raise ValueError(f"stage {s}: repeated kernels must be (batch,) + {want}, "
+        raise ValueError(f"stage {s}: repeated kernels must be {lead} + {want}, "
                          f"got {tuple(rep.shape)}")
+      if kernel_rows is not None and rep.shape[0] != transition.shape[0]:
+        raise ValueError(f"stage {s}: the transition kernels have {transition.shape[0]} rows "
+                         f"and the repeated ones {rep.shape[0]}")
 
   def _conv_bn(self, x, kernel, bn, index, active, training):
     """conv -> BN for layer `index` of a BN group (None: the transition BN)."""
@@ -194,29 +221,37 @@ class DynamicConvStack(keras.layers.Layer):
     return mbn.normalize(y, mean, var, gamma, beta, self.epsilon), (mean, var)
 
   def call(self, features, kernels, depth, training=None, units=None, bn_rows=None,
-           channels=None):
+           channels=None, kernel_rows=None):
     training = bool(training)
     units, rows, channels, trained_width = self._resolve(units, bn_rows, channels)
-    self._check_kernels(features, kernels, units, channels)
+    if kernel_rows is not None:
+      kernel_rows = ops.convert_to_tensor(kernel_rows)
+    self._check_kernels(features, kernels, units, channels, kernel_rows)
     update = training and trained_width
     depth = ops.cast(depth, "int32")
     x = ops.cast(features, "float32")
     everyone = ops.ones_like(ops.cast(depth, "float32"))
     for s, (transition, repeated) in enumerate(kernels):
       bn = self._stage_bn(s, channels[s])
-      y, stats = self._conv_bn(x, transition, bn["transition"], None, everyone, training)
+      y, stats = self._conv_bn(x, per_sample_kernels(transition, kernel_rows), bn["transition"],
+                               None, everyone, training)
       if update:
         self._assign_moving(bn["transition"], stats[0], stats[1], ops.convert_to_tensor(True))
       x = ops.relu(y)
       if units:
         x = self._repeated_units(x, repeated, bn["repeated"], depth, training, units, rows,
-                                 update)
+                                 update, kernel_rows)
       if self.pool_after[s]:
         x = ops.max_pool(x, pool_size=2, strides=2, padding="same")
     return x
 
-  def _repeated_units(self, x, kernels, bn, depth, training, n_units, bn_rows, update):
+  def _repeated_units(self, x, kernels, bn, depth, training, n_units, bn_rows, update,
+                      kernel_rows=None):
     kpu = self.kernels_per_unit
+
+    def layer_kernel(j):  # layer j's per-sample kernels, gathered here with kernel_rows
+      return per_sample_kernels(ops.take(kernels, j, axis=1), kernel_rows)
+
     rows = self.repeated_kernels_per_stage
     row_of = ops.convert_to_tensor(bn_rows)
     channels = x.shape[-1]
@@ -229,15 +264,14 @@ class DynamicConvStack(keras.layers.Layer):
       active = ops.cast(depth > i + 1, "float32")
       if self.block_type == "plain":
         b = ops.take(row_of, i)
-        y, (m, v) = self._conv_bn(x, ops.take(kernels, i, axis=1), bn, b, active, training)
+        y, (m, v) = self._conv_bn(x, layer_kernel(i), bn, b, active, training)
         new_x = ops.relu(y)
         layer_stats = [(b, m, v)]
       else:
         r0, r1 = kpu * i, kpu * i + 1
         b0, b1 = ops.take(row_of, r0), ops.take(row_of, r1)
-        y, (m0, v0) = self._conv_bn(x, ops.take(kernels, r0, axis=1), bn, b0, active, training)
-        y, (m1, v1) = self._conv_bn(ops.relu(y), ops.take(kernels, r1, axis=1), bn, b1,
-                                    active, training)
+        y, (m0, v0) = self._conv_bn(x, layer_kernel(r0), bn, b0, active, training)
+        y, (m1, v1) = self._conv_bn(ops.relu(y), layer_kernel(r1), bn, b1, active, training)
         new_x = ops.relu(y + x)
         layer_stats = [(b0, m0, v0), (b1, m1, v1)]
       x = ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new_x, x)

@@ -39,6 +39,7 @@ from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling.dynamic_conv_stack import DynamicConvStack
 from official.puppet_cnn.modeling.dynamic_conv_stack import KERNELS_PER_UNIT
+from official.puppet_cnn.modeling.dynamic_conv_stack import per_sample_kernels
 from official.puppet_cnn.modeling import kernel_quantization
 from official.puppet_cnn.modeling import scaling
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
@@ -173,11 +174,6 @@ class _GatheredKernelTable(_StoredKernels):
   def bins(self):
     return tuple(int(b) for b in np.flatnonzero(self.rows >= 0))
 
-  def gather(self, rows):
-    """Per-sample float32 kernels [(transition, repeated) per stage] for table rows `rows`."""
-    return [tuple(ops.cast(ops.take(k, rows, axis=0), "float32") for k in pair)
-            for pair in self.table]
-
   def num_params(self) -> int:
     return sum(int(np.prod(k.shape)) for pair in self.table for k in pair)
 
@@ -300,15 +296,13 @@ class PuppetClassifier(keras.Model):
       channels = scaling.scaled_channels(c.channels, width)
       if c.execution == "bucketed":
         pooled = self._call_bucketed(features, bins, training, channels)
+      elif c.execution == "gathered":
+        pooled = self._call_gathered(features, bins, depth, training, channels)
       else:
-        if c.execution == "gathered":
-          kernels = self._gathered_kernels(bins, training, channels)
-        else:
-          h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
-          kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
-                                   channels=channels, **self._puppeteer_scaling())
-        pooled = ops.mean(self.puppet(features, kernels, depth, training=training,
-                                      channels=channels, **self._puppet_scaling()), axis=(1, 2))
+        h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
+        kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
+                                 channels=channels, **self._puppeteer_scaling())
+        pooled = self._pooled_puppet(features, kernels, depth, training, channels)
       return self._head(pooled, training, channels[-1])
 
     logits = forward(1.0)
@@ -353,15 +347,28 @@ class PuppetClassifier(keras.Model):
       dl_kernels = dl_kernels * ops.cast(dl, "float32") / complexity_lib.step_size(h)
     return h_kernels, dl_kernels
 
-  def _gathered_kernels(self, bins, training, channels):
+  def _pooled_puppet(self, features, kernels, depth, training, channels, kernel_rows=None):
+    """The puppet's globally average-pooled output."""
+    return ops.mean(self.puppet(features, kernels, depth, training=training, channels=channels,
+                                kernel_rows=kernel_rows, **self._puppet_scaling()), axis=(1, 2))
+
+  def _call_gathered(self, features, bins, depth, training, channels):
     """execution='gathered': every bin's kernels, generated once, gathered per sample.
 
     One puppeteer state per bin (all `complexity_bins`: a static count); in training each
     state's batch-norm statistics are weighted by its bin's sample count in this batch (an
     empty bin weighs 0), which are the statistics of one state per sample ('per_sample'
-    with the same bins). Returns the per-sample kernels `self.puppeteer` would give.
+    with the same bins). Each sample runs with its bin's kernels, gathered layer by layer
+    in the puppet's loop (`gathered_kernels='per_layer'`) or all at once first ('upfront').
+    Returns the pooled puppet output.
     """
     n = self.config.complexity_bins
+
+    def run(kernels, rows):
+      if self.config.gathered_kernels == "upfront":
+        kernels = [tuple(per_sample_kernels(k, rows) for k in pair) for pair in kernels]
+        rows = None
+      return self._pooled_puppet(features, kernels, depth, training, channels, rows)
 
     def generated():
       centres, steps, depths = self.bin_table()
@@ -371,8 +378,7 @@ class PuppetClassifier(keras.Model):
       kernels = self.puppeteer(h_kernels, dl_kernels, ops.convert_to_tensor(depths, "int32"),
                                training=training, channels=channels, state_weight=weight,
                                **self._puppeteer_scaling())
-      return [(ops.take(transition, bins, axis=0), ops.take(repeated, bins, axis=0))
-              for transition, repeated in kernels]
+      return run(kernels, bins)
 
     cache = None
     if not training and channels == self.config.channels:
@@ -382,10 +388,12 @@ class PuppetClassifier(keras.Model):
     # A valid table serves the batch when every sample's bin is cached (with
     # fallback='nearest', `call` has already moved each sample to a cached bin); otherwise
     # (stale weights, an uncached bin with fallback=True) the kernels are generated. A
-    # conditional, not an error: XLA has no run-time errors, and this path must compile.
+    # conditional over the whole puppet, not an error: XLA has no run-time errors, and this
+    # path must compile. (Over the puppet, not the kernels: the table's rows and the
+    # generated bins differ in count and dtype, and a conditional's branches must agree.)
     rows = ops.take(ops.convert_to_tensor(cache.rows), bins)
     ok = ops.logical_and(self._kernel_cache_matches(cache), ops.all(rows >= 0))
-    return ops.cond(ok, lambda: cache.gather(ops.maximum(rows, 0)), generated)
+    return ops.cond(ok, lambda: run(cache.table, ops.maximum(rows, 0)), generated)
 
   def _head(self, pooled, training, width):
     """Dropout + the linear classifier; at another width its input weights are resized."""
