@@ -249,8 +249,17 @@ class DynamicConvStack(keras.layers.Layer):
                       kernel_rows=None):
     kpu = self.kernels_per_unit
 
-    def layer_kernel(j):  # layer j's per-sample kernels, gathered here with kernel_rows
-      return per_sample_kernels(ops.take(kernels, j, axis=1), kernel_rows)
+    if kernel_rows is None:
+      def layer_kernel(j):  # layer j's per-sample kernels
+        return ops.take(kernels, j, axis=1)
+    else:
+      # Rows x layers as one axis (a reshape, no copy), so that one gather reads exactly the
+      # batch's kernels of layer j (taking layer j of every row first would copy R of them).
+      flat = ops.reshape(kernels, (-1,) + tuple(kernels.shape[2:]))
+      layers, rows_of = kernels.shape[1], ops.cast(kernel_rows, "int32")
+
+      def layer_kernel(j):  # layer j's per-sample kernels: row kernel_rows[b], layer j
+        return per_sample_kernels(flat, rows_of * layers + j)
 
     rows = self.repeated_kernels_per_stage
     row_of = ops.convert_to_tensor(bn_rows)
