@@ -46,9 +46,11 @@ GPU only; JAX's CPU client keeps none) is the job's own, and one model running o
 does not end the run. Inference is the jitted
 `stateless_call(..., training=False)` at each of --batch_sizes; training is one jitted SGD
 step with momentum 0.9 (loss, gradients, the weights' and batch-norm statistics' update) at
---train_batch. The first call (compilation) is timed apart; then --warmup untimed calls and
---repeats timed ones, each ended by `jax.block_until_ready`; the inputs are on the device
-before the clock starts. Reported: median [min, max], seconds per image (the unit of the
+--train_batch. Each function is compiled ahead of time (`lower().compile()`, timed as the
+compile seconds, with XLA's memory plan read from the compiled program: a job that runs out
+of memory still reports what XLA asked for); its first call is timed apart; then --warmup
+untimed calls and --repeats timed ones, each ended by `jax.block_until_ready`; the inputs
+are on the device before the clock starts. Reported: median [min, max], seconds per image (the unit of the
 paper's Table 2: 0.0039 s/img for Puppet-CNN, 0.0019 for ResNet, 0.0032 for MobileNet-v2,
 on an RTX 4090, batch size not stated), and ratios against the twin from the same run.
 
@@ -214,23 +216,36 @@ def _device_memory() -> Dict[str, Optional[int]]:
   return {"peak_bytes": stats.get("peak_bytes_in_use"), "bytes": stats.get("bytes_in_use")}
 
 
-def _xla_memory(jitted, *args) -> Optional[Dict[str, int]]:
-  """XLA's plan for `jitted(*args)` (already compiled by a call, so this compiles nothing):
-  bytes of its temporaries, arguments and outputs (`Compiled.memory_analysis()`), on any
-  backend, JAX's CPU client too. None where the backend gives none."""
+def _compile(jitted, *args):
+  """`jitted` compiled ahead of time for `args` (`jax.jit(...).lower(...).compile()`):
+  returns (the compiled function, seconds it took, XLA's memory plan). The plan: bytes of
+  the program's temporaries, arguments and outputs (`Compiled.memory_analysis()`, on any
+  backend, JAX's CPU client too; None where the backend gives none). Known before the
+  program runs, so a job that then runs out of memory still reports it."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
   try:
-    analysis = jitted.lower(*args).compile().memory_analysis()
+    analysis = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except  (a backend without the analysis)
-    return None
-  if analysis is None:
-    return None
-  return {"temp_bytes": int(analysis.temp_size_in_bytes),
-          "argument_bytes": int(analysis.argument_size_in_bytes),
-          "output_bytes": int(analysis.output_size_in_bytes)}
+    analysis = None
+  plan = None if analysis is None else {
+      "temp_bytes": int(analysis.temp_size_in_bytes),
+      "argument_bytes": int(analysis.argument_size_in_bytes),
+      "output_bytes": int(analysis.output_size_in_bytes)}
+  return compiled, seconds, plan
+
+
+def _error_line(e: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
 
 
 def _time(fn, repeats: int, warmup: int) -> Dict[str, Any]:
-  """fn(i) -> a value to block on; the first call, then warmup untimed, repeats timed."""
+  """fn(i) -> a value to block on; the first call (timed apart: with an ahead-of-time
+  compiled fn, the first execution; else compilation too), then warmup untimed, repeats
+  timed."""
   import jax
   start = time.perf_counter()
   jax.block_until_ready(fn(0))
@@ -283,18 +298,25 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
       with stored_as(lambda _: next(supply)):
         return model.stateless_call(tv, ntv, x, training=False)[0]
 
-    infer = jax.jit(forward)
+    infer, first = jax.jit(forward), None
+    out["xla"], out["compile_s"] = {}, {}
     for b in spec["batch_sizes"]:
+      key = f"infer_b{b}"
       x = jax.device_put(batch_of(images, b).astype(np.float32))
-      out[f"infer_b{b}"] = _time(lambda i, x=x: infer(trainable, non_trainable, cache, x),
-                                 repeats, warmup)
-      out.setdefault("xla", {})[f"infer_b{b}"] = _xla_memory(infer, trainable, non_trainable,
-                                                             cache, x)
+      compiled, out["compile_s"][key], out["xla"][key] = _compile(
+          infer, trainable, non_trainable, cache, x)
+      first = first or compiled
+      try:
+        out[key] = _time(lambda i, x=x, f=compiled: f(trainable, non_trainable, cache, x),
+                         repeats, warmup)
+      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the plan)
+        out["error"], out["end"] = f"{key}: {_error_line(e)}", _device_memory()
+        return out
     # The timed function is the model: its logits at the first batch size (compiled above)
     # against an eager call of the model on the batch's first 8 images (in inference every
     # image's logits depend on that image alone).
     x = batch_of(images, spec["batch_sizes"][0]).astype(np.float32)
-    got = np.asarray(infer(trainable, non_trainable, cache, jnp.asarray(x)))[:8]
+    got = np.asarray(first(trainable, non_trainable, cache, jnp.asarray(x)))[:8]
     want = np.asarray(model(x[:8], training=False))
     out["logit_check"] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
   else:
@@ -311,11 +333,14 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
       tv = [t - lr * m for t, m in zip(tv, momentum)]
       return tv, ntv, momentum, loss
 
-    step = jax.jit(step, donate_argnums=(0, 1, 2))
     x = jax.device_put(batch_of(images, b).astype(np.float32))
     y = jax.device_put(np.resize(labels, (b,)))
     state = {"tv": trainable, "ntv": non_trainable,
              "m": [jnp.zeros_like(t) for t in trainable]}
+    key = f"train_b{b}"
+    step, seconds, plan = _compile(jax.jit(step, donate_argnums=(0, 1, 2)), state["tv"],
+                                   state["ntv"], state["m"], x, y)
+    out["compile_s"], out["xla"] = {key: seconds}, {key: plan}
     losses = []
 
     def one(_):
@@ -324,8 +349,11 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
       losses.append(loss)
       return loss
 
-    out[f"train_b{b}"] = _time(one, repeats, warmup)
-    out["xla"] = {f"train_b{b}": _xla_memory(step, state["tv"], state["ntv"], state["m"], x, y)}
+    try:
+      out[key] = _time(one, repeats, warmup)
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the plan)
+      out["error"], out["end"] = f"{key}: {_error_line(e)}", _device_memory()
+      return out
     out["losses"] = [float(l) for l in losses]
   out["end"] = _device_memory()
   return out
@@ -375,6 +403,14 @@ def _fmt_s_per_img(entry, batch: int) -> str:
   return f"{s['median'] / batch:.5f} [{s['min'] / batch:.5f}, {s['max'] / batch:.5f}]"
 
 
+def _fmt_compile(result: Dict[str, Any], key: str) -> str:
+  """Compile seconds of measurement `key`: the ahead-of-time compilation, or in runs from
+  before it (2026-12-04 16:35 and earlier) the first call, which compiled."""
+  if key in (result.get("compile_s") or {}):
+    return f"{result['compile_s'][key]:.1f}"
+  return f"{result[key]['first_call_s']:.1f}" if key in result else "-"
+
+
 def _xla_temp(result: Dict[str, Any], key: str) -> Optional[int]:
   """The temp bytes XLA planned for measurement `key` of a job's result (None if absent)."""
   return ((result.get("xla") or {}).get(key) or {}).get("temp_bytes")
@@ -405,8 +441,11 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
       f"max {depth['max']} (histogram {depth['histogram']}); static twin: depth "
       f"{header['twin_depth']} per stage; gathered models: {header.get('bins', '-')} "
       "complexity bins on [0, 8] bits",
-      f"- Protocol: each (model, phase) job in its own process; first call (compilation) timed "
-      f"apart; {header['warmup']} warm-up call(s); {header['repeats']} timed calls ended by "
+      f"- Protocol: each (model, phase) job in its own process; "
+      + ("compiled ahead of time (`lower().compile()`), then the first call timed apart; "
+         if header.get("compile") == "ahead_of_time" else
+         "first call (compilation) timed apart; ")
+      + f"{header['warmup']} warm-up call(s); {header['repeats']} timed calls ended by "
       f"`jax.block_until_ready`, inputs already on the device; **median [min, max]**",
       f"- Inference at batch {', '.join(str(b) for b in batches)}; training: "
       + (f"one SGD step (momentum 0.9) at batch {tb}" if tb else "not run (--train_batch=0)")
@@ -424,7 +463,7 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in header["models"]:
     infer, train = results.get(name, {}).get("infer", {}), results.get(name, {}).get("train", {})
-    compile_s = [f"{r[k]['first_call_s']:.1f}" if k in r else "-"
+    compile_s = [_fmt_compile(r, k)
                  for r, k in ((infer, f"infer_b{batches[0]}"), (train, f"train_b{tb}"))]
     row = [name, " / ".join(compile_s)]
     row += [_fmt_s_per_img(infer.get(f"infer_b{b}"), b) for b in batches]
@@ -536,7 +575,7 @@ def main(argv):
             "depth": depth, "twin_depth": twin_depth, "bins": FLAGS.bins,
             "models": list(FLAGS.models),
             "batch_sizes": batches, "train_batch": FLAGS.train_batch,
-            "repeats": FLAGS.repeats, "warmup": FLAGS.warmup}
+            "repeats": FLAGS.repeats, "warmup": FLAGS.warmup, "compile": "ahead_of_time"}
   # Every model's inference first, then the training steps: a run cut short by
   # --time_budget_s keeps the seconds per image of every model.
   jobs = [(m, p) for p in phases for m in FLAGS.models]

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from official.puppet_cnn import PuppetClassifier
 from official.puppet_cnn.serving import export
 from tests.serving import tiny_models
 
@@ -390,6 +391,33 @@ def test_cached_export_runs_in_the_session_loader(bucketed, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), want, atol=1e-5)
   assert np.abs(np.load(tmp_path / "out" / "probabilities.npy") - generated).max() > 0
+
+
+def test_gathered_export_serves_its_kernel_table(tmp_path):
+  """A gathered model exported with a float16 kernel table: the SavedModel serves the
+  per-sample model's probabilities (the generating path, to float16 rounding) from the
+  stored table, which zeroing changes; the model is left without a table; int8 is refused."""
+  model = tiny_models.tiny_puppet(complexity_bins=8, execution="gathered")
+  reference = PuppetClassifier(config=model.config.replace(execution="per_sample"))
+  x = tiny_models.images()
+  reference(x[:1])
+  reference.set_weights(model.get_weights())
+  want = tiny_models.softmax(reference(x, training=False))
+  path = export.export_saved_model(model, str(tmp_path), "gathered", kernel_cache="float16")
+  assert model.kernel_cache_info()["bins"] == ()
+  info = export.read_model_info(path)["kernel_cache"]
+  assert info["dtype"] == "float16" and info["bins"] == list(range(8)) and info["fallback"]
+  loaded = tf.saved_model.load(path)
+  fn = loaded.signatures["serving_default"]
+  out = fn(images=tf.constant(x))["probabilities"].numpy()
+  assert np.abs(out - want).max() < 2e-3, np.abs(out - want).max()
+  stages = len(tiny_models.TINY_PUPPET["stage_channels"])
+  for v in loaded.kernel_cache_variables[:2 * stages]:  # the table: 2 tensors per stage
+    assert v.shape[0] == 8 and v.dtype == tf.float16
+    v.assign(tf.zeros_like(v))
+  assert np.abs(fn(images=tf.constant(x))["probabilities"].numpy() - out).max() > 1e-3
+  with pytest.raises(ValueError, match="kernel_cache='int8' needs execution='bucketed'"):
+    export.export_saved_model(model, str(tmp_path), "g8", kernel_cache="int8")
 
 
 def test_kernel_cache_errors(bucketed, models, tmp_path):

@@ -40,7 +40,7 @@ def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
   results = {
       "static_twin": {"infer": {"infer_b4": {"first_call_s": 2.0, "times": twin_times},
                                 "infer_b8": {"first_call_s": 0.1, "times": twin_times},
-                                "end": {"peak_bytes": 100e6},
+                                "end": {"peak_bytes": 100e6}, "compile_s": {"infer_b4": 1.5},
                                 "xla": {"infer_b4": {"temp_bytes": 1e6},
                                         "infer_b8": {"temp_bytes": 50e6}}},
                       "train": {"train_b4": {"first_call_s": 3.0, "times": [1.0, 2.0, 3.0]},
@@ -61,7 +61,8 @@ def test_report_gives_seconds_per_image_and_ratios_from_the_raw_times():
   assert twin[3] == "0.02500 [0.01250, 0.05000]"  # batch 8
   assert puppet[2] == "0.25000 [0.22500, 0.32500]"
   assert twin[4] == "20.0 [10.0, 40.0]"  # images/s at batch 4: 4 / 0.2
-  assert twin[1] == "2.0 / 3.0" and puppet[1] == "5.0 / -"  # compile: first calls
+  # Compile seconds: the ahead-of-time compilation, or (runs before it) the first call.
+  assert twin[1] == "1.5 / 3.0" and puppet[1] == "5.0 / -"
   assert twin[6] == "2000.0 [1000.0, 3000.0] ms"
   assert twin[7] == "100 / 400" and puppet[7] == "250 / -"
   # XLA's planned temporaries at the largest inference batch (8) and in training.
@@ -134,8 +135,11 @@ def test_tiny_run_under_jax(tmp_path):
     assert infer["logit_check"] < 1e-4
     assert len(infer["infer_b4"]["times"]) == 3 and len(train["train_b4"]["times"]) == 3
     assert np.all(np.isfinite(train["losses"])) and len(train["losses"]) == 4
-    # XLA's memory plan, which JAX's CPU client gives (its memory_stats() does not).
+    # XLA's memory plan, which JAX's CPU client gives (its memory_stats() does not), read
+    # from the program compiled ahead of time.
     assert infer["xla"]["infer_b4"]["temp_bytes"] > 0 < train["xla"]["train_b4"]["temp_bytes"]
+    assert infer["compile_s"]["infer_b4"] > 0 < train["compile_s"]["train_b4"]
+  assert header["compile"] == "ahead_of_time"
   # The kernel table (every bin, passed to the jitted function as an argument): the
   # model's logits, no training job.
   cached = results["puppet_gathered_cached"]
@@ -198,6 +202,12 @@ def test_a_failed_job_reports_the_exception_line(monkeypatch):
       "error": "timed out after 30 s (--job_timeout_s)"}
   assert jax_benchmark._run_subprocess({}, 30, budget_cut=True) == {  # pylint: disable=protected-access
       "error": "stopped after 30 s, what --time_budget_s had left"}
+
+
+def test_error_line_is_the_exceptions_first_line():
+  e = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 99 bytes.\nmore detail")
+  assert jax_benchmark._error_line(e) == (  # pylint: disable=protected-access
+      "RuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 99 bytes.")
 
 
 def test_report_from_saved_results_escapes_cells_and_keeps_other_blocks(tmp_path):

@@ -44,6 +44,12 @@ not inside the graph, and is described in model_info.json; it makes the SavedMod
 (float32: roughly one set of the puppet's kernels per bin, int8 a quarter). Without a cache
 (the default) the SavedModel holds only the puppeteer's weights.
 
+A gathered Puppet-CNN (`execution='gathered'`) exports its kernel table the same way
+(`kernel_cache='float32'`, 'float16' or 'bfloat16'; int8 is bucketed only). The table always
+keeps its generating path (a conditional: a request in an uncached bin, or a stale table, runs
+the puppeteer), so `kernel_cache` alone caches every bin with `fallback=True`, and
+`kernel_cache_bins` caches those bins with `fallback='nearest'`.
+
 The version is written to a hidden temporary folder and renamed into place, so a running
 server never sees a half-written version; an existing version is never overwritten.
 """
@@ -266,9 +272,10 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     kernel_cache: None (default): export the model as it is (with its kernel cache if it has
       one). A storage dtype of `PuppetClassifier.cache_kernels` ('float32', 'float16',
       'bfloat16', 'int8'): first cache every bin's kernels in that dtype without the
-      generating fallback (`cache_kernels(dtype=..., fallback=False)`: a bucketed
-      Puppet-CNN only) for the export; the model's own cache (or none) is back afterwards.
-      See "Kernel cache" above.
+      generating fallback (`cache_kernels(dtype=..., fallback=False)`) for the export; the
+      model's own cache (or none) is back afterwards. A bucketed or gathered Puppet-CNN
+      (gathered: no int8, and its table keeps the generating path, `fallback=True`). See
+      "Kernel cache" above.
     kernel_cache_bins: with `kernel_cache`: cache only these bins, and serve an image in
       another bin with the nearest cached bin's kernels and depth
       (`cache_kernels(bins=..., fallback='nearest')`). None (default): every bin.
@@ -288,14 +295,19 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     if kernel_cache_bins is not None:
       raise ValueError("kernel_cache_bins needs kernel_cache (the cache's storage dtype)")
     return _write_version(*args)
-  if not is_puppet_cnn(model) or model.config.execution != "bucketed":
+  if not is_puppet_cnn(model) or model.config.execution not in ("bucketed", "gathered"):
     raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
-                     "execution='bucketed' (complexity_bins > 0)")
+                     "execution='bucketed' or 'gathered' (complexity_bins > 0)")
   if kernel_cache not in CACHE_DTYPES:
     raise ValueError(f"kernel_cache must be None or one of {CACHE_DTYPES}, got "
                      f"{kernel_cache!r}")
+  gathered = model.config.execution == "gathered"
+  if gathered and kernel_cache == "int8":
+    raise ValueError("kernel_cache='int8' needs execution='bucketed': a gathered model's "
+                     "kernel table is float32, float16 or bfloat16")
   if kernel_cache_bins is None:
-    cache_kwargs = dict(fallback=False)
+    # A gathered table always keeps its generating path (cache_kernels refuses False).
+    cache_kwargs = dict(fallback=True if gathered else False)
   else:
     cache_kwargs = dict(bins=[int(b) for b in kernel_cache_bins], fallback="nearest")
   with model.temporary_kernel_cache(dtype=kernel_cache, **cache_kwargs):
