@@ -211,6 +211,9 @@ class PuppetCNNConfig:
       'upfront': every layer's at once before the puppet runs, (batch, layers, K, K, C, C)
       per stage (the code before 2026-12-04: at batch 256 with the paper's G, 52 GB of
       device memory with the kernel table on an H200, docs/benchmarks_gpu.md). Same values.
+      XLA's plan at batch 256: 3.5 GB per layer, 19.4 GB upfront; 'upfront' is faster only
+      when a batch holds fewer images than there are bins
+      (docs/benchmarks_gathered_per_layer.md).
     bucketed_inference: the graph of bucketed inference (execution='bucketed', training=False;
       training always runs one branch per bin). 'loop' (default): one `tf.while_loop` over
       the occupied bins runs each bin's samples through one shared subgraph per stage (a
@@ -285,16 +288,21 @@ class PuppetCNNConfig:
       convolution with the batch folded into channels. 'im2col': each sample's K x K
       patches times its flattened kernel, a batched matrix product, at K*K times the
       input's memory (kept in training for the kernel's gradient). Same values; on XLA's CPU
-      backend im2col was 2.6x faster at the 512-channel stage (docs/benchmarks_gpu.md); a
-      GPU may rank them differently.
+      backend im2col was 2.6x faster for one layer at the 512-channel stage but slower in
+      the whole model's inference (docs/benchmarks_jax_cpu.md); on an H200 its per-image
+      convolutions took 2.2x less time than grouped in gathered inference at batch 256
+      (docs/benchmarks_gpu.md).
     generator_depthwise: how G's 3x3 depthwise convolution of the state is computed (same
       values either way). 'conv': the backend's depthwise convolution. 'shifted': the sum of
       the K*K shifted copies of the padded state, each times its per-channel weight
       (`backend_ops.depthwise_conv_same`), which XLA fuses into one pass: under `jax.jit`
       on a 2-core CPU 5.7x-13x faster than XLA's depthwise convolution forward and 5.5x-15x
-      in the gradient (docs/benchmarks_gpu.md). 'auto' (default): 'shifted' under XLA (the
-      JAX backend, or a TensorFlow function compiled with jit_compile=True), else 'conv'
-      (TensorFlow's own kernels, and a graph with one node instead of 2 K*K + 1).
+      in the gradient (docs/benchmarks_jax_cpu.md). 'auto' (default): 'shifted' under XLA
+      (the JAX backend, or a TensorFlow function compiled with jit_compile=True), else
+      'conv' (TensorFlow's own kernels, and a graph with one node instead of 2 K*K + 1).
+      Memory: XLA's CPU backend materializes the shifted copies, so training the paper's G
+      under JAX on a CPU plans 31.3 GB at batch 8 with 'shifted' and 12.3 GB with 'conv'
+      (docs/benchmarks_gathered_per_layer.md); XLA's GPU backend does not need that memory.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)

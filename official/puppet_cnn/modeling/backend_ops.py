@@ -115,7 +115,7 @@ def per_sample_conv2d(x, kernels, method: str = "grouped"):
     method: 'grouped' (default): one grouped convolution, the batch folded into channels
       (TensorFlow with its gradient written out); 'im2col': patches and a batched matrix
       product (`_im2col_conv`): on XLA's CPU backend 2.6x faster at 4x4x512 and batch 64,
-      as fast at 32x32x64 (docs/benchmarks_gpu.md), at K*K times the input's memory. The
+      as fast at 32x32x64 (docs/benchmarks_jax_cpu.md), at K*K times the input's memory. The
       same values.
   Returns:
     (B, H, W, C_out).
