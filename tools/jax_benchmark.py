@@ -33,6 +33,7 @@ Every model is a Keras model run through `model.stateless_call` under `jax.jit` 
                 kernels and runs no puppeteer. The table is an argument of the jitted function,
                 like the weights (not constants inside it). Inference only: training
                 generates the kernels, as the model without the table.
+  puppet_gathered_cached_im2col  puppet_gathered_cached with per_sample_conv='im2col'.
   puppet_gathered_upfront, puppet_gathered_cached_upfront  puppet_gathered and
                 puppet_gathered_cached with gathered_kernels='upfront': every layer's
                 per-image kernels gathered before the puppet runs, (batch, layers, K, K, C, C)
@@ -83,7 +84,8 @@ import benchmark  # noqa: E402  (tools/benchmark.py: the twin, the images, the r
 MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_gathered",
           "puppet_gathered_im2col", "puppet_light", "puppet_light_remat", "puppet_light_gathered",
           "puppet_light_gathered_im2col", "puppet_gathered_cached",
-          "puppet_light_gathered_cached", "puppet_gathered_upfront",
+          "puppet_light_gathered_cached", "puppet_gathered_cached_im2col",
+          "puppet_gathered_upfront",
           "puppet_gathered_cached_upfront", "resnet", "mobilenet_v2")
 LIGHT = {"state_channels": 256, "generator_rank": 32}
 PUPPET_OVERRIDES = {
@@ -97,13 +99,15 @@ PUPPET_OVERRIDES = {
     "puppet_light_gathered_im2col": dict(LIGHT, execution="gathered", per_sample_conv="im2col"),
     "puppet_gathered_cached": {"execution": "gathered"},
     "puppet_light_gathered_cached": dict(LIGHT, execution="gathered"),
+    "puppet_gathered_cached_im2col": {"execution": "gathered", "per_sample_conv": "im2col"},
     "puppet_gathered_upfront": {"execution": "gathered", "gathered_kernels": "upfront"},
     "puppet_gathered_cached_upfront": {"execution": "gathered", "gathered_kernels": "upfront"},
 }
 # Models built with a kernel table (`cache_kernels()`), and the model whose training they share.
 CACHED = {"puppet_gathered_cached": "puppet_gathered",
           "puppet_light_gathered_cached": "puppet_light_gathered",
-          "puppet_gathered_cached_upfront": "puppet_gathered_upfront"}
+          "puppet_gathered_cached_upfront": "puppet_gathered_upfront",
+          "puppet_gathered_cached_im2col": "puppet_gathered_im2col"}
 # The paper's Table 2 (s/img on an RTX 4090), for the rows that have a model here.
 PAPER_S_PER_IMG = {"puppet_exact": 0.0039, "resnet": 0.0019, "mobilenet_v2": 0.0032}
 BLOCK = "gpu"
