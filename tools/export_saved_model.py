@@ -42,8 +42,9 @@ _FLOAT_SIGNATURE = flags.DEFINE_bool("float_signature", False, "Also add the flo
 
 _KERNEL_CACHE = flags.DEFINE_enum(
     "kernel_cache", "none", ["none"] + list(export.CACHE_DTYPES),
-    "A bucketed Puppet-CNN only: export every complexity bin's kernels in this dtype with the "
-    "model (serving runs them instead of the ODE; larger SavedModel; int8 is lossy).")
+    "A bucketed or gathered Puppet-CNN only: export every complexity bin's kernels in this "
+    "dtype with the model (serving runs them instead of the ODE; larger SavedModel; int8 is "
+    "lossy, bucketed only).")
 _KERNEL_CACHE_BINS = flags.DEFINE_list(
     "kernel_cache_bins", None, "With --kernel_cache: cache only these complexity bins (e.g. "
     "those of the training images: PuppetClassifier.occupied_bins; train.py "

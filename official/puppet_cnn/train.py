@@ -33,9 +33,10 @@ _EXPORT_DIR = flags.DEFINE_string(
     "<export_dir>/<model>/<version>/ after training/evaluation.")
 _EXPORT_KERNEL_CACHE = flags.DEFINE_enum(
     "export_kernel_cache", "none", ["none", "float32", "float16", "bfloat16", "int8"],
-    "With --export_dir and --execution=bucketed: export every complexity bin's generated "
-    "kernels in this dtype with the SavedModel, so that serving runs the stored kernels "
-    "instead of the ODE (larger SavedModel; int8 is lossy). none: only the weights.")
+    "With --export_dir and --execution=bucketed or gathered: export every complexity bin's "
+    "generated kernels in this dtype with the SavedModel, so that serving runs the stored "
+    "kernels instead of the ODE (larger SavedModel; int8 is lossy, bucketed only). none: "
+    "only the weights.")
 _EXPORT_KERNEL_CACHE_BINS = flags.DEFINE_enum(
     "export_kernel_cache_bins", "all", ["all", "train"],
     "With --export_kernel_cache: all: cache every complexity bin; train: only the bins the "

@@ -272,10 +272,14 @@ def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[s
   if kernel_cache not in CACHE_DTYPES:
     raise ValueError(f"--export_kernel_cache must be one of {CACHE_DTYPES}, got "
                      f"{kernel_cache!r}")
-  if not models.is_puppet(config.train.model) or config.model.execution != "bucketed":
+  if (not models.is_puppet(config.train.model)
+      or config.model.execution not in ("bucketed", "gathered")):
     raise ValueError("--export_kernel_cache needs a Puppet-CNN model with "
-                     "--execution=bucketed (and --complexity_bins > 0); got "
+                     "--execution=bucketed or gathered (and --complexity_bins > 0); got "
                      f"--model={config.train.model} --execution={config.model.execution}")
+  if config.model.execution == "gathered" and kernel_cache == "int8":
+    raise ValueError("--export_kernel_cache=int8 needs --execution=bucketed: a gathered "
+                     "model's kernel table is float32, float16 or bfloat16")
 
 
 def training_bins(model, splits: Splits) -> tuple:

@@ -119,6 +119,10 @@ def test_export_kernel_cache_flag():
   train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), None)
   with pytest.raises(ValueError, match="needs a Puppet-CNN model with --execution=bucketed"):
     train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x"), "int8")
+  gathered = _config("--model_dir=/tmp/x", "--complexity_bins=8", "--execution=gathered")
+  train_lib.check_export_kernel_cache(gathered, "float16", "train")
+  with pytest.raises(ValueError, match="int8 needs --execution=bucketed"):
+    train_lib.check_export_kernel_cache(gathered, "int8")
   with pytest.raises(ValueError, match="needs a Puppet-CNN model"):
     train_lib.check_export_kernel_cache(_config("--model_dir=/tmp/x", "--model=resnet"),
                                         "float32")
