@@ -34,6 +34,9 @@ Every model is a Keras model run through `model.stateless_call` under `jax.jit` 
                 like the weights (not constants inside it). Inference only: training
                 generates the kernels, as the model without the table.
   puppet_gathered_cached_im2col  puppet_gathered_cached with per_sample_conv='im2col'.
+  puppet_gathered_conv_dw  puppet_gathered with generator_depthwise='conv' (XLA's depthwise
+                convolution in G instead of shifted copies: on XLA's CPU backend a
+                2.4x smaller training plan, docs/benchmarks_gathered_per_layer.md).
   puppet_gathered_upfront, puppet_gathered_cached_upfront  puppet_gathered and
                 puppet_gathered_cached with gathered_kernels='upfront': every layer's
                 per-image kernels gathered before the puppet runs, (batch, layers, K, K, C, C)
@@ -85,6 +88,7 @@ MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_gathered",
           "puppet_gathered_im2col", "puppet_light", "puppet_light_remat", "puppet_light_gathered",
           "puppet_light_gathered_im2col", "puppet_gathered_cached",
           "puppet_light_gathered_cached", "puppet_gathered_cached_im2col",
+          "puppet_gathered_conv_dw",
           "puppet_gathered_upfront",
           "puppet_gathered_cached_upfront", "resnet", "mobilenet_v2")
 LIGHT = {"state_channels": 256, "generator_rank": 32}
@@ -100,6 +104,7 @@ PUPPET_OVERRIDES = {
     "puppet_gathered_cached": {"execution": "gathered"},
     "puppet_light_gathered_cached": dict(LIGHT, execution="gathered"),
     "puppet_gathered_cached_im2col": {"execution": "gathered", "per_sample_conv": "im2col"},
+    "puppet_gathered_conv_dw": {"execution": "gathered", "generator_depthwise": "conv"},
     "puppet_gathered_upfront": {"execution": "gathered", "gathered_kernels": "upfront"},
     "puppet_gathered_cached_upfront": {"execution": "gathered", "gathered_kernels": "upfront"},
 }
