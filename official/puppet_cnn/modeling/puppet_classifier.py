@@ -914,8 +914,11 @@ class PuppetClassifier(keras.Model):
     index = np.asarray(wanted, np.int32)
     h, dl = self._kernel_complexity(ops.convert_to_tensor(centres[index]),
                                     ops.convert_to_tensor(steps[index]))
-    kernels = self.puppeteer(h, dl, ops.convert_to_tensor(depths[index]), training=False,
-                             channels=c.channels, **self._puppeteer_scaling())
+    kernels = backend_ops.compiled_call(
+        self.puppeteer,
+        lambda h, dl, depth: self.puppeteer(h, dl, depth, training=False, channels=c.channels,
+                                            **self._puppeteer_scaling()),
+        h, dl, ops.convert_to_tensor(depths[index]))
     table = [tuple(ops.convert_to_tensor(ops.convert_to_numpy(
         k if dtype == "float32" else ops.cast(k, dtype))) for k in pair) for pair in kernels]
     del kernels
