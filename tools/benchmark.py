@@ -74,6 +74,17 @@ Models (`--models`):
                    256-wide state at 512 channels built at full size instead of convolving
                    with the narrow ones (the code before 2026-12-04; training only; reported
                    with puppet_light). The other light modes use narrow kernels in training.
+  puppet_grouped   puppet_bucketed trained on a batch of 64 images of one complexity bin
+                   (the most common bin of the calibration images below): the batches that
+                   --batch_grouping=complexity_bin feeds, where the puppeteer runs once per
+                   step (training only; the note gives the bin and its depth).
+  puppet_grouped_remat  puppet_grouped with generator_remat=True (training only).
+  puppet_grouped_floor  puppet_grouped with its bins on [--bin_floor, 8] bits, as
+                   puppet_light_floor (training only).
+  puppet_light_grouped  puppet_light trained the same way (training only; reported with
+                   puppet_light).
+  puppet_light_grouped_floor  puppet_light_floor trained the same way (training only;
+                   reported with puppet_light).
   static_twin      a plain Keras CNN with the puppet's layer shapes and stored kernels, at a
                    fixed depth per stage = the puppet's mean depth on the benchmark images
                    (rounded to an int).
@@ -114,16 +125,27 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bucketed",
-                  "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop")
+                  "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop",
+                  "puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
-                "puppet_light_gathered")
+                "puppet_light_gathered", "puppet_light_grouped", "puppet_light_grouped_floor")
 GATHERED_MODELS = ("puppet_gathered", "puppet_light_gathered")  # XLA-compatible
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
                      "puppet_light_twopass": "puppet_light", "puppet_light_floor": "puppet_light",
-                     "puppet_light_wide": "puppet_light"}
+                     "puppet_light_wide": "puppet_light", "puppet_grouped": "puppet_bucketed",
+                     "puppet_grouped_remat": "puppet_bucketed",
+                     "puppet_grouped_floor": "puppet_bucketed",
+                     "puppet_light_grouped": "puppet_light",
+                     "puppet_light_grouped_floor": "puppet_light"}
+# Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
+GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
+                  "puppet_light_grouped", "puppet_light_grouped_floor")
+# Bins on [--bin_floor, 8] (complexity_bin_floor).
+FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
+                "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
@@ -164,7 +186,7 @@ def define_flags():
   _XLA = flags.DEFINE_list("xla", ["off", "on"], "XLA settings: off and/or on.")
   _BINS = flags.DEFINE_integer("bins", 16, "complexity_bins of the binned/bucketed modes.")
   _BIN_FLOOR = flags.DEFINE_float(
-      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of puppet_light_floor and "
+      "bin_floor", DEFAULT_BIN_FLOOR, "complexity_bin_floor of the *_floor models and "
       "puppet_light_wide (bits); "
       "--bins * (8 - floor) / 8 must be a whole number: its bins are those of --bins on "
       "[0, 8] above it.")
@@ -315,8 +337,13 @@ def _build(spec, calibration):
       "puppet_light_twopass": dict(light_loop, fused_batch_norm=False),
       "puppet_light_floor": light_loop,  # its bins: below (they depend on --bin_floor)
       "puppet_light_wide": dict(light_loop, narrow_kernels=False),
+      "puppet_grouped": bucketed,
+      "puppet_grouped_remat": remat,
+      "puppet_grouped_floor": bucketed,
+      "puppet_light_grouped": light,
+      "puppet_light_grouped_floor": light_loop,
   }[name]
-  if name in ("puppet_light_floor", "puppet_light_wide"):
+  if name in FLOOR_MODELS:
     floor = spec.get("bin_floor", DEFAULT_BIN_FLOOR)
     overrides = dict(overrides, complexity_bins=floor_bins(spec["bins"], floor),
                      complexity_bin_floor=floor)
@@ -428,10 +455,26 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=xla)
     x, y = images[:TRAIN_BATCH].astype(np.float32), labels[:TRAIN_BATCH]
+    if spec["model"] in GROUPED_MODELS:
+      x = one_bin_batch(model, calibration, TRAIN_BATCH, result["notes"]).astype(np.float32)
     result["train_64"] = _time_calls(lambda i: model.train_on_batch(x, y), repeats, warmup)
     result["hwm_train_kb"] = _proc_status_kb("VmHWM")
     result["tensor_peak_train_kb"] = _tensor_peak_kb() if tracked else None
   return result
+
+
+def one_bin_batch(model, pool, n: int, notes: Dict[str, Any]):
+  """`n` images of `pool` from its most common complexity bin of `model` (repeated if that
+  bin holds fewer), the batch `--batch_grouping=complexity_bin` feeds; notes the bin, its
+  depth and how many distinct images it had."""
+  import numpy as np
+  bins = model.image_bins(pool)
+  values, counts = np.unique(bins, return_counts=True)
+  b = int(values[np.argmax(counts)])
+  index = np.flatnonzero(bins == b)
+  notes.update(grouped_bin=b, grouped_depth=int(model.bin_table()[2][b]),
+               grouped_distinct=int(min(n, index.size)), grouped_pool=int(len(pool)))
+  return np.asarray(pool)[np.resize(index, n)]
 
 
 def run_binning_study(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -813,6 +856,11 @@ def _section_lines(section) -> List[str]:
                    f"{cache['lossy_max_logit_error'] / scale:.1e} of the largest |logit|, "
                    f"{scale:.2g}), same class for {100 * cache['lossy_same_class']:.0f}% of "
                    "the images (untrained weights: a check of the rounding, not of accuracy)")
+    grouped = (tr.get("notes") or {})
+    if grouped.get("grouped_bin") is not None:
+      notes.append(f"one-bin batch: bin {grouped['grouped_bin']} (depth "
+                   f"{grouped['grouped_depth']}), the most common of {grouped['grouped_pool']} "
+                   f"calibration images; {grouped['grouped_distinct']} distinct images")
     if cache.get("cached_bins") is not None:
       notes.append(f"cache: bins {cache['cached_bins']}, {cache['cache_mb']:.0f} MB "
                    f"{cache.get('cache_dtype', 'float32')}, built in {cache['cache_s']:.1f} s")
@@ -961,7 +1009,7 @@ def main(argv):
   sizes = _SIZES.value or (["small"] if _SMALL.value else ["full"])
   if set(sizes) - set(SIZES):
     raise app.UsageError(f"--sizes takes {sorted(SIZES)}")
-  if {"puppet_light_floor", "puppet_light_wide"} & set(_MODELS.value):
+  if set(FLOOR_MODELS) & set(_MODELS.value):
     try:
       floor_bins(_BINS.value, _BIN_FLOOR.value)
     except ValueError as e:

@@ -48,6 +48,9 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("light_generator", "Half-width state (16 for the 32-wide last stage, as 256 for "
             "512) and G at rank 2 (C/8): benchmark.py's puppet_light setting, scaled down",
             ("--state_channels=16", "--generator_rank=2")),
+    Variant("grouped_batches", "Training batches of one complexity bin each, so bucketed "
+            "training runs the puppeteer once per step (not in the paper, a speed option)",
+            ("--batch_grouping=complexity_bin",)),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

@@ -114,6 +114,16 @@ class ExperimentConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: PuppetCNNConfig = dataclasses.field(default_factory=PuppetCNNConfig)
 
+  def __post_init__(self):
+    from official.puppet_cnn import models  # pylint: disable=import-outside-toplevel
+    if self.data.batch_grouping == "complexity_bin":
+      if not models.is_puppet(self.train.model):
+        raise ValueError(f"--batch_grouping=complexity_bin groups by a Puppet-CNN's complexity "
+                         f"bins; --model={self.train.model!r} has none")
+      if not self.model.complexity_bins:
+        raise ValueError("--batch_grouping=complexity_bin needs --complexity_bins > 0 (with 0 "
+                         "every image has its own H, so there are no bins to group by)")
+
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
 

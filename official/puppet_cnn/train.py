@@ -61,6 +61,11 @@ _TEST_FRACTION = flags.DEFINE_float("test_fraction", None, "Test fraction (image
 _AUGMENT = flags.DEFINE_bool("augment", None, "Random crop + flip (paper CIFAR: off).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Keep only the first N examples of each split.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Training batch size (paper: 64).")
+_BATCH_GROUPING = flags.DEFINE_enum(
+    "batch_grouping", None, ["none", "complexity_bin"],
+    "none (default, the paper): uniformly shuffled training batches. complexity_bin: each "
+    "training batch holds one complexity bin of the model, so bucketed training runs the "
+    "puppeteer once per step (needs --complexity_bins > 0; docs/benchmarks_grouped.md).")
 _EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size.")
 # Training.
 _MODEL = flags.DEFINE_string("model", None, "puppet_cnn, puppet_resnet, puppet_alexnet, or "
@@ -168,7 +173,8 @@ def config_from_flags() -> ExperimentConfig:
               train_subset=_TRAIN_SUBSET.value, val_fraction=_VAL_FRACTION.value,
               test_fraction=_TEST_FRACTION.value, augment=_AUGMENT.value,
               limit=_LIMIT.value, batch_size=_BATCH_SIZE.value,
-              eval_batch_size=_EVAL_BATCH_SIZE.value, seed=_SEED.value)
+              eval_batch_size=_EVAL_BATCH_SIZE.value, seed=_SEED.value,
+              batch_grouping=_BATCH_GROUPING.value)
   train = _set(base.train, model=_MODEL.value, epochs=_EPOCHS.value,
                learning_rate=_LEARNING_RATE.value, weight_decay=_WEIGHT_DECAY.value,
                seed=_SEED.value, jit_compile=_JIT_COMPILE.value,

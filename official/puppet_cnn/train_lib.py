@@ -37,6 +37,7 @@ from absl import logging
 from official.puppet_cnn import distribute_utils
 from official.puppet_cnn import evaluation
 from official.puppet_cnn import models
+from official.puppet_cnn.data import complexity_batching
 from official.puppet_cnn.data.datasets import Splits
 from official.puppet_cnn.data.datasets import build_datasets
 from official.puppet_cnn.experiment_config import MODES
@@ -292,6 +293,20 @@ def training_bins(model, splits: Splits) -> tuple:
   return tuple(sorted(seen))
 
 
+def batch_grouping_args(config: ExperimentConfig) -> Dict[str, Any]:
+  """`build_datasets` keyword arguments for `config.data.batch_grouping`: with
+  'complexity_bin', the model's bin of each image (`complexity_batching`); else none."""
+  if config.data.batch_grouping == "none":
+    return {}
+  if config.model.execution != "bucketed":
+    logging.warning(
+        "--batch_grouping=%s with --execution=%s: only bucketed training runs the puppeteer "
+        "per occupied bin, so only it gets cheaper; the batches are grouped all the same",
+        config.data.batch_grouping, config.model.execution)
+  return dict(batch_key_fn=complexity_batching.complexity_bin_fn(config.model),
+              num_keys=config.model.complexity_bins)
+
+
 def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optional[str] = None,
         overwrite: bool = False, splits: Optional[Splits] = None,
         strategy: Optional[tf.distribute.Strategy] = None,
@@ -328,7 +343,7 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
   if distribute_utils.is_chief():
     prepare_model_dir(config, model_dir, overwrite)
   if splits is None:
-    splits = build_datasets(config.data)
+    splits = build_datasets(config.data, **batch_grouping_args(config))
   logging.info("data: %d train / %d val / %d test images, %d classes, %s", splits.num_train,
                splits.num_val, splits.num_test, splits.num_classes, splits.image_shape)
   model = None

@@ -97,6 +97,30 @@ def test_skip_rules():
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached16", False, "train")  # pylint: disable=protected-access
 
 
+def test_one_bin_batch_takes_the_most_common_bin():
+  class Model:  # the two methods one_bin_batch uses, with bins known in advance
+    def image_bins(self, pool):
+      return np.array([int(p[0, 0, 0]) for p in pool])
+
+    def bin_table(self):
+      return None, None, np.array([4, 5, 6, 7])
+
+  keys = [2, 1, 2, 3, 2, 1]
+  pool = np.zeros((6, 2, 2, 3), np.uint8)
+  pool[:, 0, 0, 0] = keys
+  pool[:, 1, 1, 1] = np.arange(6)  # which image
+  notes = {}
+  batch = benchmark.one_bin_batch(Model(), pool, 5, notes)
+  assert batch.shape == (5, 2, 2, 3)
+  assert set(batch[:, 0, 0, 0].tolist()) == {2}
+  assert batch[:, 1, 1, 1].tolist() == [0, 2, 4, 0, 2]  # bin 2's three images, repeated
+  assert notes == dict(grouped_bin=2, grouped_depth=6, grouped_distinct=3, grouped_pool=6)
+  for model in benchmark.GROUPED_MODELS:
+    assert "inference is" in benchmark._skip_reason(model, False, "infer")  # pylint: disable=protected-access
+    assert benchmark._skip_reason(model, False, "train") is None  # pylint: disable=protected-access
+    assert "XLA" in benchmark._skip_reason(model, True, "train")  # pylint: disable=protected-access
+
+
 def test_nearest8_caches_the_calibration_bins_in_int8_with_the_nearest_fallback():
   from official.puppet_cnn.modeling import complexity as cx  # pylint: disable=import-outside-toplevel
   calibration = np.zeros((3, 32, 32, 3), np.uint8)

@@ -11,5 +11,7 @@ Modules (import them directly; this package imports nothing eagerly):
   * `splits`: seeded class-balanced subsets and stratified splits.
   * `datasets`: `DataConfig` and `build_datasets(config) -> Splits` (batched
     `tf.data` pipelines of uint8 images and int32 labels).
+  * `complexity_batching`: training batches of one complexity bin each
+    (`DataConfig.batch_grouping='complexity_bin'`).
   * `protocols`: the paper's per-dataset protocols as `DataConfig` presets.
 """

@@ -15,6 +15,9 @@ folder image tree, draws the (seeded, class-balanced, stratified) splits of
     reshuffled every epoch).
   * `val` and `test` keep the last, smaller batch (`drop_remainder=False`) so
     every validation/test image is counted; their batch dimension is None.
+  * with `batch_grouping='complexity_bin'` each training batch holds the
+    images of one complexity bin of the model (`complexity_batching.py`),
+    except a few merged batches at the end of each epoch.
   * `train` is shuffled with `seed` (reshuffled every epoch, but the sequence
     of epochs is the same for the same seed); `val`/`test` are in a fixed
     order. All three are cached (`cache=True`) and prefetched (AUTOTUNE).
@@ -54,6 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from official.puppet_cnn.data import cifar
+from official.puppet_cnn.data import complexity_batching
 from official.puppet_cnn.data import image_folder
 from official.puppet_cnn.data import splits as splits_lib
 from official.puppet_cnn.data.errors import DataError
@@ -111,6 +115,14 @@ class DataConfig:
     limit: if set, keep only the first `limit` examples of each split (in
       index order, after subsetting and splitting), for tests and quick runs;
       None (default): everything.
+    batch_grouping: 'none' (default; the paper): training batches are drawn
+      uniformly from the shuffled split. 'complexity_bin': each training
+      batch holds images of one complexity bin of the model (all but a few
+      merged batches at the end of each epoch), so bucketed training runs the
+      puppeteer once per step instead of once per bin in the batch
+      (`complexity_batching.py`; needs `build_datasets(...,
+      batch_key_fn=complexity_batching.complexity_bin_fn(model_config))`,
+      which `train_lib.run` passes).
   """
   dataset: str = "cifar10"
   data_dir: Optional[str] = None
@@ -127,6 +139,7 @@ class DataConfig:
   cache: bool = True
   shuffle_buffer: Optional[int] = None
   limit: Optional[int] = None
+  batch_grouping: str = "none"
 
   def __post_init__(self):
     if self.dataset not in DATASETS:
@@ -160,6 +173,10 @@ class DataConfig:
       raise ValueError(
           f"val_fraction + test_fraction = "
           f"{self.val_fraction + self.test_fraction} leaves no training data.")
+    if self.batch_grouping not in complexity_batching.BATCH_GROUPINGS:
+      raise ValueError(
+          f"batch_grouping must be one of {complexity_batching.BATCH_GROUPINGS}, "
+          f"got {self.batch_grouping!r}.")
     for name in ("batch_size", "eval_batch_size", "shuffle_buffer", "limit"):
       value = getattr(self, name)
       if value is not None and value <= 0:
@@ -254,7 +271,8 @@ def _center_crop_fn(stored_size: int, image_size: int):
 
 
 def _train_pipeline(config: DataConfig, images, labels, stored_size: int,
-                    image_size: int) -> tf.data.Dataset:
+                    image_size: int, batch_key_fn=None,
+                    num_keys: int = 0) -> tf.data.Dataset:
   ds = _from_arrays(images, labels)
   if config.cache:
     ds = ds.cache()
@@ -269,7 +287,11 @@ def _train_pipeline(config: DataConfig, images, labels, stored_size: int,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   elif stored_size != image_size:
     ds = ds.map(_center_crop_fn(stored_size, image_size))
-  ds = ds.batch(config.batch_size, drop_remainder=True)
+  if config.batch_grouping == "complexity_bin":
+    ds = complexity_batching.group_by_key(ds, batch_key_fn, num_keys, config.batch_size,
+                                          images.shape[0])
+  else:
+    ds = ds.batch(config.batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -348,8 +370,17 @@ def _load_image_folder_splits(config: DataConfig):
   return arrays, class_names, stored
 
 
-def build_datasets(config: DataConfig) -> Splits:
+def build_datasets(config: DataConfig, batch_key_fn=None,
+                   num_keys: int = 0) -> Splits:
   """Loads, splits and batches the data described by `config`.
+
+  Args:
+    config: the DataConfig.
+    batch_key_fn: with `batch_grouping='complexity_bin'` (required then):
+      `images (B, H, W, 3) uint8 -> int32 (B,)` keys in [0, num_keys), each
+      training batch holding one key (`complexity_batching.complexity_bin_fn`).
+    num_keys: the number of keys of `batch_key_fn` (the model's
+      `complexity_bins`).
 
   Returns:
     A `Splits`.
@@ -357,7 +388,13 @@ def build_datasets(config: DataConfig) -> Splits:
   Raises:
     DataError: missing, empty or corrupt data, or a split too small for the
       training batch size.
+    ValueError: `batch_grouping` set without a `batch_key_fn`.
   """
+  if config.batch_grouping != "none" and (batch_key_fn is None or num_keys <= 0):
+    raise ValueError(
+        f"batch_grouping={config.batch_grouping!r} needs the model's bins: pass "
+        "build_datasets(config, batch_key_fn=complexity_batching.complexity_bin_fn("
+        "model_config), num_keys=model_config.complexity_bins)")
   if config.dataset == "image_folder":
     arrays, class_names, stored = _load_image_folder_splits(config)
   else:
@@ -376,7 +413,8 @@ def build_datasets(config: DataConfig) -> Splits:
   if config.val_fraction > 0 and x_val.shape[0] == 0:
     raise DataError(f"the validation split of {config.dataset} is empty; "
                     "raise val_fraction or limit (or set val_fraction=0).")
-  train = _train_pipeline(config, x_train, y_train, stored, image_size)
+  train = _train_pipeline(config, x_train, y_train, stored, image_size,
+                          batch_key_fn, num_keys)
   val = (_eval_pipeline(config, x_val, y_val, stored, image_size)
          if config.val_fraction > 0 else None)
   test = _eval_pipeline(config, x_test, y_test, stored, image_size)
@@ -388,8 +426,8 @@ def build_datasets(config: DataConfig) -> Splits:
       num_test=int(x_test.shape[0]), batch_size=config.batch_size)
   logging.info(
       "%s: %d train (%d batches of %d), %d val, %d test, %d classes, "
-      "images %s uint8, augment=%s, seed=%d.", config.dataset,
+      "images %s uint8, augment=%s, batch_grouping=%s, seed=%d.", config.dataset,
       result.num_train, result.steps_per_epoch, config.batch_size,
       result.num_val, result.num_test, result.num_classes, result.image_shape,
-      config.augment, config.seed)
+      config.augment, config.batch_grouping, config.seed)
   return result
