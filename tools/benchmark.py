@@ -81,6 +81,8 @@ Models (`--models`):
   puppet_grouped_remat  puppet_grouped with generator_remat=True (training only).
   puppet_grouped_floor  puppet_grouped with its bins on [--bin_floor, 8] bits, as
                    puppet_light_floor (training only).
+  puppet_grouped_lean  puppet_grouped_floor with generator_remat=True and generator_loop=True
+                   (training only).
   puppet_light_grouped  puppet_light trained the same way (training only; reported with
                    puppet_light).
   puppet_light_grouped_floor  puppet_light_floor trained the same way (training only;
@@ -126,7 +128,8 @@ from absl import flags  # noqa: E402
 
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bucketed",
                   "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop",
-                  "puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor")
+                  "puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
+                  "puppet_grouped_lean")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
@@ -138,13 +141,16 @@ TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_b
                      "puppet_light_wide": "puppet_light", "puppet_grouped": "puppet_bucketed",
                      "puppet_grouped_remat": "puppet_bucketed",
                      "puppet_grouped_floor": "puppet_bucketed",
+                     "puppet_grouped_lean": "puppet_bucketed",
                      "puppet_light_grouped": "puppet_light",
                      "puppet_light_grouped_floor": "puppet_light"}
 # Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
 GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
+                  "puppet_grouped_lean",
                   "puppet_light_grouped", "puppet_light_grouped_floor")
 # Bins on [--bin_floor, 8] (complexity_bin_floor).
 FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
+                "puppet_grouped_lean",
                 "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
@@ -340,6 +346,7 @@ def _build(spec, calibration):
       "puppet_grouped": bucketed,
       "puppet_grouped_remat": remat,
       "puppet_grouped_floor": bucketed,
+      "puppet_grouped_lean": dict(remat, generator_loop=True),
       "puppet_light_grouped": light,
       "puppet_light_grouped_floor": light_loop,
   }[name]

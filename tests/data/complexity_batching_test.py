@@ -50,6 +50,10 @@ def test_group_by_key_against_a_count_of_each_key(batch_size):
   labels = np.concatenate([y for _, y in batches])
   assert len(set(labels.tolist())) == labels.size == (103 // batch_size) * batch_size
   np.testing.assert_array_equal(np.concatenate([k for k, _ in batches]), keys[labels])
+  # The same batches through tf.distribute, as `model.fit` feeds them (it rewrites the
+  # batching of a distributed dataset).
+  dist = tf.distribute.OneDeviceStrategy("/cpu:0").experimental_distribute_dataset(ds)
+  assert [int(x.shape[0]) for x, _ in dist] == [batch_size] * (103 // batch_size)
 
 
 def test_group_by_key_rejects_keys_out_of_range():

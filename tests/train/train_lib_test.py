@@ -222,3 +222,24 @@ def test_training_bins_are_the_bins_of_one_epoch_of_training_images():
     train_lib.check_export_kernel_cache(_config(), "int8", "test")
   with pytest.raises(ValueError, match="needs --export_kernel_cache"):
     train_lib.check_export_kernel_cache(_config(), None, "train")
+
+
+def test_grouped_batches_train_with_the_models_bins(tmp_path):
+  """--batch_grouping=complexity_bin: the run's training batches hold one of the model's
+  bins each (all but the merged leftovers), and the run trains and evaluates."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base = _config(epochs=1)
+  config = dataclasses.replace(
+      base, data=dataclasses.replace(base.data, batch_grouping="complexity_bin"),
+      model=dataclasses.replace(base.model, complexity_bins=16, execution="bucketed"))
+  config = type(config).from_dict(config.to_dict())  # validated like a loaded config.json
+  bins_seen = []
+  splits = train_lib.build_datasets(config.data, **train_lib.batch_grouping_args(config))
+  from official.puppet_cnn import PuppetClassifier  # pylint: disable=import-outside-toplevel
+  model = PuppetClassifier(config.model)
+  for x, _ in splits.train:
+    bins_seen.append(len(set(model.image_bins(x.numpy()).tolist())))
+  assert len(bins_seen) == 96 // 32 and bins_seen[0] == 1
+  results = train_lib.run(config, "train_and_eval", str(tmp_path / "run"), splits=splits)
+  assert results["num_test_images"] == 96 and 0.0 <= results["top1"] <= 1.0
+  assert train_lib.batch_grouping_args(base) == {}

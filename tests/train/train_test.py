@@ -85,6 +85,10 @@ def test_beyond_the_paper_flags():
   assert gathered.model.generator_depthwise == "shifted"
   assert _config("--model_dir=/tmp/x").model.generator_depthwise == "auto"
   assert _config("--model_dir=/tmp/x").model.per_sample_conv == "grouped"
+  grouped = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed",
+                    "--batch_grouping=complexity_bin")
+  assert grouped.data.batch_grouping == "complexity_bin"
+  assert _config("--model_dir=/tmp/x").data.batch_grouping == "none"
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"
 
@@ -100,6 +104,9 @@ def test_beyond_the_paper_flags():
     (["--min_depth=5", "--max_depth=3"], "min_depth"),
     (["--val_fraction=1.5"], "val_fraction"),
     (["--stage_channels=8,0"], "stage_channels"),
+    (["--batch_grouping=complexity_bin"], "needs --complexity_bins > 0"),
+    (["--batch_grouping=complexity_bin", "--complexity_bins=16", "--model=resnet"],
+     "has none"),
 ])
 def test_impossible_flags_are_refused(argv, match):
   with pytest.raises((ValueError, TypeError), match=match):

@@ -14,9 +14,9 @@ sees):
      (`complexity_bin_fn`), 256 images at a time;
   2. `group_by_window` fills one window of `batch_size` images per bin and emits it when
      full, so every batch emitted during the epoch holds one bin;
-  3. at the end of the epoch each bin's partial window is flushed, and `rebatch` merges these
-     leftovers into full, mixed batches (at most about one per occupied bin) and drops the
-     last `num_examples % batch_size`, exactly as the ungrouped pipeline drops them;
+  3. at the end of the epoch each bin's partial window is flushed, and these leftovers are
+     merged into full, mixed batches (at most about one per occupied bin) and the last
+     `num_examples % batch_size` dropped, exactly as the ungrouped pipeline drops them;
   4. the epoch has `num_examples // batch_size` batches of a static shape (asserted).
 
 The bin is computed in the input pipeline in float32 as the model computes it; an image whose
@@ -105,8 +105,11 @@ def group_by_key(examples: tf.data.Dataset, key_fn: Callable[[tf.Tensor], tf.Ten
       key_func=lambda image, label, key: key,
       reduce_func=lambda key, window: window.batch(batch_size),
       window_size=batch_size)
-  batches = grouped.map(lambda images, labels, keys: (images, labels))
-  # Full windows come out intact (they are aligned on batch_size); the end-of-epoch partial
-  # windows are merged into full batches and the remainder dropped.
-  batches = batches.rebatch(batch_size, drop_remainder=True)
+  # Full windows come out intact when the stream is cut into batch_size again (they are
+  # aligned on it: a window is emitted only when full, the partial ones only at the end of
+  # the epoch); the partial windows are merged into full batches and the remainder dropped.
+  # (Not `Dataset.rebatch`: `tf.distribute` rewrites a distributed dataset's batches and
+  # then emits rebatch's partial input batches as they are.)
+  batches = (grouped.unbatch().map(lambda image, label, key: (image, label))
+             .batch(batch_size, drop_remainder=True))
   return batches.apply(tf.data.experimental.assert_cardinality(num_examples // batch_size))
