@@ -51,6 +51,12 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("grouped_batches", "Training batches of one complexity bin each, so bucketed "
             "training runs the puppeteer once per step (not in the paper, a speed option)",
             ("--batch_grouping=complexity_bin",)),
+    Variant("state_norm", "G normalizes each state by its own statistics, in training and "
+            "inference (not in the paper; what grouped batches need)",
+            ("--generator_norm=state",)),
+    Variant("grouped_state_norm", "Grouped batches with G's per-state normalization: "
+            "training generates the kernels inference generates",
+            ("--batch_grouping=complexity_bin", "--generator_norm=state")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

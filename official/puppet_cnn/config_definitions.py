@@ -43,6 +43,8 @@ PER_SAMPLE_CONVS = ("grouped", "im2col")
 # How G's depthwise convolution is computed (`PuppetCNNConfig.generator_depthwise`,
 # `backend_ops.depthwise_conv_same`).
 DEPTHWISE_METHODS = ("auto", "conv", "shifted")
+# How G's batch norm normalizes (`PuppetCNNConfig.generator_norm`, `PuppeteerODE`).
+GENERATOR_NORMS = ("batch", "state")
 # When execution='gathered' gathers each sample's kernels from its bin's
 # (`PuppetCNNConfig.gathered_kernels`).
 GATHERED_KERNELS = ("per_layer", "upfront")
@@ -303,6 +305,14 @@ class PuppetCNNConfig:
       Memory: XLA's CPU backend materializes the shifted copies, so training the paper's G
       under JAX on a CPU plans 31.3 GB at batch 8 with 'shifted' and 12.3 GB with 'conv'
       (docs/benchmarks_gathered_per_layer.md); XLA's GPU backend does not need that memory.
+    generator_norm: how G's batch norm normalizes (`PuppeteerODE(normalization=...)`).
+      'batch' (default; the paper's "batch norm"): in training over the batch's states (one
+      per sample, or one per bin weighted by its count), at inference with the moving
+      averages. 'state': each state by its own per-channel statistics, in training and at
+      inference alike, so a bin's kernels do not depend on which other bins share its batch.
+      With `DataConfig.batch_grouping='complexity_bin'` (one bin per training batch) 'batch'
+      normalizes each bin's state by itself in training but by the moving averages at
+      inference; 'state' does the same in both (docs/benchmarks_grouped.md). Not the paper's.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -343,6 +353,7 @@ class PuppetCNNConfig:
   per_sample_conv: str = "grouped"
   generator_depthwise: str = "auto"
   narrow_kernels: bool = True
+  generator_norm: str = "batch"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -419,6 +430,8 @@ class PuppetCNNConfig:
     _check(self.generator_depthwise in DEPTHWISE_METHODS,
            f"generator_depthwise must be one of {DEPTHWISE_METHODS}, got "
            f"{self.generator_depthwise!r}")
+    _check(self.generator_norm in GENERATOR_NORMS,
+           f"generator_norm must be one of {GENERATOR_NORMS}, got {self.generator_norm!r}")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),

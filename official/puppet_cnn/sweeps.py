@@ -36,6 +36,9 @@ def load_run(model_dir: str, data_dir: Optional[str] = None,
     model_dir: a training run's model_dir (config.json + checkpoints/).
     data_dir: overrides the run's data_dir (the data may have moved).
     limit: keep only the first `limit` examples of each split (quick looks).
+
+  The training split comes in uniformly shuffled batches even for a run trained with
+  `batch_grouping='complexity_bin'`.
   """
   config_path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(config_path):
@@ -45,8 +48,10 @@ def load_run(model_dir: str, data_dir: Optional[str] = None,
   model = model_loading.load_keras_model(model_dir)
   if not isinstance(model, PuppetClassifier):
     raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a PuppetClassifier")
+  # Uniformly shuffled training batches whatever the run trained with: a sweep only reads
+  # them as calibration images, and a batch-norm recalibration needs mixed batches.
   data = dataclasses.replace(config.data, **({"data_dir": data_dir} if data_dir else {}),
-                             **({"limit": limit} if limit else {}))
+                             **({"limit": limit} if limit else {}), batch_grouping="none")
   return model, build_datasets(data)
 
 

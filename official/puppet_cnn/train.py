@@ -144,6 +144,11 @@ _GENERATOR_DEPTHWISE = flags.DEFINE_enum(
     "generator_depthwise", None, ["auto", "conv", "shifted"], "How G's depthwise conv is "
     "computed: auto (default; shifted copies under XLA, the backend's conv otherwise), conv "
     "or shifted. Same results.")
+_GENERATOR_NORM = flags.DEFINE_enum(
+    "generator_norm", None, ["batch", "state"], "G's normalization: batch (default, the "
+    "paper's batch norm: statistics over the batch's states in training, moving averages at "
+    "inference) or state (each state's own statistics, in training and inference alike; "
+    "what --batch_grouping=complexity_bin needs to train the kernels inference generates).")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")
@@ -200,6 +205,7 @@ def config_from_flags() -> ExperimentConfig:
                narrow_kernels=_NARROW_KERNELS.value, per_sample_conv=_PER_SAMPLE_CONV.value,
                generator_depthwise=_GENERATOR_DEPTHWISE.value,
                gathered_kernels=_GATHERED_KERNELS.value,
+               generator_norm=_GENERATOR_NORM.value,
                state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),

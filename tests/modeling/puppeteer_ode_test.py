@@ -178,6 +178,65 @@ def test_inactive_samples_keep_their_state_and_training_updates_moving_stats():
   assert np.abs(layer.moving_mean.numpy()).max() > 0  # updated from batch statistics
 
 
+def _np_state_generator(layer, state):
+  """G(P) in float64 with `normalization='state'`: each channel normalized over the one
+  state's (C_in, KK) positions."""
+  w = [np.asarray(v.numpy(), np.float64) for v in layer.generator_weights()]
+  dw_k, dw_b, *pw, pw_b, gamma, beta, _, _ = w
+  y = reference.depthwise_same(state, dw_k) + dw_b
+  y = np.linalg.multi_dot([y.reshape(-1, y.shape[-1])] + pw).reshape(y.shape) + pw_b
+  y = (y - y.mean(axis=(0, 1))) / np.sqrt(y.var(axis=(0, 1)) + layer.epsilon) * gamma + beta
+  return np.tanh(y)
+
+
+@pytest.mark.parametrize("remat,loop", [(False, False), (True, False), (True, True)])
+def test_state_normalization_against_float64_and_independent_of_the_batch(remat, loop):
+  rng = np.random.default_rng(0)
+  layer = PuppeteerODE(stage_channels=(4, 6), max_depth=3, init_rank=2,
+                       normalization="state", remat=remat, loop_steps=loop)
+  layer.build(None)
+  _randomize_bn(layer, rng)
+  moving = layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()
+  h = np.array([2.5, 7.0, 5.0], np.float32)
+  dl = np.tanh(1 / h.astype(np.float64))
+  depth = np.array([1, 3, 2], np.int32)
+  call = tf.function(layer.__call__) if loop else layer
+  outputs = {training: call(h, dl.astype(np.float32), depth, training=training)
+             for training in (False, True)}
+  # Sample 1 alone in its batch (a batch of one complexity bin) gets the same kernels.
+  alone = call(h[1:2], dl[1:2].astype(np.float32), depth[1:2], training=True)
+  a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
+  base = np.einsum("ri,rk,ro->iko", a, kk, o)
+  for b in range(3):
+    state = base * math.exp(1 - h[b] ** -2.0)
+    for s, (c_prev, c) in enumerate(((3, 4), (4, 6))):
+      state = state + dl[b] * _np_state_generator(layer, state)
+      want = [_np_kernel(state, c_prev, c, 3)]
+      for j in range(2):
+        if depth[b] > j + 1:
+          state = state + dl[b] * _np_state_generator(layer, state)
+          want.append(_np_kernel(state, c, c, 3))
+      for kernels in outputs.values():
+        got = [kernels[s][0][b]] + [kernels[s][1][b, j] for j in range(len(want) - 1)]
+        for g, w in zip(got, want):
+          np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-6)
+      if b == 1:
+        got = [alone[s][0][0]] + [alone[s][1][0, j] for j in range(2)]
+        for g, w in zip(got, want):
+          np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-6)
+  # The moving statistics are neither used nor updated.
+  np.testing.assert_array_equal(layer.moving_mean.numpy(), moving[0])
+  np.testing.assert_array_equal(layer.moving_variance.numpy(), moving[1])
+  with tf.GradientTape() as tape:
+    kernels = call(h, dl.astype(np.float32), depth, training=True)
+    loss = sum(tf.reduce_sum(tf.square(t)) + tf.reduce_sum(tf.square(r)) for t, r in kernels)
+  grads = dict(zip([w.name for w in layer.trainable_weights],
+                   tape.gradient(loss, layer.trainable_weights)))
+  assert all(g is not None for g in grads.values())
+  assert float(tf.reduce_max(tf.abs(grads["gamma"]))) > 0
+  assert float(tf.reduce_max(tf.abs(grads["pointwise_bias"]))) == 0.0  # cancels in the norm
+
+
 def test_config_round_trip_and_errors():
   layer = PuppeteerODE(stage_channels=(8, 16), max_depth=5, kernels_per_unit=2,
                        integrator="rk4", init_rank=3)
@@ -187,6 +246,10 @@ def test_config_round_trip_and_errors():
     PuppeteerODE(stage_channels=(8,), integrator="leapfrog")
   with pytest.raises(ValueError, match="state_channels"):
     PuppeteerODE(stage_channels=(8,), state_channels=-1)
+  with pytest.raises(ValueError, match="normalization must be one of"):
+    PuppeteerODE(stage_channels=(8,), normalization="layer")
+  state = PuppeteerODE(stage_channels=(8,), normalization="state")
+  assert PuppeteerODE.from_config(state.get_config()).normalization == "state"
 
 
 def test_gradients_reach_every_generator_weight():

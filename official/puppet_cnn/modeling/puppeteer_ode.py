@@ -30,7 +30,7 @@ from keras import ops
 
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
-from official.puppet_cnn.config_definitions import KERNEL_SCALINGS
+from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -64,6 +64,14 @@ class PuppeteerODE(keras.layers.Layer):
       per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
       paper: a speed option, see docs/generator_profile.md.
     momentum, epsilon: G's batch norm settings.
+    normalization: how G's batch norm normalizes (`GENERATOR_NORMS`). 'batch' (default; the
+      paper's batch norm): in training over every state in the call (weighted by
+      `state_weight`), at inference with the moving statistics. 'state': each state by its
+      own statistics over its (C_in, K*K) positions, per channel, in training and at
+      inference alike (an instance norm; the moving statistics are neither used nor
+      updated). A state's kernels then do not depend on the other states in the batch, so
+      training on batches of one complexity bin (`DataConfig.batch_grouping`) generates
+      the kernels that inference generates. Not the paper's.
     depthwise: how G's depthwise conv is computed (`backend_ops.depthwise_conv_same`):
       'auto' (default; shifted copies under XLA, the backend's conv otherwise), 'conv' or
       'shifted'. Same values.
@@ -122,7 +130,8 @@ class PuppeteerODE(keras.layers.Layer):
                integrator: str = "euler", kernel_scaling: str = "fan_in",
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
-               loop_steps: bool = False, depthwise: str = "auto", **kwargs):
+               loop_steps: bool = False, depthwise: str = "auto",
+               normalization: str = "batch", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -144,6 +153,10 @@ class PuppeteerODE(keras.layers.Layer):
     if depthwise not in DEPTHWISE_METHODS:
       raise ValueError(f"depthwise must be one of {DEPTHWISE_METHODS}, got {depthwise!r}")
     self.depthwise = depthwise
+    if normalization not in GENERATOR_NORMS:
+      raise ValueError(f"normalization must be one of {GENERATOR_NORMS}, got "
+                       f"{normalization!r}")
+    self.normalization = normalization
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if integrator not in INTEGRATORS:
@@ -239,7 +252,17 @@ class PuppeteerODE(keras.layers.Layer):
     `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
     optionally counts each state that many times. `remat`: None follows the layer's setting.
     `params`: G's trainable weights as tensors, in `_params()` order (None: the variables).
+    With `normalization='state'` the statistics are each state's own, in training and at
+    inference, and the batch statistics appended are zeros marked unseen.
     """
+    if self.normalization == "state":
+      remat = (self.remat if remat is None else remat) and training
+      g = keras.remat(self._state_derivative) if remat else self._state_derivative
+      out = g(state, *params) if params is not None else g(state)
+      if training:
+        zeros = ops.zeros((self.state_channels,), "float32")
+        stats.append((zeros, zeros, False))
+      return out
     if training:
       mask = active if weight is None else (weight if active is None else active * weight)
       # With `remat`, only G's input is kept for the backward pass: its convolution, batch
@@ -299,6 +322,20 @@ class PuppeteerODE(keras.layers.Layer):
     # biases' gradient an exact 0 instead of None (Keras warns about missing gradients).
     out = ops.tanh(mbn.normalize(y, mean - bias, variance, gamma, beta, self.epsilon))
     return out, mean, variance
+
+  def _state_derivative(self, state, *params):
+    """G with `normalization='state'`: each state normalized by its own per-channel
+    statistics. `params`: G's trainable weights as tensors (`_params()` order); none: the
+    variables."""
+    params = params or None
+    y, bias = self._linear(state, params)
+    _, _, _, _, gamma, beta = self._unpack(params)
+    mean = ops.mean(y, axis=(1, 2), keepdims=True)
+    variance = ops.mean(ops.square(y - mean), axis=(1, 2), keepdims=True)
+    # As in `_train_derivative`: the biases cancel in the normalization; adding and
+    # subtracting them keeps their gradient an exact 0 instead of None.
+    mean = (mean + bias) - bias
+    return ops.tanh(mbn.normalize(y, mean, variance, gamma, beta, self.epsilon))
 
   def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None,
                      remat: bool | None = None, params=None):
@@ -494,7 +531,7 @@ class PuppeteerODE(keras.layers.Layer):
         repeated = (ops.stack(repeated, axis=1) if repeated else ops.zeros(
             (ops.shape(transition)[0], 0, k, k, c_out, c_out), "float32"))
       kernels.append((transition, repeated))
-    if training and stats:
+    if training and stats and self.normalization == "batch":
       self._update_moving_statistics(stats)
     return kernels
 
@@ -575,7 +612,8 @@ class PuppeteerODE(keras.layers.Layer):
         kernel_scaling=self.kernel_scaling, generator_kernel_size=self.generator_kernel_size,
         generator_rank=self.generator_rank,
         momentum=self.momentum, epsilon=self.epsilon, remat=self.remat,
-        loop_steps=self.loop_steps, depthwise=self.depthwise)
+        loop_steps=self.loop_steps, depthwise=self.depthwise,
+        normalization=self.normalization)
     return config
 
 
