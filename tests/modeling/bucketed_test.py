@@ -311,6 +311,25 @@ def test_gathered_matches_per_sample(puppet, rank, bins, gather):
   _assert_same_training_step(a, b, step)
 
 
+@pytest.mark.parametrize("execution", ["bucketed", "gathered"])
+def test_state_normalized_puppeteer_matches_per_sample(execution):
+  """generator_norm='state' (each state normalized by itself): one state per bin (bucketed,
+  gathered) against one per image (per_sample) with the same bins, in inference and in one
+  training step (where 'batch' needs the states weighted by their bins' counts to agree)."""
+  a, b = (_pair if execution == "bucketed" else _gathered_pair)(generator_norm="state")
+  images, labels = _images(8, seed=3), np.arange(8) % 5
+  images[:3] = _images(3)
+  _close(b(images, training=False), a(images, training=False))
+
+  def step(model):
+    with tf.GradientTape() as tape:
+      loss = _loss()(labels, model(images, training=True))
+    return float(loss), [tf.convert_to_tensor(g).numpy()
+                         for g in tape.gradient(loss, model.trainable_weights)]
+
+  _assert_same_training_step(a, b, step)
+
+
 def test_gathered_runs_one_state_per_bin(monkeypatch):
   """G runs on every bin (a static count), weighted in training by each bin's sample count."""
   _, b = _gathered_pair(bins=5)
