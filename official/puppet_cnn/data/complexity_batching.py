@@ -1,8 +1,8 @@
 """Training batches of one complexity bin each (`DataConfig.batch_grouping='complexity_bin'`).
 
 Bucketed training (`execution='bucketed'`) runs the puppeteer once per complexity bin that
-occurs in the batch, so a batch of 64 CIFAR-10 images, which falls into about 6 of 16 bins,
-pays for 6 puppeteer trajectories. Grouping the training stream by bin, the way sequence
+occurs in the batch, so a batch of 64 CIFAR-10 images, which falls into 4.74 of 16 bins on
+average, pays for about 5 puppeteer trajectories. Grouping the training stream by bin, the way sequence
 models bucket by length, makes almost every batch one bin, so every step runs the puppeteer
 once. The images, the labels and the epoch's examples are the same; only which images share
 a batch changes (docs/benchmarks_grouped.md measures the step and what it does to accuracy).
