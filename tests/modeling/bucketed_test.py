@@ -275,6 +275,16 @@ def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
                                 np.sort(np.bincount(bins)[np.bincount(bins) > 0]))
 
 
+def _eager_step(images, labels):
+  """`model -> (loss, gradients)` of one eager training call on `images`."""
+  def step(model):
+    with tf.GradientTape() as tape:
+      loss = _loss()(labels, model(images, training=True))
+    return float(loss), [tf.convert_to_tensor(g).numpy()
+                         for g in tape.gradient(loss, model.trainable_weights)]
+  return step
+
+
 def _gathered_pair(bins=16, **kw):
   """A per_sample and a gathered model with identical weights and sensible BN statistics."""
   a = PuppetClassifier(**TINY, complexity_bins=bins, **kw)
@@ -302,13 +312,7 @@ def test_gathered_matches_per_sample(puppet, rank, bins, gather):
   _close(tf.function(lambda x: b(x, training=False), jit_compile=True)(tf.constant(images)),
          want)
 
-  def step(model):
-    with tf.GradientTape() as tape:
-      loss = _loss()(labels, model(images, training=True))
-    return float(loss), [tf.convert_to_tensor(g).numpy()
-                         for g in tape.gradient(loss, model.trainable_weights)]
-
-  _assert_same_training_step(a, b, step)
+  _assert_same_training_step(a, b, _eager_step(images, labels))
 
 
 @pytest.mark.parametrize("execution", ["bucketed", "gathered"])
@@ -321,13 +325,7 @@ def test_state_normalized_puppeteer_matches_per_sample(execution):
   images[:3] = _images(3)
   _close(b(images, training=False), a(images, training=False))
 
-  def step(model):
-    with tf.GradientTape() as tape:
-      loss = _loss()(labels, model(images, training=True))
-    return float(loss), [tf.convert_to_tensor(g).numpy()
-                         for g in tape.gradient(loss, model.trainable_weights)]
-
-  _assert_same_training_step(a, b, step)
+  _assert_same_training_step(a, b, _eager_step(images, labels))
 
 
 def test_gathered_runs_one_state_per_bin(monkeypatch):
