@@ -63,8 +63,7 @@ def complexity_bin_fn(model_config: PuppetCNNConfig) -> Callable[[tf.Tensor], tf
 
   def bins(images):
     h = complexity_lib.image_complexity(tf.cast(images, tf.float32), c.complexity)
-    return complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity,
-                                         h_min=c.complexity_bin_floor)
+    return complexity_lib.config_complexity_bin(h, c)
   return bins
 
 

@@ -171,6 +171,14 @@ def complexity_bin(h, n_bins: int, h_max: float, h_min: float = 0.0):
   return ops.cast(ops.clip(index, 0, n_bins - 1), "int32")
 
 
+def config_complexity_bin(h, config):
+  """`complexity_bin` of H as a `PuppetCNNConfig` bins it: its `complexity_bins` on
+  [complexity_bin_floor, complexity.max_complexity] (what `PuppetClassifier` and the
+  grouped training batches of `data/complexity_batching.py` both use)."""
+  return complexity_bin(h, config.complexity_bins, config.complexity.max_complexity,
+                        h_min=config.complexity_bin_floor)
+
+
 def bin_centres(n_bins: int, h_max: float, h_min: float = 0.0) -> np.ndarray:
   """(n_bins,) float32 bin centres h_min + (i + 0.5) * (h_max - h_min) / n_bins."""
   _check_range(n_bins, h_max, h_min)

@@ -420,9 +420,7 @@ class PuppetClassifier(keras.Model):
   def _complexity_bin(self, h):
     """(B,) int32 bin of each H: `complexity_bins` equal bins on [complexity_bin_floor,
     max_complexity], clamped at both ends."""
-    c = self.config
-    return complexity_lib.complexity_bin(h, c.complexity_bins, c.complexity.max_complexity,
-                                         h_min=c.complexity_bin_floor)
+    return complexity_lib.config_complexity_bin(h, self.config)
 
   def bin_table(self):
     """NumPy (centres, steps, depths) of the `complexity_bins` bins (depth: as this model
