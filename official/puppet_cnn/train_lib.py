@@ -269,16 +269,16 @@ def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[s
     if cache_bins != "all":
       raise ValueError("--export_kernel_cache_bins=train needs --export_kernel_cache")
     return
-  from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES, CACHE_DTYPES_BY_EXECUTION  # pylint: disable=import-outside-toplevel
   if kernel_cache not in CACHE_DTYPES:
     raise ValueError(f"--export_kernel_cache must be one of {CACHE_DTYPES}, got "
                      f"{kernel_cache!r}")
   if (not models.is_puppet(config.train.model)
-      or config.model.execution not in ("bucketed", "gathered")):
+      or config.model.execution not in CACHE_DTYPES_BY_EXECUTION):
     raise ValueError("--export_kernel_cache needs a Puppet-CNN model with "
                      "--execution=bucketed or gathered (and --complexity_bins > 0); got "
                      f"--model={config.train.model} --execution={config.model.execution}")
-  if config.model.execution == "gathered" and kernel_cache == "int8":
+  if kernel_cache not in CACHE_DTYPES_BY_EXECUTION[config.model.execution]:
     raise ValueError("--export_kernel_cache=int8 needs --execution=bucketed: a gathered "
                      "model's kernel table is float32, float16 or bfloat16")
 

@@ -48,6 +48,10 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# The cache dtypes each execution can store (a gathered table is gathered from by the
+# compiled graph: no int8 and its per-channel scales).
+CACHE_DTYPES_BY_EXECUTION = {"bucketed": CACHE_DTYPES,
+                             "gathered": ("float32", "float16", "bfloat16")}
 # `cache_kernels(fallback=...)`: generate uncached bins, raise, or serve the nearest cached bin.
 CACHE_FALLBACKS = (True, False, "nearest")
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
@@ -820,7 +824,8 @@ class PuppetClassifier(keras.Model):
       raise ValueError(f"cache_kernels: fallback must be one of {CACHE_FALLBACKS}, got "
                        f"{fallback!r}")
     fallback = bool(fallback) if isinstance(fallback, (bool, np.bool_)) else "nearest"
-    if c.execution == "gathered" and (dtype == "int8" or fallback is False):
+    if c.execution == "gathered" and (dtype not in CACHE_DTYPES_BY_EXECUTION["gathered"]
+                                      or fallback is False):
       raise ValueError(
           "cache_kernels with execution='gathered' (a table the XLA-compiled graph gathers "
           "from) takes dtype float32, float16 or bfloat16 and fallback=True or 'nearest'; "

@@ -69,6 +69,7 @@ import numpy as np
 import tensorflow as tf
 
 from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES
+from official.puppet_cnn.modeling.puppet_classifier import CACHE_DTYPES_BY_EXECUTION
 from official.puppet_cnn.modeling.puppet_classifier import PuppetClassifier
 
 SERVING_DEFAULT = "serving_default"
@@ -295,14 +296,14 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     if kernel_cache_bins is not None:
       raise ValueError("kernel_cache_bins needs kernel_cache (the cache's storage dtype)")
     return _write_version(*args)
-  if not is_puppet_cnn(model) or model.config.execution not in ("bucketed", "gathered"):
+  if not is_puppet_cnn(model) or model.config.execution not in CACHE_DTYPES_BY_EXECUTION:
     raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
                      "execution='bucketed' or 'gathered' (complexity_bins > 0)")
   if kernel_cache not in CACHE_DTYPES:
     raise ValueError(f"kernel_cache must be None or one of {CACHE_DTYPES}, got "
                      f"{kernel_cache!r}")
   gathered = model.config.execution == "gathered"
-  if gathered and kernel_cache == "int8":
+  if kernel_cache not in CACHE_DTYPES_BY_EXECUTION[model.config.execution]:
     raise ValueError("kernel_cache='int8' needs execution='bucketed': a gathered model's "
                      "kernel table is float32, float16 or bfloat16")
   if kernel_cache_bins is None:
