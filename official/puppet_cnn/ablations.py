@@ -54,6 +54,9 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("state_norm", "G normalizes each state by its own statistics, in training and "
             "inference (not in the paper; what grouped batches need)",
             ("--generator_norm=state",)),
+    Variant("step_norm", "G's batch norm (the paper's in training) with moving statistics "
+            "kept per Euler step for inference, instead of one set for every step (not in "
+            "the paper)", ("--generator_norm=batch_per_step",)),
     Variant("grouped_state_norm", "Grouped batches with G's per-state normalization: "
             "training generates the kernels inference generates",
             ("--batch_grouping=complexity_bin", "--generator_norm=state")),

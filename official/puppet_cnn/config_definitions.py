@@ -44,7 +44,7 @@ PER_SAMPLE_CONVS = ("grouped", "im2col")
 # `backend_ops.depthwise_conv_same`).
 DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 # How G's batch norm normalizes (`PuppetCNNConfig.generator_norm`, `PuppeteerODE`).
-GENERATOR_NORMS = ("batch", "state")
+GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # When execution='gathered' gathers each sample's kernels from its bin's
 # (`PuppetCNNConfig.gathered_kernels`).
 GATHERED_KERNELS = ("per_layer", "upfront")
@@ -313,6 +313,11 @@ class PuppetCNNConfig:
       With `DataConfig.batch_grouping='complexity_bin'` (one bin per training batch) 'batch'
       normalizes each bin's state by itself in training but by the moving averages at
       inference; 'state' does the same in both (docs/benchmarks_grouped.md). Not the paper's.
+      'batch_per_step': the paper's batch norm in training, with moving averages kept per
+      step of the trajectory, so that at inference each Euler step is normalized by the
+      averages of its own step's batch statistics rather than by one set pooled over all
+      steps (2 C non-trainable values per step: 64 KB more at C = 512 and depth bound 8).
+      Not the paper's; docs/ablations_generator_norm.md compares the three.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)

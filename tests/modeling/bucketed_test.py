@@ -315,15 +315,28 @@ def test_gathered_matches_per_sample(puppet, rank, bins, gather):
   _assert_same_training_step(a, b, _eager_step(images, labels))
 
 
-@pytest.mark.parametrize("execution", ["bucketed", "gathered"])
-def test_state_normalized_puppeteer_matches_per_sample(execution):
-  """generator_norm='state' (each state normalized by itself): one state per bin (bucketed,
-  gathered) against one per image (per_sample) with the same bins, in inference and in one
-  training step (where 'batch' needs the states weighted by their bins' counts to agree)."""
-  a, b = (_pair if execution == "bucketed" else _gathered_pair)(generator_norm="state")
+@pytest.mark.parametrize("execution,norm", [
+    ("bucketed", "state"), ("gathered", "state"), ("bucketed", "batch_per_step"),
+    ("gathered", "batch_per_step")])
+def test_generator_norms_match_per_sample(execution, norm):
+  """generator_norm='state' (each state normalized by itself) and 'batch_per_step' (moving
+  statistics per step): one state per bin (bucketed, gathered) against one per image
+  (per_sample) with the same bins, in inference (and from the kernel cache) and in one
+  training step (where the batch norms need the states weighted by their bins' counts)."""
+  a, b = (_pair if execution == "bucketed" else _gathered_pair)(generator_norm=norm)
+  if norm == "batch_per_step":  # distinct rows, so that a step reading another's shows
+    shape = tuple(a.puppeteer.moving_mean.shape)
+    means = np.random.default_rng(5).normal(scale=0.2, size=shape).astype(np.float32)
+    for model in (a, b):
+      model.puppeteer.moving_mean.assign(means)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
-  _close(b(images, training=False), a(images, training=False))
+  want = a(images, training=False)
+  _close(b(images, training=False), want)
+  if execution == "bucketed":
+    b.cache_kernels()
+    _close(b(images, training=False), want)
+    b.clear_kernel_cache()
 
   _assert_same_training_step(a, b, _eager_step(images, labels))
 

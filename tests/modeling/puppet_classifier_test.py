@@ -269,6 +269,35 @@ def test_refine_depth_starts_new_rows_from_the_nearest_trained_row():
   assert model.depth_scale == 1.0 and model.config.depth_scale == 1.0
 
 
+def test_per_step_generator_statistics_follow_the_puppets_rows_at_scaled_depth():
+  """generator_norm='batch_per_step' at depth_scale 2 (max_depth 3: 5 repeated steps per
+  stage, trained rows by hand: round((j + 1) / 2) - 1 clipped to the 2 trained steps) and
+  refine_depth from 0.5 (one repeated step: round(1 / 0.5) - 1 = unit 1 trained) to 1 (unit 0
+  starts from unit 1)."""
+  model = PuppetClassifier(**TINY, depth_scale=2.0, generator_norm="batch_per_step")
+  model.build((None, 16, 16, 3))
+  g = model.puppeteer
+  assert g.statistics_rows == 2 * 3  # 2 stages x (transition + 2 repeated steps)
+  rows = model._puppeteer_scaling()["step_rows"]  # pylint: disable=protected-access
+  assert tuple(rows) == (0, 0, 1, 1, 1)
+  assert [g.statistics_row(1, j, rows) for j in range(5)] == [4, 4, 5, 5, 5]
+  assert g.statistics_row(1) == 3
+  # The model's inference reads them: moving row 2 (stage 0, trained step 1, read by scaled
+  # steps 2-4) moves the logits.
+  images = _images()
+  base = model(images, training=False).numpy()
+  g.moving_mean.assign(g.moving_mean.numpy() + 3.0 * (np.arange(6) == 2)[:, None])
+  assert np.abs(model(images, training=False).numpy() - base).max() > 1e-4
+
+  model = PuppetClassifier(**TINY, depth_scale=0.5, generator_norm="batch_per_step")
+  model.build((None, 16, 16, 3))
+  g = model.puppeteer
+  g.moving_mean.assign(np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 8), np.float32))
+  assert model.refine_depth(1.0) == {0: 1}
+  # Per stage: transition row, unit 0's row (now unit 1's value), unit 1's row.
+  np.testing.assert_array_equal(g.moving_mean.numpy()[:, 0], [0, 2, 2, 3, 5, 5])
+
+
 def test_at_width_one_reproduces_the_model_and_other_widths_resize_by_hand():
   model = PuppetClassifier(**TINY)
   images = _images()

@@ -47,8 +47,9 @@ def _np_kernel(state, c_in, c_out, k):
 
 def _randomize_bn(layer, rng):
   c = layer.state_channels
-  layer.moving_mean.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
-  layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=c).astype(np.float32))
+  shape = tuple(layer.moving_mean.shape)  # (C,), or (rows, C) per step
+  layer.moving_mean.assign(rng.normal(scale=0.1, size=shape).astype(np.float32))
+  layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=shape).astype(np.float32))
   layer.gamma.assign(rng.uniform(0.5, 1.5, size=c).astype(np.float32))
   layer.dw_bias.assign(rng.normal(scale=0.1, size=c).astype(np.float32))
 
@@ -237,6 +238,116 @@ def test_state_normalization_against_float64_and_independent_of_the_batch(remat,
   assert float(tf.reduce_max(tf.abs(grads["pointwise_bias"]))) == 0.0  # cancels in the norm
 
 
+def _np_linear(layer, state):
+  """G's two convolutions with their biases, float64, one state (C_in, KK, C_out)."""
+  w = [np.asarray(v.numpy(), np.float64) for v in layer.generator_weights()]
+  dw_k, dw_b, *pw, pw_b = w[:-4]
+  y = reference.depthwise_same(state, dw_k) + dw_b
+  return np.linalg.multi_dot([y.reshape(-1, y.shape[-1])] + pw).reshape(y.shape) + pw_b
+
+
+def _np_bn_tanh(layer, y, mean, var):
+  gamma, beta = (np.asarray(v.numpy(), np.float64) for v in (layer.gamma, layer.beta))
+  return np.tanh((y - mean) / np.sqrt(var + layer.epsilon) * gamma + beta)
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_batch_per_step_inference_normalizes_each_step_by_its_own_row(loop):
+  rng = np.random.default_rng(3)
+  layer = PuppeteerODE(stage_channels=(4, 6), max_depth=3, init_rank=2,
+                       normalization="batch_per_step", loop_steps=loop)
+  layer.build(None)
+  _randomize_bn(layer, rng)
+  rows, c = layer.statistics_rows, layer.state_channels
+  assert rows == 2 * 3 and tuple(layer.moving_mean.shape) == (rows, c)
+  means = rng.normal(scale=0.3, size=(rows, c))
+  variances = rng.uniform(0.3, 3.0, size=(rows, c))
+  layer.moving_mean.assign(means.astype(np.float32))
+  layer.moving_variance.assign(variances.astype(np.float32))
+  h = np.array([2.5, 7.0], np.float32)
+  dl = np.tanh(1 / h.astype(np.float64))
+  depth = np.array([2, 5], np.int32)
+  units = 4  # one step past the bound (max_depth - 1 = 2 repeated): it reuses the last row
+  call = tf.function(layer.__call__) if loop else layer
+  kernels = call(h, dl.astype(np.float32), depth, training=False, units=units)
+  a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
+  base = np.einsum("ri,rk,ro->iko", a, kk, o)
+  for b in range(2):
+    state = base * math.exp(1 - h[b] ** -2.0)
+    c_prev = 3
+    for s, c_out in enumerate((4, 6)):
+      # Rows per stage: the transition (3 s), then repeated steps 0 and 1 (3 s + 1, 3 s + 2).
+      row = 3 * s
+      state = state + dl[b] * _np_bn_tanh(layer, _np_linear(layer, state), means[row],
+                                         variances[row])
+      np.testing.assert_allclose(kernels[s][0][b].numpy(), _np_kernel(state, c_prev, c_out, 3),
+                                 rtol=1e-4, atol=1e-6)
+      for j in range(units):
+        if depth[b] > j + 1:
+          row = 3 * s + 1 + min(j, 1)
+          state = state + dl[b] * _np_bn_tanh(layer, _np_linear(layer, state), means[row],
+                                             variances[row])
+        np.testing.assert_allclose(kernels[s][1][b, j].numpy(), _np_kernel(state, c_out, c_out, 3),
+                                   rtol=1e-4, atol=1e-6)
+      c_prev = c_out
+
+
+def _np_training_statistics(layer, h, dl, depth):
+  """Float64 training trajectory with batch statistics: the (mean, var, any active) of G's
+  pre-normalization output at every step, in trajectory order (per stage: transition,
+  repeated steps), over the states still below their depth."""
+  a, kk, o = [np.asarray(v, np.float64) for v in layer.init_factors]
+  base = np.einsum("ri,rk,ro->iko", a, kk, o)
+  states = np.stack([base * math.exp(1 - x ** -2.0) for x in h])
+  out = []
+  for _ in layer.stage_channels:
+    for j in range(-1, layer.max_depth - 1):  # -1: the transition step, every state
+      active = np.ones(len(h), bool) if j < 0 else depth > j + 1
+      y = np.stack([_np_linear(layer, p) for p in states])
+      mean = y[active].mean(axis=(0, 1, 2)) if active.any() else None
+      var = y[active].var(axis=(0, 1, 2)) if active.any() else None
+      out.append((mean, var, active.any()))
+      if active.any():
+        new = states + dl[:, None, None, None] * _np_bn_tanh(layer, y, mean, var)
+        states = np.where(active[:, None, None, None], new, states)
+  return out
+
+
+@pytest.mark.parametrize("normalization,loop,sort", [
+    ("batch_per_step", False, False), ("batch_per_step", True, False),
+    ("batch_per_step", False, True), ("batch", False, False)])
+def test_training_moving_statistics_against_float64_batch_statistics(normalization, loop, sort):
+  rng = np.random.default_rng(4)
+  layer = PuppeteerODE(stage_channels=(4, 6), max_depth=3, init_rank=2, momentum=0.0,
+                       normalization=normalization, loop_steps=loop)
+  layer.build(None)
+  _randomize_bn(layer, rng)
+  before_mean = rng.normal(size=tuple(layer.moving_mean.shape)).astype(np.float32)
+  layer.moving_mean.assign(before_mean)
+  h = np.array([2.5, 7.0, 4.0], np.float32)
+  dl = np.tanh(1 / h.astype(np.float64))
+  depth = np.array([1, 2, 2], np.int32)  # the last repeated step of a stage: nobody active
+  call = tf.function(layer.__call__) if loop else layer
+  call(h, dl.astype(np.float32), depth, training=True, depth_sorted=sort)
+  want = _np_training_statistics(layer, h, dl, depth)
+  got_mean, got_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+  if normalization == "batch":  # momentum 0: the mean over the steps anyone took
+    seen = [(m, v) for m, v, any_active in want if any_active]
+    np.testing.assert_allclose(got_mean, np.mean([m for m, _ in seen], axis=0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(got_var, np.mean([v for _, v in seen], axis=0), rtol=1e-4,
+                               atol=1e-5)
+    return
+  assert len(want) == layer.statistics_rows
+  for row, (mean, var, any_active) in enumerate(want):
+    if any_active:
+      np.testing.assert_allclose(got_mean[row], mean, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(got_var[row], var, rtol=1e-4, atol=1e-5)
+    else:  # a step no state took keeps its row
+      np.testing.assert_array_equal(got_mean[row], before_mean[row])
+  assert not all(any_active for _, _, any_active in want)
+
+
 def test_config_round_trip_and_errors():
   layer = PuppeteerODE(stage_channels=(8, 16), max_depth=5, kernels_per_unit=2,
                        integrator="rk4", init_rank=3)
@@ -250,6 +361,11 @@ def test_config_round_trip_and_errors():
     PuppeteerODE(stage_channels=(8,), normalization="layer")
   state = PuppeteerODE(stage_channels=(8,), normalization="state")
   assert PuppeteerODE.from_config(state.get_config()).normalization == "state"
+  per_step = PuppeteerODE(stage_channels=(8,), normalization="batch_per_step")
+  assert PuppeteerODE.from_config(per_step.get_config()).normalization == "batch_per_step"
+  per_step.build(None)
+  with pytest.raises(ValueError, match="row of the moving statistics"):
+    per_step.derivative(tf.zeros((1, 8, 9, 8)), None, False, [])
 
 
 def test_gradients_reach_every_generator_weight():

@@ -420,6 +420,31 @@ def test_gathered_export_serves_its_kernel_table(tmp_path):
     export.export_saved_model(model, str(tmp_path), "g8", kernel_cache="int8")
 
 
+@pytest.mark.parametrize("loop", [False, True])
+def test_per_step_generator_statistics_export(loop, tmp_path):
+  """generator_norm='batch_per_step': the SavedModel reads each step's row of G's moving
+  statistics (in the generator loop, by the loop's step index) as Keras does; moving the last
+  repeated row of each stage changes what it serves."""
+  model = tiny_models.tiny_puppet(generator_norm="batch_per_step", generator_loop=loop)
+  g = model.puppeteer
+  rows = np.random.default_rng(1).normal(scale=0.3, size=tuple(g.moving_mean.shape))
+  g.moving_mean.assign(rows.astype(np.float32))
+  x = tiny_models.images()
+  want = tiny_models.softmax(model(x, training=False))
+  path = export.export_saved_model(model, str(tmp_path), "per_step")
+  fn = tf.saved_model.load(path).signatures["serving_default"]
+  out = fn(images=tf.constant(x))["probabilities"].numpy()
+  assert np.abs(out - want).max() < 1e-5, np.abs(out - want).max()
+  last = [s * g.statistics_rows // 2 + 2 for s in range(2)]  # (transition, step 0, step 1)
+  rows[last] += 2.0
+  g.moving_mean.assign(rows.astype(np.float32))
+  moved = tiny_models.softmax(model(x, training=False))
+  assert np.abs(moved - want).max() > 1e-4
+  path = export.export_saved_model(model, str(tmp_path), "per_step_moved")
+  out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
+  assert np.abs(out["probabilities"].numpy() - moved).max() < 1e-5
+
+
 def test_kernel_cache_errors(bucketed, models, tmp_path):
   with pytest.raises(ValueError, match="needs a Puppet-CNN with execution='bucketed'"):
     export.export_saved_model(models["puppet"], str(tmp_path), "p", kernel_cache="int8")

@@ -410,9 +410,12 @@ class PuppetClassifier(keras.Model):
     return ops.matmul(ops.cast(x, kernel.dtype), kernel) + self.head.bias
 
   def _puppeteer_scaling(self) -> Dict[str, Any]:
-    """Keyword arguments of the puppeteer for this model's `depth_scale`."""
+    """Keyword arguments of the puppeteer for this model's `depth_scale`: the units, and the
+    trained step whose moving statistics each step uses (`generator_norm='batch_per_step'`;
+    the puppet's batch-norm rows)."""
     c = self.config
-    return {"units": scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1}
+    return {"units": scaling.scaled_max_depth(c.max_depth, c.depth_scale) - 1,
+            "step_rows": self._puppet_scaling()["bn_rows"]}
 
   def _puppet_scaling(self) -> Dict[str, Any]:
     """Keyword arguments of the puppet for this model's `depth_scale`."""
@@ -879,7 +882,8 @@ class PuppetClassifier(keras.Model):
       stages, stage_scales = [], []
       folded = folded_scale = table = table_scale = None
       for s, j, kernel in self.puppeteer.iter_kernels(
-          h, dl, ops.convert_to_tensor(depths[index]), units=units):
+          h, dl, ops.convert_to_tensor(depths[index]), units=units,
+          step_rows=self._puppeteer_scaling()["step_rows"]):
         (t_scale, _), rep = affine[s]
         if j is None:
           folded, folded_scale = store(kernel[0] * t_scale)
@@ -1128,8 +1132,9 @@ class PuppetClassifier(keras.Model):
     """Moves to a finer `depth_scale` during incremental-in-depth training.
 
     Batch-norm rows of the puppet that the new scale uses and the current one does not (they
-    were never trained) start from the nearest trained row (`scaling.refinement_sources`);
-    every other weight is unchanged. Returns {new row: source row} (unit indices).
+    were never trained) start from the nearest trained row (`scaling.refinement_sources`), and
+    so do G's per-step moving statistics (`generator_norm='batch_per_step'`); every other
+    weight is unchanged. Returns {new row: source row} (unit indices).
     """
     c = self.config
     if not self.built:
@@ -1142,6 +1147,7 @@ class PuppetClassifier(keras.Model):
         for row, source in sources.items():
           values[row * kpu:(row + 1) * kpu] = values[source * kpu:(source + 1) * kpu]
         variable.assign(values)
+    self.puppeteer.refine_statistics_rows(sources)
     self.depth_scale = scale
     return sources
 

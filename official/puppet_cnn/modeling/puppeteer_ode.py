@@ -23,9 +23,10 @@ stops moving once it has passed its depth, so the kernels it uses do not depend 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
@@ -72,6 +73,13 @@ class PuppeteerODE(keras.layers.Layer):
       updated). A state's kernels then do not depend on the other states in the batch, so
       training on batches of one complexity bin (`DataConfig.batch_grouping`) generates
       the kernels that inference generates. Not the paper's.
+      'batch_per_step': the paper's batch norm in training, as 'batch'; the moving
+      statistics are kept per step of the trajectory (`statistics_rows` rows: each stage's
+      transition step and each of its repeated steps), and at inference each step is
+      normalized by its own step's, not by one set shared by every step. The evaluations of
+      a multi-stage integrator share their step's row; steps past the bound (`units` above
+      max_depth - 1) use their stage's last row. Not the paper's (it does not say how G's
+      batch norm runs at inference); 2 C moving values per row instead of 2 C in all.
     depthwise: how G's depthwise conv is computed (`backend_ops.depthwise_conv_same`):
       'auto' (default; shifted copies under XLA, the backend's conv otherwise), 'conv' or
       'shifted'. Same values.
@@ -111,6 +119,8 @@ class PuppeteerODE(keras.layers.Layer):
       with scaled steps (`scaling.scaled_max_depth`) generates more or fewer.
     channels: stage widths to pool the kernels to (None: `stage_channels`); a narrower or
       wider puppet from the same state (`PuppetClassifier.at_width`, width-sampled training).
+    step_rows: with `normalization='batch_per_step'`, the trained repeated step whose moving
+      statistics each repeated step uses (`statistics_row`; a model at another depth scale).
     expand_kernels: True (default): full kernels. False (with `stack_repeated=False`): a
       kernel whose channels repeat the state's by an integer factor (`kernel_factors`: a
       state narrower than the layer) comes narrow, without the repeats
@@ -181,6 +191,32 @@ class PuppeteerODE(keras.layers.Layer):
   def repeated_kernels_per_stage(self) -> int:
     return (self.max_depth - 1) * self.kernels_per_unit
 
+  @property
+  def statistics_rows(self) -> int:
+    """Rows of G's moving statistics with `normalization='batch_per_step'`: one per step of
+    the trajectory at the depth bound (per stage, the transition and the repeated steps)."""
+    return len(self.stage_channels) * (1 + self.repeated_kernels_per_stage)
+
+  def statistics_row(self, stage: int, j=None, step_rows: Sequence[int] | None = None):
+    """The moving-statistics row of stage `stage`'s transition step (j None) or its repeated
+    step j (an int or an int scalar tensor).
+
+    step_rows: the trained repeated step whose row each repeated step j uses (a model at
+    another `depth_scale`: `scaling.bn_rows`, the puppet's batch-norm rows); None: step j's
+    own, and steps past the bound the stage's last.
+    """
+    last = self.repeated_kernels_per_stage - 1
+    first = stage * (last + 2)
+    if j is None or last < 0:
+      return first
+    if isinstance(j, int):
+      trained = j if step_rows is None else int(step_rows[j])
+      return first + 1 + min(max(trained, 0), last)
+    j = ops.cast(j, "int32")
+    if step_rows is not None:
+      j = ops.take(ops.convert_to_tensor(tuple(step_rows), "int32"), j)
+    return first + 1 + ops.clip(j, 0, last)
+
   def build(self, input_shape=None):
     c, g = self.state_channels, self.generator_kernel_size
     self.dw_kernel = self.add_weight(name="depthwise_kernel", shape=(g, g, c, 1),
@@ -198,9 +234,10 @@ class PuppeteerODE(keras.layers.Layer):
     self.pw_bias = self.add_weight(name="pointwise_bias", shape=(c,), initializer="zeros")
     self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
     self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
-    self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
-                                       trainable=False, aggregation="mean")
-    self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
+    stats_shape = (self.statistics_rows, c) if self.normalization == "batch_per_step" else (c,)
+    self.moving_mean = self.add_weight(name="moving_mean", shape=stats_shape,
+                                       initializer="zeros", trainable=False, aggregation="mean")
+    self.moving_variance = self.add_weight(name="moving_variance", shape=stats_shape,
                                            initializer="ones", trainable=False, aggregation="mean")
     self.init_factors = []
     if self.init != "paper":
@@ -246,7 +283,7 @@ class PuppeteerODE(keras.layers.Layer):
     return base[None] + fill
 
   def derivative(self, state, active, training: bool, stats: list, weight=None,
-                 remat: bool | None = None, params=None):
+                 remat: bool | None = None, params=None, row=None):
     """G(P) = tanh(BN(pointwise(depthwise(P)))); appends batch stats to `stats` in training.
 
     `active` (N,) 0/1 selects the states in the batch statistics (None: all); `weight` (N,)
@@ -254,6 +291,8 @@ class PuppeteerODE(keras.layers.Layer):
     `params`: G's trainable weights as tensors, in `_params()` order (None: the variables).
     With `normalization='state'` the statistics are each state's own, in training and at
     inference, and the batch statistics appended are zeros marked unseen.
+    `row`: with `normalization='batch_per_step'`, the step's row of the moving statistics
+    (`statistics_row`), read at inference.
     """
     if self.normalization == "state":
       remat = (self.remat if remat is None else remat) and training
@@ -278,8 +317,20 @@ class PuppeteerODE(keras.layers.Layer):
       return out
     y, bias = self._linear(state, params)
     _, _, _, _, gamma, beta = self._unpack(params)
-    return ops.tanh(mbn.normalize(y, self.moving_mean - bias, self.moving_variance, gamma,
-                                  beta, self.epsilon))
+    mean, variance = self._moving_statistics(row)
+    return ops.tanh(mbn.normalize(y, mean - bias, variance, gamma, beta, self.epsilon))
+
+  def _moving_statistics(self, row=None):
+    """The moving mean and variance (C,) that normalize G at inference: the one set, or with
+    `normalization='batch_per_step'` the step's `row`."""
+    if self.normalization != "batch_per_step":
+      return self.moving_mean, self.moving_variance
+    if row is None:
+      raise ValueError("PuppeteerODE: normalization='batch_per_step' needs the step's row "
+                       "of the moving statistics at inference")
+    row = ops.convert_to_tensor(row, "int32")
+    return (ops.take(ops.convert_to_tensor(self.moving_mean), row, axis=0),
+            ops.take(ops.convert_to_tensor(self.moving_variance), row, axis=0))
 
   def _params(self) -> list:
     """G's trainable weights, flat: depthwise kernel and bias, pointwise factor(s) and bias,
@@ -338,13 +389,14 @@ class PuppeteerODE(keras.layers.Layer):
     return ops.tanh(mbn.normalize(y, mean, variance, gamma, beta, self.epsilon))
 
   def integrate_step(self, state, dl, active, training: bool, stats: list, weight=None,
-                     remat: bool | None = None, params=None):
+                     remat: bool | None = None, params=None, row=None):
     """One step of the chosen integrator; samples with active == 0 keep their state.
 
     active: (N,) 0/1, or None when every state takes the step (no masking).
+    row: the step's row of the moving statistics (`derivative`).
     """
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
-    g = lambda p: self.derivative(p, active, training, stats, weight, remat, params)  # pylint: disable=unnecessary-lambda-assignment
+    g = lambda p: self.derivative(p, active, training, stats, weight, remat, params, row)  # pylint: disable=unnecessary-lambda-assignment
     if self.integrator == "euler":
       new = state + dl4 * g(state)
     elif self.integrator == "midpoint":
@@ -360,7 +412,7 @@ class PuppeteerODE(keras.layers.Layer):
     return ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, state)
 
   def _guarded_step(self, state, dl, active, weight, training: bool, done=None,
-                    params=None):
+                    params=None, row=None):
     """One repeated step of the states still below their depth, skipped as a whole
     (`ops.cond`) when none is; returns `(new,)`, in training `(new, means, variances, seen)`
     with one row per evaluation of G (`_record_stats` takes them).
@@ -373,6 +425,7 @@ class PuppeteerODE(keras.layers.Layer):
     depthwise-conv filter gradient of an empty batch is uninitialized memory, measured up to
     1e29.)
     params: G's weights as tensors (`_params()` order), for a step inside a loop.
+    row: the step's row of the moving statistics (`derivative`).
     """
     per_step = EVALS_PER_STEP[self.integrator] if training else 0
 
@@ -381,11 +434,11 @@ class PuppeteerODE(keras.layers.Layer):
       if done is not None:
         rows = self.integrate_step(state[done:], dl[done:], None, training, local,
                                    None if weight is None else weight[done:], remat=False,
-                                   params=params)
+                                   params=params, row=row)
         new = ops.concatenate([state[:done], rows], axis=0)
       else:
         new = self.integrate_step(state, dl, active, training, local, weight, remat=False,
-                                  params=params)
+                                  params=params, row=row)
       if not per_step:
         return (new,)
       return (new, ops.stack([m for m, _, _ in local]), ops.stack([v for _, v, _ in local]),
@@ -413,7 +466,7 @@ class PuppeteerODE(keras.layers.Layer):
     return out[0]
 
   def _unrolled_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
-                      depth_sorted: bool, done_at):
+                      depth_sorted: bool, stage: int, step_rows, done_at):
     """A stage's `steps` repeated steps of G, unrolled; yields each step's state.
 
     Step j belongs to unit j // kernels_per_unit + 1. With `depth_sorted` each step is a
@@ -424,18 +477,19 @@ class PuppeteerODE(keras.layers.Layer):
     """
     for j in range(steps):
       unit = j // self.kernels_per_unit + 1
+      row = self.statistics_row(stage, j, step_rows)
       if depth_sorted:
-        step = lambda state, done=done_at(unit): self._guarded_step(  # pylint: disable=unnecessary-lambda-assignment
-            state, dl, None, weight, training, done=done)
+        step = lambda state, done=done_at(unit), row=row: self._guarded_step(  # pylint: disable=unnecessary-lambda-assignment
+            state, dl, None, weight, training, done=done, row=row)
         state = self._record_stats(
             keras.remat(step)(state) if training and self.remat else step(state), stats)
       else:
         state = self.integrate_step(state, dl, ops.cast(depth > unit, "float32"), training,
-                                    stats, weight)
+                                    stats, weight, row=row)
       yield state
 
   def _looped_steps(self, state, dl, depth, steps: int, training: bool, stats: list, weight,
-                    depth_sorted: bool):
+                    depth_sorted: bool, stage: int, step_rows):
     """A stage's `steps` repeated steps of G in one loop (`loop_steps`); returns every step's
     state (a list of `steps` tensors).
 
@@ -447,10 +501,10 @@ class PuppeteerODE(keras.layers.Layer):
     # G's weights are read once, outside the loop, and passed in as tensors.
     params = [ops.convert_to_tensor(p) for p in self._params()]
 
-    def run(state, dl, active, weight, *params):
+    def run(state, dl, active, weight, *params, row=None):
       done = (ops.shape(state)[0] - ops.cast(ops.sum(active), "int32") if depth_sorted
               else None)
-      out = self._guarded_step(state, dl, active, weight, training, done, params)
+      out = self._guarded_step(state, dl, active, weight, training, done, params, row)
       # The reshape restores the rows' static count (lost by the concatenation of the last
       # rows' step to the others), which a loop carry must keep.
       return (ops.reshape(out[0], ops.shape(state)),) + tuple(out[1:])
@@ -460,7 +514,9 @@ class PuppeteerODE(keras.layers.Layer):
       # Everything the step reads from outside the loop is an argument (TensorFlow cannot
       # differentiate a recomputed function that captures a tensor from outside the loop).
       inputs = (carry[0], dl, active, ops.ones_like(dl) if weight is None else weight, *params)
-      return keras.remat(run)(*inputs) if training and self.remat else run(*inputs)
+      if training:  # the batch statistics normalize; no moving-statistics row is read
+        return keras.remat(run)(*inputs) if self.remat else run(*inputs)
+      return run(*inputs, row=self.statistics_row(stage, i, step_rows))
 
     init = self._skipped_step(state, training)  # the carry has the step's output structure
     return [self._record_stats(out, stats)
@@ -507,7 +563,7 @@ class PuppeteerODE(keras.layers.Layer):
   def call(self, complexity, step, depth, training=None, state_weight=None,
            depth_sorted: bool = False, stack_repeated: bool = True, units: int | None = None,
            channels: Sequence[int] | None = None, active_rows_only: bool = False,
-           expand_kernels: bool = True):
+           expand_kernels: bool = True, step_rows: Sequence[int] | None = None):
     training = bool(training)
     if not expand_kernels and stack_repeated:
       raise ValueError("PuppeteerODE: expand_kernels=False needs stack_repeated=False")
@@ -520,7 +576,7 @@ class PuppeteerODE(keras.layers.Layer):
     for s, j, kernel in self._kernels(complexity, step, depth, training, stats, state_weight,
                                       depth_sorted, units, channels, active_rows_only,
                                       loop=self.loop_steps and backend_ops.builds_tf_graph(),
-                                      expand=expand_kernels):
+                                      expand=expand_kernels, step_rows=step_rows):
       if j is None:
         per_stage[s][0] = kernel
       else:
@@ -531,12 +587,13 @@ class PuppeteerODE(keras.layers.Layer):
         repeated = (ops.stack(repeated, axis=1) if repeated else ops.zeros(
             (ops.shape(transition)[0], 0, k, k, c_out, c_out), "float32"))
       kernels.append((transition, repeated))
-    if training and stats and self.normalization == "batch":
-      self._update_moving_statistics(stats)
+    if training and stats and self.normalization != "state":
+      self._update_moving_statistics(stats, units, step_rows)
     return kernels
 
   def iter_kernels(self, complexity, step, depth, units: int | None = None,
-                   channels: Sequence[int] | None = None):
+                   channels: Sequence[int] | None = None,
+                   step_rows: Sequence[int] | None = None):
     """Inference-mode kernels one at a time, in the order the trajectory produces them.
 
     Yields `(stage, j, kernel)`: j is None for the stage's transition kernel (N, K, K, C_in,
@@ -548,7 +605,7 @@ class PuppeteerODE(keras.layers.Layer):
     """
     units, channels = self._resolve(units, channels)
     yield from self._kernels(complexity, step, depth, False, [], None, False, units, channels,
-                             False)
+                             False, step_rows=step_rows)
 
   def _resolve(self, units, channels):
     units = self.max_depth - 1 if units is None else int(units)
@@ -559,7 +616,7 @@ class PuppeteerODE(keras.layers.Layer):
     return units, channels
 
   def _kernels(self, complexity, step, depth, training, stats, state_weight, depth_sorted,
-               units, channels, active_rows_only, loop=False, expand=True):
+               units, channels, active_rows_only, loop=False, expand=True, step_rows=None):
     """The trajectory: yields (stage, j or None, kernel) as `iter_kernels` documents."""
     complexity = ops.cast(complexity, "float32")
     dl = ops.cast(step, "float32")
@@ -577,10 +634,11 @@ class PuppeteerODE(keras.layers.Layer):
 
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
-      state = self.integrate_step(state, dl, None, training, stats, weight)
+      state = self.integrate_step(state, dl, None, training, stats, weight,
+                                  row=self.statistics_row(s))
       yield s, None, self.kernel_from_state(state, c_prev, c_out, expand)
       steps = units * self.kernels_per_unit
-      args = (state, dl, depth, steps, training, stats, weight, depth_sorted)
+      args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
       trajectory = (self._looped_steps(*args) if loop and steps
                     else self._unrolled_steps(*args, done_at))
       for j, state in enumerate(trajectory):
@@ -591,16 +649,65 @@ class PuppeteerODE(keras.layers.Layer):
           yield s, j, self.kernel_from_state(state, c_out, c_out, expand)
       c_prev = c_out
 
-  def _update_moving_statistics(self, stats):
-    """One moving-average update per call, from the mean of the per-step batch statistics."""
-    seen = ops.stack([ops.cast(s, "float32") for _, _, s in stats])
-    count = ops.maximum(ops.sum(seen), 1.0)
-    mean = ops.sum(ops.stack([m for m, _, _ in stats]) * seen[:, None], axis=0) / count
-    var = ops.sum(ops.stack([v for _, v, _ in stats]) * seen[:, None], axis=0) / count
-    any_seen = ops.sum(seen) > 0
+  def _update_moving_statistics(self, stats, units: int, step_rows=None):
+    """One moving-average update per call, from the mean of the per-step batch statistics
+    (over every step; with `normalization='batch_per_step'` over each row's steps)."""
+    rows = self._stats_rows(units, step_rows)
+    if len(rows) != len(stats):
+      raise AssertionError(f"PuppeteerODE: {len(stats)} batch statistics for {len(rows)} "
+                           "evaluations of G")
+    seen = [ops.cast(s, "float32") for _, _, s in stats]
+    means, variances, row_seen = [], [], []
+    for r in range(max(rows) + 1):
+      entries = [i for i, row in enumerate(rows) if row == r]
+      count = sum(seen[i] for i in entries) if entries else 0.0
+      means.append(sum(stats[i][0] * seen[i] for i in entries) / ops.maximum(count, 1.0)
+                   if entries else ops.zeros((self.state_channels,), "float32"))
+      variances.append(sum(stats[i][1] * seen[i] for i in entries) / ops.maximum(count, 1.0)
+                       if entries else ops.zeros((self.state_channels,), "float32"))
+      row_seen.append(ops.convert_to_tensor(count, "float32") > 0)
+    if self.normalization == "batch_per_step":
+      mean, var = ops.stack(means), ops.stack(variances)
+      any_seen = ops.stack(row_seen)[:, None]
+      if mean.shape[0] < self.statistics_rows:  # fewer units than the bound: rows unseen
+        pad = self.statistics_rows - mean.shape[0]
+        mean = ops.pad(mean, ((0, pad), (0, 0)))
+        var = ops.pad(var, ((0, pad), (0, 0)))
+        any_seen = ops.pad(any_seen, ((0, pad), (0, 0)))
+    else:
+      mean, var, any_seen = means[0], variances[0], row_seen[0]
     self.moving_mean.assign(mbn.updated_moving(self.moving_mean, mean, self.momentum, any_seen))
     self.moving_variance.assign(
         mbn.updated_moving(self.moving_variance, var, self.momentum, any_seen))
+
+  def refine_statistics_rows(self, sources: Dict[int, int]) -> None:
+    """With `normalization='batch_per_step'`: each stage's repeated-step rows of the units in
+    `sources` ({unit: source unit}, `scaling.refinement_sources`) take the source unit's
+    values (`PuppetClassifier.refine_depth`, as for the puppet's batch-norm rows)."""
+    if self.normalization != "batch_per_step" or not sources:
+      return
+    kpu, per_stage = self.kernels_per_unit, 1 + self.repeated_kernels_per_stage
+    for variable in (self.moving_mean, self.moving_variance):
+      values = np.array(ops.convert_to_numpy(variable))
+      for s in range(len(self.stage_channels)):
+        for unit, source in sources.items():
+          dst, src = s * per_stage + 1 + unit * kpu, s * per_stage + 1 + source * kpu
+          values[dst:dst + kpu] = values[src:src + kpu]
+      variable.assign(values)
+
+  def _stats_rows(self, units: int, step_rows=None) -> List[int]:
+    """The moving-statistics row of each evaluation of G in one training call, in the order
+    the batch statistics are recorded: per stage, the transition step's evaluations, then
+    each repeated step's. All 0 unless `normalization='batch_per_step'`."""
+    evals = EVALS_PER_STEP[self.integrator]
+    rows = []
+    for s in range(len(self.stage_channels)):
+      rows += [self.statistics_row(s)] * evals
+      for j in range(units * self.kernels_per_unit):
+        rows += [self.statistics_row(s, j, step_rows)] * evals
+    if self.normalization != "batch_per_step":
+      return [0] * len(rows)
+    return rows
 
   def get_config(self):
     config = super().get_config()
