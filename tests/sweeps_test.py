@@ -120,3 +120,31 @@ def test_binning_sweep_nearest_rows_run_every_image_as_a_cached_bin(run_dir):
           f"({100 * row['moved']:.2f}% of the images) |") in sweeps.binning_markdown(rows)
   assert sweeps._bin_ranges([7, 8, 9, 12, 14, 15]) == "7-9, 12, 14-15"  # pylint: disable=protected-access
   assert model.complexity_bins == 0 and model._kernel_cache is None  # pylint: disable=protected-access
+
+
+def test_generator_norm_sweep_rows_against_independent_accuracy(run_dir):
+  """Three rows: as trained (the 'batch' run), one set and per-step statistics re-estimated;
+  each row's top-1 against predict() and the labels, each model rebuilt independently."""
+  model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
+  images = sweeps.calibration_images(splits, 32)
+  before = [w.numpy().copy() for w in model.weights]
+  rows, per_step = sweeps.generator_norm_sweep(model, splits.test, splits.num_test, images, 16)
+  assert [(r["generator_norm"], r["statistics"][:12]) for r in rows] == [
+      ("batch", "as trained"), ("batch", "re-estimated"), ("batch_per_step", "re-estimated")]
+  for w, old in zip(model.weights, before):  # the model itself is not changed
+    np.testing.assert_array_equal(w.numpy(), old)
+  assert rows[0]["top1"] == pytest.approx(_accuracy(model, splits))
+  one_set = model.with_generator_norm("batch", images, 16)
+  assert rows[1]["top1"] == pytest.approx(_accuracy(one_set, splits))
+  assert per_step.config.generator_norm == "batch_per_step"
+  assert rows[2]["top1"] == pytest.approx(_accuracy(per_step, splits))
+  g = per_step.puppeteer
+  assert tuple(g.moving_mean.shape) == (g.statistics_rows, g.state_channels)
+  text = sweeps.generator_norm_markdown(rows)
+  assert text.count("\n") == 5 and "| +0.00 pt |" in text.splitlines()[2]
+  with pytest.raises(ValueError, match="needs calibration images"):
+    sweeps.generator_norm_sweep(model, splits.test, splits.num_test, images[:0])
+  state = model.with_generator_norm("batch_per_step")
+  state.config = state.config.replace(generator_norm="state")
+  with pytest.raises(ValueError, match="keeps no moving statistics"):
+    sweeps.generator_norm_sweep(state, splits.test, splits.num_test, images)

@@ -148,6 +148,50 @@ def width_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
   return rows
 
 
+def generator_norm_sweep(model: PuppetClassifier, dataset: tf.data.Dataset, num: int,
+                         calibration: np.ndarray, batch_size: int = 64
+                         ) -> Tuple[List[Dict[str, Any]], PuppetClassifier]:
+  """Accuracy of a 'batch' or 'batch_per_step' model with G's moving statistics as trained,
+  re-estimated as one set, and re-estimated per step (`PuppetClassifier.with_generator_norm`,
+  `recalibrate_batch_norm(generator=True, puppet=False)` on the `calibration` images, in
+  batches of `batch_size`: use the training batch size, since G's batch statistics are over
+  a batch's states).
+
+  Returns (rows, the per-step model re-estimated on `calibration`); `model` is not changed.
+  A 'state' model has no moving statistics in G: ValueError.
+  """
+  norm = model.config.generator_norm
+  if norm == "state":
+    raise ValueError("generator_norm_sweep: the model was trained with generator_norm='state', "
+                     "which keeps no moving statistics in G")
+  if calibration is None or not len(calibration):
+    raise ValueError("generator_norm_sweep needs calibration images")
+  progress = _Progress("generator-norm sweep", 3)
+  rows = [dict(generator_norm=norm, statistics="as trained",
+               **_row(model, dataset, num, progress, f"{norm}, as trained"))]
+  one_set = model.with_generator_norm("batch", calibration, batch_size)
+  rows.append(dict(generator_norm="batch", statistics=f"re-estimated on {len(calibration)} "
+                   "training images", **_row(one_set, dataset, num, progress,
+                                             "batch, re-estimated")))
+  per_step = model.with_generator_norm("batch_per_step", calibration, batch_size)
+  rows.append(dict(generator_norm="batch_per_step", statistics=f"re-estimated on "
+                   f"{len(calibration)} training images",
+                   **_row(per_step, dataset, num, progress, "batch_per_step, re-estimated")))
+  return rows, per_step
+
+
+def generator_norm_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+  """One row per way of keeping G's moving statistics."""
+  head = "| G's moving statistics | kept as | top-1 | top-5 | vs as trained | mean depth |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  base = rows[0]["top1"]
+  for r in rows:
+    lines.append(f"| {r['statistics']} | `{r['generator_norm']}` | {_pct(r['top1'])} | "
+                 f"{_pct(r['top5'])} | {100 * (r['top1'] - base):+.2f} pt | "
+                 f"{r['mean_depth']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def _predicted_classes(model: PuppetClassifier, dataset: tf.data.Dataset) -> np.ndarray:
   predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1))
   return np.concatenate([predict(images).numpy() for images, _ in dataset])

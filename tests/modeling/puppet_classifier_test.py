@@ -344,6 +344,69 @@ def test_recalibration_sets_moving_statistics_to_the_batch_statistics():
                              y.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
 
 
+def test_generator_recalibration_averages_each_steps_batch_statistics():
+  """recalibrate_batch_norm(generator=True, puppet=False) with 'batch_per_step': each row of
+  G's moving statistics is the mean of the per-step batch statistics of the batches that
+  reached that step (each batch's read from a copy updated with momentum 0); a row only the
+  second batch reached is that batch's alone. Nothing else moves."""
+  model = PuppetClassifier(**TINY, generator_norm="batch_per_step")
+  rng = np.random.default_rng(6)
+  flat = np.repeat(rng.integers(0, 256, (8, 1, 1, 3)), 16, axis=1).repeat(16, axis=2)
+  noisy = rng.integers(0, 256, (8, 16, 16, 3))
+  batches = [flat.astype(np.uint8), noisy.astype(np.uint8)]  # depth 1, then depth 3
+  model.build((None, 16, 16, 3))
+  others = [w.numpy().copy() for w in model.puppet.weights + model.head.weights]
+  g = model.puppeteer
+  g.moving_mean.assign(rng.normal(size=tuple(g.moving_mean.shape)).astype(np.float32))
+  stats = []
+  for batch in batches:
+    ref = PuppetClassifier(**TINY, generator_norm="batch_per_step")
+    ref.build((None, 16, 16, 3))
+    ref.set_weights(model.get_weights())
+    ref.puppeteer.momentum = 0.0
+    ref(batch, training=True)
+    changed = np.any(ref.puppeteer.moving_mean.numpy() != g.moving_mean.numpy(), axis=1)
+    stats.append((ref.puppeteer.moving_mean.numpy(), ref.puppeteer.moving_variance.numpy(),
+                  changed))
+  assert stats[0][2].tolist() == [True, False, False, True, False, False]  # transitions only
+  assert stats[1][2].all()
+  assert model.recalibrate_batch_norm(np.concatenate(batches), batch_size=8, generator=True,
+                                      puppet=False) == 2
+  for got, i in ((g.moving_mean.numpy(), 0), (g.moving_variance.numpy(), 1)):
+    for row in range(6):
+      want = np.mean([st[i][row] for st in stats if st[2][row]], axis=0)
+      np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-6)
+  for w, old in zip(model.puppet.weights + model.head.weights, others):
+    np.testing.assert_array_equal(w.numpy(), old)
+  with pytest.raises(ValueError, match="nothing to do"):
+    model.recalibrate_batch_norm(batches[0], generator=False, puppet=False)
+
+
+def test_with_generator_norm_converts_between_the_batch_norms():
+  model = PuppetClassifier(**TINY)
+  images = _images()
+  model.build((None, 16, 16, 3))
+  rng = np.random.default_rng(7)
+  g = model.puppeteer
+  g.moving_mean.assign(rng.normal(scale=0.2, size=8).astype(np.float32))
+  per_step = model.with_generator_norm("batch_per_step")
+  assert per_step.config.generator_norm == "batch_per_step"
+  np.testing.assert_array_equal(per_step.puppeteer.moving_mean.numpy(),
+                                np.tile(g.moving_mean.numpy(), (6, 1)))
+  np.testing.assert_allclose(per_step(images).numpy(), model(images).numpy(), rtol=1e-6,
+                             atol=1e-6)
+  rows = rng.normal(size=(6, 8)).astype(np.float32)
+  per_step.puppeteer.moving_mean.assign(rows)
+  back = per_step.with_generator_norm("batch")
+  np.testing.assert_allclose(back.puppeteer.moving_mean.numpy(), rows.mean(axis=0), rtol=1e-6)
+  calibrated = model.with_generator_norm("batch_per_step", calibration_images=images)
+  assert np.any(calibrated.puppeteer.moving_mean.numpy() != per_step.puppeteer.moving_mean.numpy())
+  for a, b in zip(calibrated.puppet.weights, model.puppet.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  with pytest.raises(ValueError, match="'state' normalizes differently"):
+    model.with_generator_norm("state")
+
+
 def test_train_widths_adds_the_distillation_loss_and_fits_under_xla():
   model = PuppetClassifier(**TINY, train_widths=(0.5, 1.0))
   images, labels = _images(), np.arange(6) % 5

@@ -1186,33 +1186,87 @@ class PuppetClassifier(keras.Model):
       model.recalibrate_batch_norm(calibration_images, batch_size=batch_size)
     return model
 
-  def recalibrate_batch_norm(self, images, batch_size: int = 64) -> int:
-    """Re-estimates the puppet's batch-norm moving statistics on `images`; returns batches used.
+  def recalibrate_batch_norm(self, images, batch_size: int = 64, generator: bool = False,
+                             puppet: bool = True) -> int:
+    """Re-estimates batch-norm moving statistics on `images`; returns batches used.
 
-    Each layer's moving mean and variance become the mean of its batch statistics over the
-    batches (layers a batch does not reach keep their values). Nothing else changes: the
-    puppeteer's and the head's weights are restored afterwards. Use it after `at_width`, or
-    after changing `depth_scale`, with a few hundred training images.
+    puppet: each of the puppet's layers' moving mean and variance become the mean of its
+    batch statistics over the batches (layers a batch does not reach keep their values).
+    generator: G's moving statistics (every step's row with `generator_norm=
+    'batch_per_step'`) become the mean of its batch statistics over the batches that reached
+    them (`PuppeteerODE.calibration`); nothing to do with 'state'. Nothing else changes: the
+    puppeteer's other weights, the head's and (puppet=False) the puppet's are restored
+    afterwards. Use it after `at_width`, after changing `depth_scale`, or after
+    `with_generator_norm`, with a few hundred to a few thousand training images (mixed
+    complexity: G's statistics are over the batch's states).
     """
     images = np.asarray(images)
     if len(images) == 0:
       raise ValueError("recalibrate_batch_norm needs at least one image")
+    if not (generator or puppet):
+      raise ValueError("recalibrate_batch_norm: nothing to do with generator=False and "
+                       "puppet=False")
     if not self.built:
       self.build()
-    keep = [np.array(ops.convert_to_numpy(w)) for w in self.puppeteer.weights]
+    g = self.puppeteer
+    statistics = (g.moving_mean, g.moving_variance) if generator else ()
+    kept = [w for w in g.weights if not any(w is v for v in statistics)]
+    if not puppet:
+      kept += list(self.puppet.weights)
+    keep = [np.array(ops.convert_to_numpy(w)) for w in kept]
     momentum = self.puppet.momentum
     batches = 0
     try:
-      for start in range(0, len(images), batch_size):
-        self.puppet.momentum = batches / (batches + 1.0)  # running mean of the batch stats
-        self(images[start:start + batch_size], training=True)
-        batches += 1
+      with g.calibration():
+        for start in range(0, len(images), batch_size):
+          self.puppet.momentum = batches / (batches + 1.0)  # running mean of the batch stats
+          self(images[start:start + batch_size], training=True)
+          batches += 1
     finally:
       self.puppet.momentum = momentum
-      for w, value in zip(self.puppeteer.weights, keep):
+      for w, value in zip(kept, keep):
         w.assign(value)
     self.clear_kernel_cache()
     return batches
+
+  def with_generator_norm(self, generator_norm: str, calibration_images=None,
+                          batch_size: int = 64) -> "PuppetClassifier":
+    """A new model with G's moving statistics kept one way or the other, from these weights.
+
+    'batch' and 'batch_per_step' train alike (batch statistics per step) and differ only in
+    the moving statistics that normalize G at inference: one set for every step, or one per
+    step. Converting copies every weight; the one set becomes every step's row, and the rows
+    average to the one set. Without `calibration_images` the new model predicts as this one
+    (from 'batch'). With them (a few thousand training images), G's statistics are
+    re-estimated (`recalibrate_batch_norm(generator=True, puppet=False)`): a model trained
+    with 'batch' then normalizes each step at inference as it was normalized in training
+    (docs/ablations_generator_norm.md measures what that is worth). 'state' normalizes
+    differently in training, so converting to or from it is refused.
+    """
+    c = self.config
+    norms = ("batch", "batch_per_step")
+    if generator_norm not in norms or c.generator_norm not in norms:
+      raise ValueError(f"with_generator_norm converts between {norms} (they train alike); "
+                       f"got {c.generator_norm!r} -> {generator_norm!r} ('state' normalizes "
+                       "differently in training: train with it instead)")
+    if not self.built:
+      self.build()
+    model = PuppetClassifier(c.replace(generator_norm=generator_norm),
+                             name=f"{self.name}_{generator_norm}")
+    model.build((None,) + tuple(c.input_shape))
+    statistics = (self.puppeteer.moving_mean, self.puppeteer.moving_variance)
+    pairs = [(d, s) for a, b in ((model.puppeteer, self.puppeteer), (model.puppet, self.puppet),
+                                 (model.head, self.head)) for d, s in zip(a.weights, b.weights)]
+    for dst, src in pairs:
+      value = np.asarray(ops.convert_to_numpy(src))
+      if any(src is v for v in statistics) and value.shape != tuple(dst.shape):
+        value = (np.broadcast_to(value, tuple(dst.shape)) if value.ndim == 1
+                 else value.mean(axis=0))
+      dst.assign(value)
+    if calibration_images is not None:
+      model.recalibrate_batch_norm(calibration_images, batch_size=batch_size, generator=True,
+                                   puppet=False)
+    return model
 
   # --------------------------------------------------------------------------- config
   def get_config(self):

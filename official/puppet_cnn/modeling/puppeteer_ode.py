@@ -22,6 +22,7 @@ stops moving once it has passed its depth, so the kernels it uses do not depend 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Sequence, Tuple
 
@@ -167,6 +168,7 @@ class PuppeteerODE(keras.layers.Layer):
       raise ValueError(f"normalization must be one of {GENERATOR_NORMS}, got "
                        f"{normalization!r}")
     self.normalization = normalization
+    self._calibration_counts = None  # per-row update counts while calibrating (eager)
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if integrator not in INTEGRATORS:
@@ -676,9 +678,30 @@ class PuppeteerODE(keras.layers.Layer):
         any_seen = ops.pad(any_seen, ((0, pad), (0, 0)))
     else:
       mean, var, any_seen = means[0], variances[0], row_seen[0]
-    self.moving_mean.assign(mbn.updated_moving(self.moving_mean, mean, self.momentum, any_seen))
+    momentum = self.momentum
+    if self._calibration_counts is not None:
+      # A running mean per row: the k-th update of a row weighs 1 / k, whatever the calls
+      # that did not reach the row (`calibration`).
+      counts = self._calibration_counts
+      if isinstance(counts, int):
+        counts = ops.zeros(ops.shape(any_seen), "float32")
+      momentum = counts / (counts + 1.0)
+      self._calibration_counts = counts + ops.cast(any_seen, "float32")
+    self.moving_mean.assign(mbn.updated_moving(self.moving_mean, mean, momentum, any_seen))
     self.moving_variance.assign(
-        mbn.updated_moving(self.moving_variance, var, self.momentum, any_seen))
+        mbn.updated_moving(self.moving_variance, var, momentum, any_seen))
+
+  @contextlib.contextmanager
+  def calibration(self):
+    """Within it, training calls set G's moving statistics (each row of them, with
+    'batch_per_step') to the plain mean of the batch statistics of the calls that reached it,
+    instead of a moving average (`PuppetClassifier.recalibrate_batch_norm(generator=True)`).
+    Eager calls only."""
+    self._calibration_counts = 0
+    try:
+      yield
+    finally:
+      self._calibration_counts = None
 
   def refine_statistics_rows(self, sources: Dict[int, int]) -> None:
     """With `normalization='batch_per_step'`: each stage's repeated-step rows of the units in
