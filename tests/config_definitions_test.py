@@ -28,6 +28,17 @@ def test_dict_round_trip_including_nested_complexity():
   d = c.to_dict()
   assert d["complexity"]["bins"] == 64
   assert PuppetCNNConfig.from_dict(d) == c
+  assert PuppetCNNConfig.from_saved_dict(d) == c
+
+
+def test_saved_config_without_generator_norm_reads_as_the_one_set_it_had():
+  """A model or run saved before `generator_norm` existed kept one set of G's moving
+  statistics; its config loads as 'batch', while a new config defaults to per step."""
+  d = PuppetCNNConfig(stage_channels=(4, 8)).to_dict()
+  assert d["generator_norm"] == "batch_per_step"
+  del d["generator_norm"]
+  assert PuppetCNNConfig.from_saved_dict(d).generator_norm == "batch"
+  assert PuppetCNNConfig.from_dict(d).generator_norm == "batch_per_step"
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -51,13 +51,14 @@ def test_width_sweep_rows_by_hand(run_dir):
   model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
   rows = sweeps.width_sweep(model, splits.test, splits.num_test, [0.5, 1.0])
   assert rows[0]["stage_channels"] == [2, 4] and rows[1]["stage_channels"] == [4, 8]
-  # Width 0.5 stores: G on the unchanged 8-channel state (8^2 + 15 * 8 = 184), the rank-16
-  # initial state (16 * (8 + 9 + 8) = 400), the puppet's BN (4 vectors x (2 + 2 rows x 2) +
-  # 4 x (4 + 2 x 4) = 72) and the head (4 x 10 + 10 = 50).
-  assert rows[0]["stored_params"] == 184 + 400 + 72 + 50
+  # Width 0.5 stores: G on the unchanged 8-channel state (8^2 + 15 * 8 = 184, + 2 x 8 x 5 =
+  # 80 for its moving statistics per step: 6 rows instead of 1), the rank-16 initial state
+  # (16 * (8 + 9 + 8) = 400), the puppet's BN (4 vectors x (2 + 2 rows x 2) + 4 x (4 + 2 x 4)
+  # = 72) and the head (4 x 10 + 10 = 50).
+  assert rows[0]["stored_params"] == 184 + 80 + 400 + 72 + 50
   assert rows[1]["top1"] == pytest.approx(_accuracy(model, splits))
   assert rows[0]["macs"] < rows[1]["macs"]
-  assert "| 0.5x | 2-4 | 706 |" in sweeps.width_markdown(rows)
+  assert "| 0.5x | 2-4 | 786 |" in sweeps.width_markdown(rows)
 
 
 def test_load_run_errors(tmp_path, run_dir):
@@ -123,14 +124,16 @@ def test_binning_sweep_nearest_rows_run_every_image_as_a_cached_bin(run_dir):
 
 
 def test_generator_norm_sweep_rows_against_independent_accuracy(run_dir):
-  """Three rows: as trained (the 'batch' run), one set and per-step statistics re-estimated;
-  each row's top-1 against predict() and the labels, each model rebuilt independently."""
+  """Three rows: as trained (the default 'batch_per_step' run), one set and per-step
+  statistics re-estimated; each row's top-1 against predict() and the labels, each model
+  rebuilt independently."""
   model, splits = sweeps.load_run(run_dir, tiny_run.DATA_DIR)
   images = sweeps.calibration_images(splits, 32)
   before = [w.numpy().copy() for w in model.weights]
   rows, per_step = sweeps.generator_norm_sweep(model, splits.test, splits.num_test, images, 16)
   assert [(r["generator_norm"], r["statistics"][:12]) for r in rows] == [
-      ("batch", "as trained"), ("batch", "re-estimated"), ("batch_per_step", "re-estimated")]
+      ("batch_per_step", "as trained"), ("batch", "re-estimated"),
+      ("batch_per_step", "re-estimated")]
   for w, old in zip(model.weights, before):  # the model itself is not changed
     np.testing.assert_array_equal(w.numpy(), old)
   assert rows[0]["top1"] == pytest.approx(_accuracy(model, splits))

@@ -150,7 +150,7 @@ def report_lines(header: Dict[str, object], rows: List[Dict[str, object]]) -> Li
            "| variant | fields | state | rank | G params | first call | fwd + bwd | vs first row |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    fields = ", ".join(f"{k}={v}" for k, v in r["fields"].items()) or "(paper)"
+    fields = ", ".join(f"{k}={v}" for k, v in r["fields"].items()) or "(defaults)"
     lines.append(
         f"| {r['name']} | {fields} | {r['state_channels']} | {r['generator_rank'] or 'full'} | "
         f"{r['generator_params']:,} | {r['first_s']:.1f} s | {r['median_s']:.2f} s "

@@ -23,8 +23,9 @@ class Variant:
 
 
 VARIANTS: Tuple[Variant, ...] = (
-    Variant("baseline", "Default: learned initial state (base x fill), depth and parameter "
-            "adaptation, VGG-style puppet, Euler"),
+    Variant("baseline", "Base protocol: learned initial state (base x fill), depth and "
+            "parameter adaptation, VGG-style puppet, Euler, G's moving statistics as one set "
+            "(the paper's)"),
     Variant("paper_init", "The paper's constant initial state exp(1 - H^-2) (eq. 11)",
             ("--init=paper",)),
     Variant("learned_additive", "Learned base + constant fill (instead of base x fill)",
@@ -55,8 +56,8 @@ VARIANTS: Tuple[Variant, ...] = (
             "inference (not in the paper; what grouped batches need)",
             ("--generator_norm=state",)),
     Variant("step_norm", "G's batch norm (the paper's in training) with moving statistics "
-            "kept per Euler step for inference, instead of one set for every step (not in "
-            "the paper)", ("--generator_norm=batch_per_step",)),
+            "kept per Euler step for inference, instead of one set for every step (the "
+            "library default)", ("--generator_norm=batch_per_step",)),
     Variant("grouped_state_norm", "Grouped batches with G's per-state normalization: "
             "training generates the kernels inference generates",
             ("--batch_grouping=complexity_bin", "--generator_norm=state")),

@@ -45,6 +45,9 @@ PER_SAMPLE_CONVS = ("grouped", "im2col")
 DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 # How G's batch norm normalizes (`PuppetCNNConfig.generator_norm`, `PuppeteerODE`).
 GENERATOR_NORMS = ("batch", "state", "batch_per_step")
+# Fields whose default changed after models were saved without them: the value such a saved
+# config meant (`PuppetCNNConfig.from_saved_dict`). generator_norm: 'batch' until 2026-12-04.
+SAVED_BEFORE_FIELD = {"generator_norm": "batch"}
 # When execution='gathered' gathers each sample's kernels from its bin's
 # (`PuppetCNNConfig.gathered_kernels`).
 GATHERED_KERNELS = ("per_layer", "upfront")
@@ -306,18 +309,21 @@ class PuppetCNNConfig:
       under JAX on a CPU plans 31.3 GB at batch 8 with 'shifted' and 12.3 GB with 'conv'
       (docs/benchmarks_gathered_per_layer.md); XLA's GPU backend does not need that memory.
     generator_norm: how G's batch norm normalizes (`PuppeteerODE(normalization=...)`).
-      'batch' (default; the paper's "batch norm"): in training over the batch's states (one
-      per sample, or one per bin weighted by its count), at inference with the moving
-      averages. 'state': each state by its own per-channel statistics, in training and at
+      'batch' (the paper's "batch norm", one set of moving averages as its Table 5 counts):
+      in training over the batch's states (one per sample, or one per bin weighted by its
+      count), at inference with the moving averages. 'state': each state by its own per-channel statistics, in training and at
       inference alike, so a bin's kernels do not depend on which other bins share its batch.
       With `DataConfig.batch_grouping='complexity_bin'` (one bin per training batch) 'batch'
       normalizes each bin's state by itself in training but by the moving averages at
       inference; 'state' does the same in both (docs/benchmarks_grouped.md). Not the paper's.
-      'batch_per_step': the paper's batch norm in training, with moving averages kept per
-      step of the trajectory, so that at inference each Euler step is normalized by the
-      averages of its own step's batch statistics rather than by one set pooled over all
-      steps (2 C non-trainable values per step: 64 KB more at C = 512 and depth bound 8).
-      Not the paper's; docs/ablations_generator_norm.md compares the three.
+      'batch_per_step' (default): the paper's batch norm in training (the same training,
+      bit for bit), with moving averages kept per step of the trajectory, so that at
+      inference each Euler step is normalized by the averages of its own step's batch
+      statistics rather than by one set pooled over all steps (2 C non-trainable values per
+      step: the full puppet's G grows from 269,824 to 301,568 values, 1.08 to 1.21 MB). The
+      paper does not say how G's batch norm runs at inference; on the ablation protocol
+      the same weights scored 8 points of top-1 more this way (docs/generator_norm.md).
+      A config saved without this field (before it existed) reads as 'batch'.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -358,7 +364,7 @@ class PuppetCNNConfig:
   per_sample_conv: str = "grouped"
   generator_depthwise: str = "auto"
   narrow_kernels: bool = True
-  generator_norm: str = "batch"
+  generator_norm: str = "batch_per_step"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -509,6 +515,16 @@ class PuppetCNNConfig:
     if unknown:
       raise ValueError(f"unknown PuppetCNNConfig fields: {sorted(unknown)}")
     return cls(**values)
+
+  @classmethod
+  def from_saved_dict(cls, values: dict) -> "PuppetCNNConfig":
+    """`from_dict` for a config a model or run saved (`to_dict`: every field): a field it
+    lacks was added after it was saved, and takes the value that reproduces that model
+    (`SAVED_BEFORE_FIELD`), not today's default."""
+    values = dict(values)
+    for name, value in SAVED_BEFORE_FIELD.items():
+      values.setdefault(name, value)
+    return cls.from_dict(values)
 
   def replace(self, **changes: Any) -> "PuppetCNNConfig":
     return dataclasses.replace(self, **changes)

@@ -132,9 +132,12 @@ class ExperimentConfig:
 
   @classmethod
   def from_dict(cls, values: Dict[str, Any]) -> "ExperimentConfig":
+    """From `to_dict`'s output (a run's config.json): a saved model config lacking a field
+    added since reads as what it meant then (`PuppetCNNConfig.from_saved_dict`)."""
+    model = values.get("model")
     return cls(train=TrainConfig(**values.get("train", {})),
                data=DataConfig(**values.get("data", {})),
-               model=PuppetCNNConfig.from_dict(values.get("model", {})))
+               model=PuppetCNNConfig.from_saved_dict(model) if model else PuppetCNNConfig())
 
 
 def identity(config: ExperimentConfig) -> Dict[str, Any]:

@@ -145,12 +145,12 @@ _GENERATOR_DEPTHWISE = flags.DEFINE_enum(
     "computed: auto (default; shifted copies under XLA, the backend's conv otherwise), conv "
     "or shifted. Same results.")
 _GENERATOR_NORM = flags.DEFINE_enum(
-    "generator_norm", None, ["batch", "state", "batch_per_step"], "G's normalization: batch "
-    "(default, the paper's batch norm: statistics over the batch's states in training, one "
-    "set of moving averages for every step at inference), batch_per_step (the same in "
-    "training, moving averages kept per Euler step for inference) or state (each state's own "
-    "statistics, in training and inference alike; what --batch_grouping=complexity_bin needs "
-    "to train the kernels inference generates).")
+    "generator_norm", None, ["batch", "state", "batch_per_step"], "G's normalization: "
+    "batch_per_step (default: the paper's batch norm in training, statistics over the batch's "
+    "states; moving averages kept per Euler step for inference), batch (the same training, "
+    "one set of moving averages for every step: the paper's Table 5) or state (each state's "
+    "own statistics, in training and inference alike; what --batch_grouping=complexity_bin "
+    "needs to train the kernels inference generates).")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")

@@ -69,7 +69,11 @@ def test_parameter_breakdown_by_hand():
   model = PuppetClassifier(**TINY, init_rank=2)
   b = model.parameter_breakdown()
   c = 8  # state width
-  assert b["puppeteer_generator"] == c * c + 15 * c
+  # C^2 + 15 C with one set of moving statistics (the paper's); the default keeps one per
+  # step: 2 stages x (1 transition + 2 repeated) rows, 2 C values each instead of 2 C.
+  assert b["puppeteer_generator"] == c * c + 15 * c + 2 * c * (2 * 3 - 1)
+  paper = PuppetClassifier(**TINY, init_rank=2, generator_norm="batch").parameter_breakdown()
+  assert paper["puppeteer_generator"] == c * c + 15 * c
   assert b["puppeteer_initial_state"] == 2 * (c + 9 + c)
   # BN: per stage (1 transition + 2 repeated) x 4 vectors x width.
   assert b["puppet_batch_norm"] == 3 * 4 * 4 + 3 * 4 * 8
@@ -383,7 +387,7 @@ def test_generator_recalibration_averages_each_steps_batch_statistics():
 
 
 def test_with_generator_norm_converts_between_the_batch_norms():
-  model = PuppetClassifier(**TINY)
+  model = PuppetClassifier(**TINY, generator_norm="batch")
   images = _images()
   model.build((None, 16, 16, 3))
   rng = np.random.default_rng(7)

@@ -18,7 +18,9 @@ TABLE5_TOTAL_PARAMS_M = {64: 0.04, 128: 0.17, 256: 0.66, 512: 2.63, 1024: 10.50}
 
 @pytest.mark.parametrize("c", [64, 128, 256, 512])
 def test_generator_size_matches_paper_table5(c):
-  layer = PuppeteerODE(stage_channels=(c // 8, c // 4, c // 2, c), init="paper")
+  # The paper's G keeps one set of batch-norm moving statistics (normalization='batch').
+  layer = PuppeteerODE(stage_channels=(c // 8, c // 4, c // 2, c), init="paper",
+                       normalization="batch")
   layer.build(None)
   g = sum(int(np.prod(w.shape)) for w in layer.generator_weights())
   assert round(4 * g / 1e6, 2) == TABLE5_PARAM_SIZE_MB[c]
@@ -26,6 +28,12 @@ def test_generator_size_matches_paper_table5(c):
   assert round((g + state) / 1e6, 2) == TABLE5_TOTAL_PARAMS_M[c]
   # With the paper's constant init nothing but G is stored.
   assert sum(int(np.prod(w.shape)) for w in layer.weights) == g
+  # The default keeps them per step: 4 stages x (1 + 7) steps, 2 C values each.
+  per_step = PuppeteerODE(stage_channels=(c // 8, c // 4, c // 2, c), init="paper")
+  per_step.build(None)
+  assert per_step.normalization == "batch_per_step"
+  assert (sum(int(np.prod(w.shape)) for w in per_step.generator_weights())
+          == g + 2 * c * (4 * 8 - 1))
 
 
 def _np_generator(layer, state):
@@ -63,9 +71,10 @@ def _randomize_bn(layer, rng):
     ("learned", 0, 6, False, "shifted"), ("learned", 0, 6, True, "shifted")])  # G's depthwise
 def test_euler_trajectory_matches_float64_reference(init, rank, width, loop, depthwise):
   rng = np.random.default_rng(0)
+  # One set of moving statistics (the float64 G reads it; per-step rows: the test below).
   layer = PuppeteerODE(stage_channels=(4, 6), input_channels=3, max_depth=3, init=init,
                        init_rank=2, generator_rank=rank, state_channels=width, loop_steps=loop,
-                       depthwise=depthwise)
+                       depthwise=depthwise, normalization="batch")
   layer.build(None)
   assert len(layer.generator_weights()) == (9 if rank else 8)
   _randomize_bn(layer, rng)
@@ -107,8 +116,9 @@ def test_euler_trajectory_matches_float64_reference(init, rank, width, loop, dep
 
 def test_generator_rank_factorizes_the_pointwise_matrix():
   c, r = 512, 64
-  full = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper")
-  low = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper", generator_rank=r)
+  full = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper", normalization="batch")
+  low = PuppeteerODE(stage_channels=(64, 128, 256, 512), init="paper", generator_rank=r,
+                     normalization="batch")
   full.build(None)
   low.build(None)
   count = lambda layer: sum(int(np.prod(w.shape)) for w in layer.generator_weights())  # pylint: disable=unnecessary-lambda-assignment
@@ -363,6 +373,9 @@ def test_config_round_trip_and_errors():
   assert PuppeteerODE.from_config(state.get_config()).normalization == "state"
   per_step = PuppeteerODE(stage_channels=(8,), normalization="batch_per_step")
   assert PuppeteerODE.from_config(per_step.get_config()).normalization == "batch_per_step"
+  legacy = per_step.get_config()
+  del legacy["normalization"]  # saved before the option existed: the one set it had then
+  assert PuppeteerODE.from_config(legacy).normalization == "batch"
   per_step.build(None)
   with pytest.raises(ValueError, match="row of the moving statistics"):
     per_step.derivative(tf.zeros((1, 8, 9, 8)), None, False, [])

@@ -130,11 +130,12 @@ def test_model_info(models, tmp_path):
   assert info["class_names"] == names
   assert info["num_classes"] == 5 and info["input_shape"] == [16, 16, 3]
   assert info["version"] == 1 and info["model_name"] == "pc"
-  # By hand: G = 3x3 depthwise (72) + bias (8) + 8x8 pointwise (64) + bias (8) + 4 x 8 BN = 184;
+  # By hand: G = 3x3 depthwise (72) + bias (8) + 8x8 pointwise (64) + bias (8) + 4 x 8 BN = 184,
+  # + 2 x 8 x 5 = 80 for its moving statistics kept per step (6 rows: 2 stages x 3 steps);
   # initial state rank 16: 16 x (8 + 9 + 8) = 400; puppet BNs 4 x (4 + 2x4 + 8 + 2x8) = 144;
   # head 8 x 5 + 5 = 45.
-  assert info["parameter_breakdown"]["total_stored"] == 184 + 400 + 144 + 45
-  assert info["parameter_breakdown"]["paper_param_size_mb"] == pytest.approx(4 * 184 / 1e6)
+  assert info["parameter_breakdown"]["total_stored"] == 184 + 80 + 400 + 144 + 45
+  assert info["parameter_breakdown"]["paper_param_size_mb"] == pytest.approx(4 * 264 / 1e6)
   assert set(info["signatures"]["serving_default"]["outputs"]) == {
       "probabilities", "top_k_classes", "top_k_probabilities", "depth", "complexity"}
   resnet = export.read_model_info(export.export_saved_model(models["resnet"], str(tmp_path),

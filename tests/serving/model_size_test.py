@@ -38,16 +38,21 @@ def test_conv_bn_counts_moving_statistics_not_seeds():
 
 def test_puppet_cnn_paper_size_is_g_only():
   model = PuppetClassifier(**tiny_models.TINY_PUPPET)
-  # By hand (see export_test): G = 184, initial state 400, puppet BN 144, head 45.
-  assert model_size.stored_parameters(model) == 773
-  assert model_size.stored_weight_bytes(model) == 4 * 773
-  assert model_size.paper_param_bytes(model) == 4 * 184
+  # By hand (see export_test): G = 184 + 80 per-step moving statistics, initial state 400,
+  # puppet BN 144, head 45.
+  assert model_size.stored_parameters(model) == 853
+  assert model_size.stored_weight_bytes(model) == 4 * 853
+  assert model_size.paper_param_bytes(model) == 4 * 264
+  paper = PuppetClassifier(**tiny_models.TINY_PUPPET, generator_norm="batch")
+  assert model_size.paper_param_bytes(paper) == 4 * 184
 
 
 def test_paper_size_of_the_full_puppet_cnn_is_table_5():
-  # Paper Table 5: "Param Size" 1.08 MB at C = 512 (C^2 + 15 C = 269,824 params).
-  model = PuppetClassifier()
+  # Paper Table 5: "Param Size" 1.08 MB at C = 512 (C^2 + 15 C = 269,824 params), with the
+  # one set of G's moving statistics the paper counts; per step (the default) 2 C x 31 more.
+  model = PuppetClassifier(generator_norm="batch")
   assert model_size.paper_param_bytes(model) == 4 * 269_824
+  assert model_size.paper_param_bytes(PuppetClassifier()) == 4 * (269_824 + 2 * 512 * 31)
 
 
 def test_directory_and_gzip_bytes(tmp_path):

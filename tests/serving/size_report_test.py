@@ -83,7 +83,8 @@ def test_puppet_row_by_hand(tmp_path):
                                lambda: PuppetClassifier(**tiny_models.TINY_PUPPET))
   results = {"tiny_puppet": {"top1": 0.5, "runs": 2, "mean_depth": 2.0}}
   (row,) = size_report.measure_spec(spec, str(tmp_path), results=results, log=lambda _: None)
-  assert row["stored_params"] == 773 and row["paper_param_bytes"] == 4 * 184
+  # 773 and G's 184 with one set of G's moving statistics; per step (the default) 80 more.
+  assert row["stored_params"] == 853 and row["paper_param_bytes"] == 4 * 264
   assert row["top1"] == 0.5 and row["top1_runs"] == 2
   assert row["depth_mean"] == 2.0
   assert row["depth_mean_source"] == "the `mean_depth` of results.json"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(tiny_run.DATA_DIR is None, reason="real CIFAR-10
 def test_report_and_saved_model(tiny_run_dir, tmp_path):
   out = str(tmp_path / "per_step.keras")
   text = generator_norm_sweep.report([tiny_run_dir], tiny_run.DATA_DIR, None, 32, "cmd", out)
-  assert "Trained with `generator_norm='batch'`; 64 test images; statistics re-estimated on " \
+  assert "Trained with `generator_norm='batch_per_step'`; 64 test images; statistics re-estimated on " \
          "32 training images in batches of 32." in text
   rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # after the head
   assert len(rows) == 3 and "`batch_per_step`" in rows[2]

@@ -45,7 +45,8 @@ def test_tiny_run_writes_the_report(tmp_path):
   assert "old" not in report and "mine" in report
   assert "--variant=paper: --variant=rank2:generator_rank=2,integrator=euler" in report
   assert "bins 9..14 (no --data_dir)" in report
-  # G's parameters by hand (state 8): C^2 + 15 C = 184; rank 2: 2 r C + 15 C = 152.
-  assert "| paper | (paper) | 8 | full | 184 |" in report
-  assert "| rank2 | generator_rank=2, integrator=euler | 8 | 2 | 152 |" in report
+  # G's parameters by hand (state 8): C^2 + 15 C = 184; rank 2: 2 r C + 15 C = 152; each
+  # + 2 C x 5 = 80 for the moving statistics kept per step (the default: 6 rows, not 1).
+  assert "| paper | (defaults) | 8 | full | 264 |" in report
+  assert "| rank2 | generator_rank=2, integrator=euler | 8 | 2 | 232 |" in report
   assert "| 1.00x |" in report

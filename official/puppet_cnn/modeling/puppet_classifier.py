@@ -1240,7 +1240,7 @@ class PuppetClassifier(keras.Model):
     (from 'batch'). With them (a few thousand training images), G's statistics are
     re-estimated (`recalibrate_batch_norm(generator=True, puppet=False)`): a model trained
     with 'batch' then normalizes each step at inference as it was normalized in training
-    (docs/ablations_generator_norm.md measures what that is worth). 'state' normalizes
+    (docs/generator_norm.md measures what that is worth). 'state' normalizes
     differently in training, so converting to or from it is refused.
     """
     c = self.config
@@ -1275,4 +1275,4 @@ class PuppetClassifier(keras.Model):
   @classmethod
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
-    return cls(config=PuppetCNNConfig.from_dict(config.pop("config")), **config)
+    return cls(config=PuppetCNNConfig.from_saved_dict(config.pop("config")), **config)

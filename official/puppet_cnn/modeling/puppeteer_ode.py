@@ -9,7 +9,9 @@ G is one depthwise-separable conv + batch norm + tanh. We lay the state out as a
 C_out_max channels and a (C_in_max, K*K) spatial plane, so G is a 3x3 depthwise conv (with
 bias) + a C x C pointwise conv (with bias) + BN. Its parameter count, C^2 + 15 C (BN moving
 statistics included), reproduces the paper's Table 5 "Param Size" at every width
-(C = 512: 269,824 params = 1.08 MB in float32). `generator_rank` r > 0 factorizes the
+(C = 512: 269,824 params = 1.08 MB in float32) with one set of moving statistics
+(`normalization='batch'`); the default keeps one set per Euler step ('batch_per_step': the
+same training, and at inference each step normalized by its own step's averages). `generator_rank` r > 0 factorizes the
 pointwise matrix as (C x r)(r x C) (not the paper: a speed option).
 
 Every Euler step emits one kernel: the state average-pooled to the layer's (C_out, C_in) and
@@ -66,21 +68,21 @@ class PuppeteerODE(keras.layers.Layer):
       per step and 2 r C parameters instead of C^2 (C = 512, r = 64: a quarter). Not in the
       paper: a speed option, see docs/generator_profile.md.
     momentum, epsilon: G's batch norm settings.
-    normalization: how G's batch norm normalizes (`GENERATOR_NORMS`). 'batch' (default; the
-      paper's batch norm): in training over every state in the call (weighted by
+    normalization: how G's batch norm normalizes (`GENERATOR_NORMS`). 'batch' (the paper's
+      batch norm, one set of moving statistics as its Table 5 counts): in training over every state in the call (weighted by
       `state_weight`), at inference with the moving statistics. 'state': each state by its
       own statistics over its (C_in, K*K) positions, per channel, in training and at
       inference alike (an instance norm; the moving statistics are neither used nor
       updated). A state's kernels then do not depend on the other states in the batch, so
       training on batches of one complexity bin (`DataConfig.batch_grouping`) generates
       the kernels that inference generates. Not the paper's.
-      'batch_per_step': the paper's batch norm in training, as 'batch'; the moving
+      'batch_per_step' (default): the paper's batch norm in training, as 'batch'; the moving
       statistics are kept per step of the trajectory (`statistics_rows` rows: each stage's
       transition step and each of its repeated steps), and at inference each step is
       normalized by its own step's, not by one set shared by every step. The evaluations of
       a multi-stage integrator share their step's row; steps past the bound (`units` above
-      max_depth - 1) use their stage's last row. Not the paper's (it does not say how G's
-      batch norm runs at inference); 2 C moving values per row instead of 2 C in all.
+      max_depth - 1) use their stage's last row. The paper does not say how G's batch norm
+      runs at inference; 2 C moving values per row instead of 2 C in all.
     depthwise: how G's depthwise conv is computed (`backend_ops.depthwise_conv_same`):
       'auto' (default; shifted copies under XLA, the backend's conv otherwise), 'conv' or
       'shifted'. Same values.
@@ -142,7 +144,7 @@ class PuppeteerODE(keras.layers.Layer):
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
                loop_steps: bool = False, depthwise: str = "auto",
-               normalization: str = "batch", **kwargs):
+               normalization: str = "batch_per_step", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -745,6 +747,12 @@ class PuppeteerODE(keras.layers.Layer):
         loop_steps=self.loop_steps, depthwise=self.depthwise,
         normalization=self.normalization)
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config.setdefault("normalization", "batch")  # saved before the option: one set
+    return cls(**config)
 
 
 def _pool_axis(x, axis: int, n_out: int, n_in: int):
