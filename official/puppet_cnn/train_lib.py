@@ -303,6 +303,13 @@ def batch_grouping_args(config: ExperimentConfig) -> Dict[str, Any]:
         "--batch_grouping=%s with --execution=%s: only bucketed training runs the puppeteer "
         "per occupied bin, so only it gets cheaper; the batches are grouped all the same",
         config.data.batch_grouping, config.model.execution)
+  if config.model.generator_norm != "state":
+    logging.warning(
+        "--batch_grouping=%s with --generator_norm=%s: each one-bin batch normalizes G by its "
+        "bin's state alone in training, and inference by moving averages over all bins, so "
+        "the kernels trained are not the ones served; --generator_norm=state normalizes the "
+        "same way in both (docs/benchmarks_grouped.md, docs/generator_norm.md)",
+        config.data.batch_grouping, config.model.generator_norm)
   return dict(batch_key_fn=complexity_batching.complexity_bin_fn(config.model),
               num_keys=config.model.complexity_bins)
 

@@ -224,9 +224,11 @@ def test_training_bins_are_the_bins_of_one_epoch_of_training_images():
     train_lib.check_export_kernel_cache(_config(), None, "train")
 
 
-def test_grouped_batches_train_with_the_models_bins(tmp_path):
+def test_grouped_batches_train_with_the_models_bins(tmp_path, caplog):
   """--batch_grouping=complexity_bin: the run's training batches hold one of the model's
-  bins each (all but the merged leftovers), and the run trains and evaluates."""
+  bins each (all but the merged leftovers), and the run trains and evaluates. With a batch
+  norm in G (the default) the run is warned that one-bin batches normalize G differently in
+  training and inference; with generator_norm='state' it is not."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   base = _config(epochs=1)
   config = dataclasses.replace(
@@ -234,7 +236,13 @@ def test_grouped_batches_train_with_the_models_bins(tmp_path):
       model=dataclasses.replace(base.model, complexity_bins=16, execution="bucketed"))
   config = type(config).from_dict(config.to_dict())  # validated like a loaded config.json
   bins_seen = []
-  splits = train_lib.build_datasets(config.data, **train_lib.batch_grouping_args(config))
+  with caplog.at_level("WARNING"):
+    state = dataclasses.replace(config, model=config.model.replace(generator_norm="state"))
+    train_lib.batch_grouping_args(state)
+    assert "--generator_norm=state normalizes" not in caplog.text
+    splits = train_lib.build_datasets(config.data, **train_lib.batch_grouping_args(config))
+  assert ("--generator_norm=batch_per_step: each one-bin batch normalizes G by its bin's "
+          "state alone") in caplog.text
   from official.puppet_cnn import PuppetClassifier  # pylint: disable=import-outside-toplevel
   model = PuppetClassifier(config.model)
   for x, _ in splits.train:
