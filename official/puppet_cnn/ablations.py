@@ -58,6 +58,10 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("step_norm", "G's batch norm (the paper's in training) with moving statistics "
             "kept per Euler step for inference, instead of one set for every step (the "
             "library default)", ("--generator_norm=batch_per_step",)),
+    Variant("step_norm_precise_bn", "Per-step moving statistics in G, and every batch norm's "
+            "statistics re-estimated on 2,048 training images before each validation "
+            "(precise batch norm; not in the paper)",
+            ("--generator_norm=batch_per_step", "--precise_bn_images=2048")),
     Variant("grouped_state_norm", "Grouped batches with G's per-state normalization: "
             "training generates the kernels inference generates",
             ("--batch_grouping=complexity_bin", "--generator_norm=state")),

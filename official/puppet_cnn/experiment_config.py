@@ -44,6 +44,14 @@ class TrainConfig:
       batch-norm rows from the nearest trained ones (`PuppetClassifier.refine_depth`). The
       best checkpoint is chosen among epochs at full depth only.
     refine_every_epochs: epochs between refinements; 0: epochs // (depth_refinements + 1).
+    precise_bn_images: 0 (default): validation and checkpoints use the batch-norm moving
+      averages as training left them. N > 0 (Puppet-CNN only, one device): before each
+      validation, the puppet's and G's moving statistics are re-estimated on N training
+      images (shuffled, in training batches; `recalibrate_batch_norm(generator=True)`), so
+      that validation, best-checkpoint selection and the checkpoints use statistics of the
+      current weights (docs/generator_norm.md: at the default momentum 0.9 the moving
+      averages made validation accuracy swing between epochs). Costs a training-mode
+      forward pass over N images per epoch. Not in the paper.
   """
   model: str = "puppet_cnn"
   epochs: int = 800
@@ -58,6 +66,7 @@ class TrainConfig:
   entropy_bucket_edges: Tuple[float, ...] = (0.0, 5.0, 6.0, 6.5, 7.0, 7.5, 8.0)
   depth_refinements: int = 0
   refine_every_epochs: int = 0
+  precise_bn_images: int = 0
 
   def __post_init__(self):
     from official.puppet_cnn import models  # pylint: disable=import-outside-toplevel
@@ -84,6 +93,14 @@ class TrainConfig:
             f"{self.refinement_interval} epoch(s) needs more than "
             f"{self.depth_refinements * self.refinement_interval} epochs to end at full "
             f"depth; got --epochs={self.epochs}")
+    if self.precise_bn_images < 0:
+      raise ValueError(f"--precise_bn_images must be >= 0, got {self.precise_bn_images}")
+    if self.precise_bn_images and not models.is_puppet(self.model):
+      raise ValueError(f"--precise_bn_images re-estimates a Puppet-CNN's batch norms; "
+                       f"--model={self.model!r} is not one")
+    if self.precise_bn_images and self.distribution_strategy != "one_device":
+      raise ValueError("--precise_bn_images runs eagerly on one device; got "
+                       f"--distribution_strategy={self.distribution_strategy}")
     self.entropy_bucket_edges = tuple(float(e) for e in self.entropy_bucket_edges)
     if list(self.entropy_bucket_edges) != sorted(self.entropy_bucket_edges) or len(
         self.entropy_bucket_edges) < 2:

@@ -162,6 +162,10 @@ _DEPTH_REFINEMENTS = flags.DEFINE_integer(
     "double it k times (0: off).")
 _REFINE_EVERY_EPOCHS = flags.DEFINE_integer(
     "refine_every_epochs", None, "Epochs between depth refinements (0: spread evenly).")
+_PRECISE_BN_IMAGES = flags.DEFINE_integer(
+    "precise_bn_images", None, "Before each validation, re-estimate the puppet's and G's "
+    "batch-norm moving statistics on this many training images (0: off, default; Puppet-CNN "
+    "only).")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -188,7 +192,8 @@ def config_from_flags() -> ExperimentConfig:
                mixed_precision=_MIXED_PRECISION.value,
                distribution_strategy=_STRATEGY.value, verbose=_VERBOSE.value,
                depth_refinements=_DEPTH_REFINEMENTS.value,
-               refine_every_epochs=_REFINE_EVERY_EPOCHS.value)
+               refine_every_epochs=_REFINE_EVERY_EPOCHS.value,
+               precise_bn_images=_PRECISE_BN_IMAGES.value)
   stage_channels = (tuple(int(c) for c in _STAGE_CHANNELS.value)
                     if _STAGE_CHANNELS.value else None)
   model = _set(PuppetCNNConfig(), stage_channels=stage_channels, min_depth=_MIN_DEPTH.value,

@@ -140,6 +140,38 @@ class DepthSchedule(keras.callbacks.Callback):
       self.run_state.state.pop("best", None)
 
 
+class PreciseBatchNorm(keras.callbacks.Callback):
+  """Re-estimates a Puppet-CNN's batch-norm moving statistics (the puppet's and G's) on
+  fixed training images before each validation (`TrainConfig.precise_bn_images`)."""
+
+  def __init__(self, images: np.ndarray, batch_size: int):
+    super().__init__()
+    self.images, self.batch_size = images, int(batch_size)
+
+  def on_test_begin(self, logs=None):
+    # The validation's compiled function is already built; it reads the statistics'
+    # variables, so it is kept (recalibrate_batch_norm drops compiled inference functions,
+    # for the kernel cache it also clears; training has none).
+    kept = {name: getattr(self.model, name, None) for name in ("test_function",
+                                                               "predict_function")}
+    self.model.recalibrate_batch_norm(self.images, batch_size=self.batch_size, generator=True)
+    for name, fn in kept.items():
+      setattr(self.model, name, fn)
+
+
+def precise_bn_images(splits: Splits, count: int, seed: int) -> np.ndarray:
+  """The first `count` training images, shuffled with `seed` (grouped training batches hold
+  one complexity bin each; G's batch statistics need mixed batches)."""
+  images, total = [], 0
+  for batch, _ in splits.train:
+    images.append(np.asarray(batch))
+    total += len(images[-1])
+    if total >= count:
+      break
+  images = np.concatenate(images)[:count]
+  return images[np.random.default_rng(seed).permutation(len(images))]
+
+
 def _compile(model: keras.Model, config: ExperimentConfig) -> None:
   t = config.train
   if t.weight_decay > 0:
@@ -187,6 +219,9 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
   ]
   if t.depth_refinements:  # before the checkpoints: they must see the refined model
     callbacks.append(DepthSchedule(t, best, run_state))
+  if t.precise_bn_images:  # validation and the checkpoints use the re-estimated statistics
+    callbacks.append(PreciseBatchNorm(precise_bn_images(splits, t.precise_bn_images, t.seed),
+                                      splits.batch_size))
   callbacks += [
       keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "latest.weights.h5"),
                                       save_weights_only=True),

@@ -251,3 +251,38 @@ def test_grouped_batches_train_with_the_models_bins(tmp_path, caplog):
   results = train_lib.run(config, "train_and_eval", str(tmp_path / "run"), splits=splits)
   assert results["num_test_images"] == 96 and 0.0 <= results["top1"] <= 1.0
   assert train_lib.batch_grouping_args(base) == {}
+
+
+def test_precise_batch_norm_reestimates_the_statistics_before_each_validation(tmp_path):
+  """--precise_bn_images: the last validation ran on statistics re-estimated from the run's
+  first N training images (shuffled), so re-estimating them again from the saved last-epoch
+  weights changes nothing; a run without it saves different (moving-average) statistics."""
+  from official.puppet_cnn import PuppetClassifier  # pylint: disable=import-outside-toplevel
+  runs = {}
+  for n in (0, 64):
+    config = _config(epochs=1, precise_bn_images=n)
+    model_dir = str(tmp_path / f"run{n}")
+    train_lib.run(config, "train", model_dir)
+    model = PuppetClassifier(config.model)
+    model.build((None, 32, 32, 3))
+    model.load_weights(os.path.join(model_dir, "checkpoints", "latest.weights.h5"))
+    runs[n] = (config, model)
+  config, model = runs[64]
+  splits = train_lib.build_datasets(config.data)
+  images = train_lib.precise_bn_images(splits, 64, config.train.seed)
+  assert images.shape == (64, 32, 32, 3)
+  for n, (_, m) in runs.items():
+    saved = [w.numpy().copy() for w in m.non_trainable_weights]
+    m.recalibrate_batch_norm(images, batch_size=32, generator=True)
+    diff = max(float(np.abs(w.numpy() - s).max()) for w, s in zip(m.non_trainable_weights,
+                                                                   saved))
+    if n:
+      assert diff < 1e-5, diff
+    else:
+      assert diff > 1e-3, diff
+  with pytest.raises(ValueError, match="precise_bn_images must be >= 0"):
+    _config(precise_bn_images=-1)
+  with pytest.raises(ValueError, match="is not one"):
+    _config(model="resnet", precise_bn_images=8)
+  with pytest.raises(ValueError, match="one device"):
+    _config(precise_bn_images=8, distribution_strategy="mirrored")
