@@ -149,26 +149,15 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     self.images, self.batch_size = images, int(batch_size)
 
   def on_test_begin(self, logs=None):
-    # The validation's compiled function is already built; it reads the statistics'
-    # variables, so it is kept (recalibrate_batch_norm drops compiled inference functions,
-    # for the kernel cache it also clears; training has none).
-    kept = {name: getattr(self.model, name, None) for name in ("test_function",
-                                                               "predict_function")}
     self.model.recalibrate_batch_norm(self.images, batch_size=self.batch_size, generator=True)
-    for name, fn in kept.items():
-      setattr(self.model, name, fn)
 
 
 def precise_bn_images(splits: Splits, count: int, seed: int) -> np.ndarray:
-  """The first `count` training images, shuffled with `seed` (grouped training batches hold
-  one complexity bin each; G's batch statistics need mixed batches)."""
-  images, total = [], 0
-  for batch, _ in splits.train:
-    images.append(np.asarray(batch))
-    total += len(images[-1])
-    if total >= count:
-      break
-  images = np.concatenate(images)[:count]
+  """The first `count` training images (`sweeps.calibration_images`), shuffled with `seed`
+  (grouped training batches hold one complexity bin each; G's batch statistics need mixed
+  batches)."""
+  from official.puppet_cnn import sweeps  # pylint: disable=import-outside-toplevel
+  images = sweeps.calibration_images(splits, count)
   return images[np.random.default_rng(seed).permutation(len(images))]
 
 

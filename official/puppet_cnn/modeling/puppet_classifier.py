@@ -1226,7 +1226,8 @@ class PuppetClassifier(keras.Model):
       self.puppet.momentum = momentum
       for w, value in zip(kept, keep):
         w.assign(value)
-    self.clear_kernel_cache()
+    if self._kernel_cache is not None:  # its folded kernels hold the old statistics; compiled
+      self.clear_kernel_cache()         # functions read the statistics' variables and stay
     return batches
 
   def with_generator_norm(self, generator_norm: str, calibration_images=None,

@@ -35,6 +35,7 @@ from keras import ops
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
 from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
+from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -751,7 +752,8 @@ class PuppeteerODE(keras.layers.Layer):
   @classmethod
   def from_config(cls, config):
     config = dict(config)
-    config.setdefault("normalization", "batch")  # saved before the option: one set
+    # Saved before the option existed: the one set it had then.
+    config.setdefault("normalization", SAVED_BEFORE_FIELD["generator_norm"])
     return cls(**config)
 
 
