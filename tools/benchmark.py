@@ -83,6 +83,11 @@ Models (`--models`):
                    puppet_light_floor (training only).
   puppet_grouped_lean  puppet_grouped_floor with generator_remat=True and generator_loop=True
                    (training only).
+  puppet_reversible  puppet_bucketed with generator_backward='reversible': one custom gradient
+                   for G's trajectory that keeps G's pre-normalization output per step and
+                   undoes the Euler steps in the backward pass (training only).
+  puppet_grouped_reversible  puppet_grouped_floor with generator_backward='reversible'
+                   (training only).
   puppet_light_grouped  puppet_light trained the same way (training only; reported with
                    puppet_light).
   puppet_light_grouped_floor  puppet_light_floor trained the same way (training only;
@@ -129,7 +134,7 @@ from absl import flags  # noqa: E402
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bucketed",
                   "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop",
                   "puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
-                  "puppet_grouped_lean")
+                  "puppet_grouped_lean", "puppet_reversible", "puppet_grouped_reversible")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
@@ -142,15 +147,17 @@ TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_b
                      "puppet_grouped_remat": "puppet_bucketed",
                      "puppet_grouped_floor": "puppet_bucketed",
                      "puppet_grouped_lean": "puppet_bucketed",
+                     "puppet_reversible": "puppet_bucketed",
+                     "puppet_grouped_reversible": "puppet_bucketed",
                      "puppet_light_grouped": "puppet_light",
                      "puppet_light_grouped_floor": "puppet_light"}
 # Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
 GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
-                  "puppet_grouped_lean",
+                  "puppet_grouped_lean", "puppet_grouped_reversible",
                   "puppet_light_grouped", "puppet_light_grouped_floor")
 # Bins on [--bin_floor, 8] (complexity_bin_floor).
 FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
-                "puppet_grouped_lean",
+                "puppet_grouped_lean", "puppet_grouped_reversible",
                 "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
@@ -347,6 +354,8 @@ def _build(spec, calibration):
       "puppet_grouped_remat": remat,
       "puppet_grouped_floor": bucketed,
       "puppet_grouped_lean": dict(remat, generator_loop=True),
+      "puppet_reversible": dict(bucketed, generator_backward="reversible"),
+      "puppet_grouped_reversible": dict(bucketed, generator_backward="reversible"),
       "puppet_light_grouped": light,
       "puppet_light_grouped_floor": light_loop,
   }[name]

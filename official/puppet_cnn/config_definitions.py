@@ -45,6 +45,9 @@ PER_SAMPLE_CONVS = ("grouped", "im2col")
 DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 # How G's batch norm normalizes (`PuppetCNNConfig.generator_norm`, `PuppeteerODE`).
 GENERATOR_NORMS = ("batch", "state", "batch_per_step")
+# How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
+# `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
+GENERATOR_BACKWARDS = ("autodiff", "reversible")
 # Fields whose default changed after models were saved without them: the value such a saved
 # config meant (`PuppetCNNConfig.from_saved_dict`). generator_norm: 'batch' until 2026-12-04.
 SAVED_BEFORE_FIELD = {"generator_norm": "batch"}
@@ -326,6 +329,16 @@ class PuppetCNNConfig:
       the same training scored 6.3 points of top-1 more this way on three seeds of the
       8-16-32 puppet and 1.7 at 16-32-64 (docs/generator_norm.md).
       A config saved without this field (before it existed) reads as 'batch'.
+    generator_backward: how training differentiates the puppeteer's trajectory
+      (`PuppeteerODE(backward=...)`). 'autodiff' (default): the backend's automatic
+      differentiation, with `generator_remat` and `generator_loop` as set. 'reversible':
+      one custom gradient for the whole trajectory (`modeling/reversible_euler.py`) that keeps
+      G's pre-normalization output per step and, in the backward pass, undoes the Euler
+      steps one by one (P = P' - dl * G) instead of keeping the states or recomputing G: the
+      memory of `generator_remat` at about the speed without it (docs/benchmarks_grouped.md).
+      Needs integrator='euler' and a batch-normalized G ('batch' or 'batch_per_step'), and
+      excludes `generator_remat` and `generator_loop`. Same values; gradients equal to float
+      rounding. Not in the paper (an implementation of its training, not a change to it).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -367,6 +380,7 @@ class PuppetCNNConfig:
   generator_depthwise: str = "auto"
   narrow_kernels: bool = True
   generator_norm: str = "batch_per_step"
+  generator_backward: str = "autodiff"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -445,6 +459,19 @@ class PuppetCNNConfig:
            f"{self.generator_depthwise!r}")
     _check(self.generator_norm in GENERATOR_NORMS,
            f"generator_norm must be one of {GENERATOR_NORMS}, got {self.generator_norm!r}")
+    _check(self.generator_backward in GENERATOR_BACKWARDS,
+           f"generator_backward must be one of {GENERATOR_BACKWARDS}, got "
+           f"{self.generator_backward!r}")
+    if self.generator_backward == "reversible":
+      _check(not self.generator_remat and not self.generator_loop,
+             "generator_backward='reversible' replaces generator_remat and generator_loop (it "
+             "keeps one tensor per step of G without recomputing G); leave them off")
+      _check(self.integrator == "euler",
+             f"generator_backward='reversible' needs integrator='euler' (only an Euler step "
+             f"is undone exactly), got {self.integrator!r}")
+      _check(self.generator_norm != "state",
+             "generator_backward='reversible' needs G's batch norm (generator_norm 'batch' or "
+             "'batch_per_step'), got 'state'")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),

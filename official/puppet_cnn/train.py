@@ -151,6 +151,11 @@ _GENERATOR_NORM = flags.DEFINE_enum(
     "one set of moving averages for every step: the paper's Table 5) or state (each state's "
     "own statistics, in training and inference alike; what --batch_grouping=complexity_bin "
     "needs to train the kernels inference generates).")
+_GENERATOR_BACKWARD = flags.DEFINE_enum(
+    "generator_backward", None, ["autodiff", "reversible"], "How training differentiates the "
+    "puppeteer's steps: autodiff (default) or reversible (keeps one tensor per step and undoes "
+    "the Euler steps in the backward pass: generator_remat's memory without recomputing G; "
+    "Euler and a batch-normalized G only; same results).")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")
@@ -213,6 +218,7 @@ def config_from_flags() -> ExperimentConfig:
                generator_depthwise=_GENERATOR_DEPTHWISE.value,
                gathered_kernels=_GATHERED_KERNELS.value,
                generator_norm=_GENERATOR_NORM.value,
+               generator_backward=_GENERATOR_BACKWARD.value,
                state_channels=_STATE_CHANNELS.value)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),

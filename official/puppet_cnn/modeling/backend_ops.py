@@ -164,6 +164,42 @@ def depthwise_conv_same(x, kernel, method: str = "auto"):
   return out
 
 
+def depthwise_conv_same_transpose(dy, kernel, method: str = "auto"):
+  """The gradient of `depthwise_conv_same(x, kernel)` with respect to x, given dy.
+
+  The transpose of a stride-1 'same' depthwise convolution is the correlation of dy, padded
+  the other way round, with the kernel flipped in both spatial axes; for odd kernel sizes
+  the padding is symmetric, so it is `depthwise_conv_same(dy, flipped kernel, method)`.
+  """
+  kh, kw = kernel.shape[0], kernel.shape[1]
+  flipped = ops.flip(ops.flip(kernel, axis=0), axis=1)
+  if kh % 2 and kw % 2:
+    return depthwise_conv_same(dy, flipped, method)
+  top, left = (kh - 1) // 2, (kw - 1) // 2
+  padded = ops.pad(dy, ((0, 0), (kh - 1 - top, top), (kw - 1 - left, left), (0, 0)))
+  h, w = ops.shape(dy)[1], ops.shape(dy)[2]
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = padded[:, i:i + h, j:j + w, :] * flipped[i, j, :, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def depthwise_conv_same_filter_grad(x, dy, kernel_shape):
+  """The gradient of `depthwise_conv_same(x, kernel)` with respect to the kernel, given dy:
+  for each tap, the sum over batch and positions of the tap-shifted, zero-padded input times
+  dy. Plain pads, slices, multiplies and sums (an empty batch gives zeros; TensorFlow's
+  depthwise filter gradient of an empty batch is uninitialized memory)."""
+  kh, kw, channels = int(kernel_shape[0]), int(kernel_shape[1]), int(kernel_shape[2])
+  top, left = (kh - 1) // 2, (kw - 1) // 2
+  padded = ops.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+  h, w = ops.shape(x)[1], ops.shape(x)[2]
+  taps = [ops.sum(padded[:, i:i + h, j:j + w, :] * dy, axis=(0, 1, 2))
+          for i in range(kh) for j in range(kw)]
+  return ops.reshape(ops.stack(taps), (kh, kw, channels, 1))
+
+
 def batched_histogram(levels, bins: int):
   """Counts of each level in [0, bins) along the last axis of int32 (N, M) -> float32 (N, bins).
 

@@ -34,12 +34,14 @@ from keras import ops
 
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
+from official.puppet_cnn.config_definitions import GENERATOR_BACKWARDS
 from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
 from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
+from official.puppet_cnn.modeling import reversible_euler
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -100,6 +102,15 @@ class PuppeteerODE(keras.layers.Layer):
       run unrolled, as without the option (there is no graph to shrink; and TensorFlow's
       eager `recompute_grad` of the looped step with `remat` gave wrong gradients). The
       transition steps and `iter_kernels` stay unrolled.
+    backward: how training differentiates the trajectory (`GENERATOR_BACKWARDS`). 'autodiff'
+      (default): the backend's automatic differentiation of every step (with `remat` and
+      `loop_steps` as set). 'reversible': the whole trajectory is one custom-gradient
+      function (`reversible_euler.euler_trajectory`) that keeps one state-sized tensor per
+      step, G's output before its batch norm, and in the backward pass undoes the steps one
+      by one (P = P' - dl * G, G rebuilt from that tensor) instead of recomputing G: the
+      memory of `remat` without its extra forward pass of G. Needs the Euler integrator and
+      a batch-normalized G, and excludes `remat` and `loop_steps`. Same values; gradients
+      equal to float rounding. Inference is unaffected.
 
   Call args:
     complexity: (N,) input complexity H (drives the initial state).
@@ -145,7 +156,7 @@ class PuppeteerODE(keras.layers.Layer):
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
                loop_steps: bool = False, depthwise: str = "auto",
-               normalization: str = "batch_per_step", **kwargs):
+               normalization: str = "batch_per_step", backward: str = "autodiff", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -171,6 +182,16 @@ class PuppeteerODE(keras.layers.Layer):
       raise ValueError(f"normalization must be one of {GENERATOR_NORMS}, got "
                        f"{normalization!r}")
     self.normalization = normalization
+    if backward not in GENERATOR_BACKWARDS:
+      raise ValueError(f"backward must be one of {GENERATOR_BACKWARDS}, got {backward!r}")
+    if backward == "reversible":
+      if self.remat or self.loop_steps:
+        raise ValueError("PuppeteerODE: backward='reversible' replaces remat and loop_steps "
+                         "(it keeps one tensor per step without recomputing G); leave them off")
+      why = reversible_euler.reversible_supported(integrator, normalization)
+      if why:
+        raise ValueError(f"PuppeteerODE: backward='reversible' needs {why}")
+    self.backward = backward
     self._calibration_counts = None  # per-row update counts while calibrating (eager)
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -637,15 +658,24 @@ class PuppeteerODE(keras.layers.Layer):
         dones[unit] = ops.sum(ops.cast(depth <= unit, "int32"))
       return dones[unit]
 
+    steps = units * self.kernels_per_unit
+    reversible = (self._reversible_states(state, dl, depth, weight, stats, depth_sorted, steps,
+                                          len(channels))
+                  if training and self.backward == "reversible" else None)
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
-      state = self.integrate_step(state, dl, None, training, stats, weight,
-                                  row=self.statistics_row(s))
+      if reversible is not None:
+        state = reversible[s][0]
+      else:
+        state = self.integrate_step(state, dl, None, training, stats, weight,
+                                    row=self.statistics_row(s))
       yield s, None, self.kernel_from_state(state, c_prev, c_out, expand)
-      steps = units * self.kernels_per_unit
       args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
-      trajectory = (self._looped_steps(*args) if loop and steps
-                    else self._unrolled_steps(*args, done_at))
+      if reversible is not None:
+        trajectory = reversible[s][1]
+      else:
+        trajectory = (self._looped_steps(*args) if loop and steps
+                      else self._unrolled_steps(*args, done_at))
       for j, state in enumerate(trajectory):
         if active_rows_only:
           done = done_at(j // self.kernels_per_unit + 1)
@@ -653,6 +683,31 @@ class PuppeteerODE(keras.layers.Layer):
         else:
           yield s, j, self.kernel_from_state(state, c_out, c_out, expand)
       c_prev = c_out
+
+  def _reversible_states(self, state, dl, depth, weight, stats: list, depth_sorted: bool,
+                         steps: int, stages: int):
+    """The training trajectory with `backward='reversible'`: per stage, (transition state,
+    [repeated states]); appends each step's batch statistics to `stats` in the order of the
+    autodiff path."""
+    why = reversible_euler.reversible_supported(self.integrator, self.normalization)
+    if why:
+      raise ValueError(f"PuppeteerODE: backward='reversible' trains with {why}")
+    kpu = self.kernels_per_unit
+    actives = []
+    for _ in range(stages):
+      actives.append(None)
+      actives += [ops.cast(depth > j // kpu + 1, "float32") for j in range(steps)]
+    params = [ops.convert_to_tensor(p) for p in self._params()]
+    sorted_rows = depth_sorted and backend_ops.backend() == "tensorflow"
+    states, means, variances = reversible_euler.euler_trajectory(
+        state, dl, weight, actives, params, self.epsilon, self.depthwise, sorted_rows)
+    for active, mean, variance in zip(actives, means, variances):
+      mask = active if weight is None else (weight if active is None else active * weight)
+      seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
+      stats.append((mean, variance, seen))
+    per_stage = 1 + steps
+    return [(states[s * per_stage], states[s * per_stage + 1:(s + 1) * per_stage])
+            for s in range(stages)]
 
   def _update_moving_statistics(self, stats, units: int, step_rows=None):
     """One moving-average update per call, from the mean of the per-step batch statistics
@@ -746,7 +801,7 @@ class PuppeteerODE(keras.layers.Layer):
         generator_rank=self.generator_rank,
         momentum=self.momentum, epsilon=self.epsilon, remat=self.remat,
         loop_steps=self.loop_steps, depthwise=self.depthwise,
-        normalization=self.normalization)
+        normalization=self.normalization, backward=self.backward)
     return config
 
   @classmethod
