@@ -252,6 +252,31 @@ def test_bucketed_training_matches_per_sample(puppet, rank, fused, graph, state)
   _assert_same_training_step(a, b, step)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_reversible_bucketed_training_matches_autodiff_per_sample(graph):
+  """generator_backward='reversible' in bucketed training (one state per occupied bin, the
+  steps on the depth-sorted last rows) against the per-sample model's plain autodiff."""
+  a = PuppetClassifier(**TINY, complexity_bins=16)
+  b = PuppetClassifier(**TINY, complexity_bins=16, execution="bucketed",
+                       generator_backward="reversible")
+  a(_images(8, seed=1), training=True)
+  b(_images(3)[:1])
+  b.set_weights(a.get_weights())
+  images, labels = _images(8, seed=3), np.arange(8) % 5
+  images[:3] = _images(3)
+
+  def step(model):
+    def run(x):
+      with tf.GradientTape() as tape:
+        loss = _loss()(labels, model(x, training=True))
+      return loss, tape.gradient(loss, model.trainable_weights)
+
+    loss, grads = (tf.function(run) if graph and model is b else run)(tf.constant(images))
+    return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
+
+  _assert_same_training_step(a, b, step)
+
+
 def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):
   _, b = _pair()
   images = _images()

@@ -171,6 +171,21 @@ out["loop_loss_err"] = abs(float(l1) - float(l3))
 out["loop_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                            for a, b in zip(g1, g3)) / scale
 
+# 6a'. generator_backward='reversible' (a jax.custom_gradient through keras.ops.custom_gradient
+#      that undoes the Euler steps): the same loss and gradients under jax.jit.
+rev_model = PuppetClassifier(**tiny, generator_backward="reversible")
+rev_model.build()
+rev_model.set_weights(model.get_weights())
+rv_non_trainable = [v.value for v in rev_model.non_trainable_variables]
+def rev_loss(trainable):
+  details, _ = rev_model.stateless_call(trainable, rv_non_trainable, images, training=True,
+                                        return_details=True)
+  return loss_fn(labels, details["logits"])
+l4, g4 = jax.jit(jax.value_and_grad(rev_loss))([v.value for v in rev_model.trainable_variables])
+out["reversible_loss_err"] = abs(float(l1) - float(l4))
+out["reversible_grad_err"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                 for a, b in zip(g1, g4)) / scale
+
 # 6b. generator_rank (G's pointwise matrix as two factors): one compiled forward + backward;
 #     both factors get gradients.
 low = PuppetClassifier(**tiny, generator_rank=2)
@@ -267,6 +282,7 @@ def test_model_runs_and_trains_under_jax():
   assert all(abs(l) < float("inf") for l in losses) and losses[-1] < losses[0], out
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
+  assert out["reversible_loss_err"] < 1e-5 and out["reversible_grad_err"] < 1e-4, out
   assert out["gathered_loss_err"] < 1e-5 and out["gathered_grad_err"] < 1e-4, out
   assert out["table_err"] < 1e-4 and out["stale_table_err"] < 1e-4, out
   assert out["stale_table_moves"] > 1e-3 and out["compiled_call_traced"], out

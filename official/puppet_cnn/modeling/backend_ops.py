@@ -167,10 +167,15 @@ def depthwise_conv_same(x, kernel, method: str = "auto"):
 def depthwise_conv_same_transpose(dy, kernel, method: str = "auto"):
   """The gradient of `depthwise_conv_same(x, kernel)` with respect to x, given dy.
 
-  The transpose of a stride-1 'same' depthwise convolution is the correlation of dy, padded
-  the other way round, with the kernel flipped in both spatial axes; for odd kernel sizes
-  the padding is symmetric, so it is `depthwise_conv_same(dy, flipped kernel, method)`.
+  TensorFlow outside XLA (`method` 'auto' or 'conv'): its native input gradient. Otherwise
+  the correlation of dy, padded the other way round, with the kernel flipped in both spatial
+  axes (for odd kernel sizes the padding is symmetric: `depthwise_conv_same(dy, flipped
+  kernel, method)`).
   """
+  if _native_depthwise_gradients(method):
+    import tensorflow as tf
+    return tf.nn.depthwise_conv2d_backprop_input(tf.shape(dy), kernel, dy, [1, 1, 1, 1],
+                                                 "SAME")
   kh, kw = kernel.shape[0], kernel.shape[1]
   flipped = ops.flip(ops.flip(kernel, axis=0), axis=1)
   if kh % 2 and kw % 2:
@@ -186,18 +191,47 @@ def depthwise_conv_same_transpose(dy, kernel, method: str = "auto"):
   return out
 
 
-def depthwise_conv_same_filter_grad(x, dy, kernel_shape):
-  """The gradient of `depthwise_conv_same(x, kernel)` with respect to the kernel, given dy:
-  for each tap, the sum over batch and positions of the tap-shifted, zero-padded input times
-  dy. Plain pads, slices, multiplies and sums (an empty batch gives zeros; TensorFlow's
-  depthwise filter gradient of an empty batch is uninitialized memory)."""
+def depthwise_conv_same_filter_grad(x, dy, kernel_shape, method: str = "auto"):
+  """The gradient of `depthwise_conv_same(x, kernel)` with respect to the kernel, given dy.
+
+  TensorFlow outside XLA (`method` 'auto' or 'conv'): its native filter gradient, zeroed for
+  an empty batch (for which TensorFlow returns uninitialized memory). Otherwise, for each
+  tap, the sum over batch and positions of the tap-shifted, zero-padded input times dy.
+  """
   kh, kw, channels = int(kernel_shape[0]), int(kernel_shape[1]), int(kernel_shape[2])
+  if _native_depthwise_gradients(method):
+    import tensorflow as tf
+    grad = tf.nn.depthwise_conv2d_backprop_filter(x, [kh, kw, channels, 1], dy, [1, 1, 1, 1],
+                                                  "SAME")
+    return tf.where(tf.shape(x)[0] > 0, grad, tf.zeros_like(grad))
   top, left = (kh - 1) // 2, (kw - 1) // 2
   padded = ops.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
   h, w = ops.shape(x)[1], ops.shape(x)[2]
   taps = [ops.sum(padded[:, i:i + h, j:j + w, :] * dy, axis=(0, 1, 2))
           for i in range(kh) for j in range(kw)]
   return ops.reshape(ops.stack(taps), (kh, kw, channels, 1))
+
+
+def _native_depthwise_gradients(method: str) -> bool:
+  if method not in DEPTHWISE_METHODS:
+    raise ValueError(f"depthwise method must be one of {DEPTHWISE_METHODS}, got {method!r}")
+  return backend() == "tensorflow" and method != "shifted" and not in_xla_context()
+
+
+def after(x, dependency):
+  """`x`, computed only once `dependency` is (TensorFlow graphs: a control dependency).
+
+  A hand-written backward pass (`reversible_euler`) reads tensors saved by the forward
+  pass; TensorFlow's executor would otherwise run every step's work on them as soon as the
+  backward pass starts, holding all steps' temporaries at once, instead of one step at a
+  time as the chain of gradients reaches it. Eagerly and on other backends (which execute
+  in order or schedule for memory): `x` itself.
+  """
+  if backend() != "tensorflow" or not builds_tf_graph():
+    return x
+  import tensorflow as tf
+  with tf.control_dependencies([dependency]):
+    return tf.identity(x)
 
 
 def batched_histogram(levels, bins: int):

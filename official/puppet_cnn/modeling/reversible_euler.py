@@ -104,7 +104,9 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       d_dl = ops.zeros_like(dl)
       d_params = None
       for k in reversed(range(n_steps)):
-        y, mean, variance = saved[k]
+        # Step k's work starts once the gradient reaches it (one step's temporaries at a
+        # time; `backend_ops.after`).
+        y, mean, variance = (backend_ops.after(t, g_state) for t in saved[k])
         active = step_masks[k]
         if sorted_rows and active is not None:
           s, g_state, dd, dp = _sorted_backward(g, s, g_state, dl, weight, active, y, mean,
@@ -173,36 +175,37 @@ class _Generator:
     d_gamma, d_beta])."""
     axes = (0, 1, 2)
     inv = ops.rsqrt(variance + self.epsilon)
-    xhat = (y - mean) * inv
     dz = d_out * (1.0 - ops.square(out))
-    d_gamma = ops.sum(dz * xhat, axis=axes)
     d_beta = ops.sum(dz, axis=axes)
-    dxhat = dz * self.gamma
+    # sum(dz * xhat) with xhat = (y - mean) * inv, without a state-sized xhat.
+    d_gamma = inv * (ops.sum(dz * y, axis=axes) - mean * d_beta)
     # The batch statistics are weighted means over the states `mask` weighs (all: 1 each):
-    # d mean / d y_i = m_i / count, d var / d y_i = 2 m_i (y_i - mean) / count.
+    # d mean / d y_i = m_i / count, d var / d y_i = 2 m_i (y_i - mean) / count, so
+    # dy = gamma inv (dz - m (d_beta + xhat d_gamma) / count) = a dz + m (c1 y + c0).
     positions = ops.cast(ops.prod(ops.shape(y)[1:-1]), y.dtype)
     if mask is None:
       count = ops.maximum(ops.cast(ops.shape(y)[0], y.dtype) * positions, 1.0)
-      m = 1.0
     else:
       count = ops.maximum(ops.sum(ops.cast(mask, y.dtype)) * positions, 1.0)
-      m = ops.reshape(ops.cast(mask, y.dtype), (-1, 1, 1, 1))
-    sum1 = ops.sum(dxhat, axis=axes)
-    sum2 = ops.sum(dxhat * xhat, axis=axes)
-    dy = inv * (dxhat - (m / count) * (sum1 + xhat * sum2))
+    a = self.gamma * inv
+    c1 = -a * inv * d_gamma / count
+    c0 = -a * d_beta / count - c1 * mean
+    correction = y * c1 + c0
+    if mask is not None:
+      correction = correction * ops.reshape(ops.cast(mask, y.dtype), (-1, 1, 1, 1))
+    dy = dz * a + correction
     ins = self.linear(s)[:-1]  # the depthwise output and the factors' inputs, recomputed
     d_factors = []
     d = dy
-    channels = ops.shape(y)[-1]
     for factor, x in zip(reversed(self.factors), reversed(ins)):
       x2 = ops.reshape(x, (-1, ops.shape(x)[-1]))
       d2 = ops.reshape(d, (-1, ops.shape(d)[-1]))
       d_factors.insert(0, ops.matmul(ops.transpose(x2), d2))
       d = ops.matmul(d, ops.transpose(factor))
-    del channels
     d_s = backend_ops.depthwise_conv_same_transpose(d, self.dw_kernel, self.depthwise)
-    d_dw = backend_ops.depthwise_conv_same_filter_grad(s, d, self.dw_kernel.shape)
-    return d_s, [d_dw, *d_factors, d_gamma, d_beta]
+    d_dw = backend_ops.depthwise_conv_same_filter_grad(s, d, self.dw_kernel.shape,
+                                                       self.depthwise)
+    return d_s, [d_dw, *d_factors, ops.reshape(d_gamma, ops.shape(self.gamma)), d_beta]
 
 
 def _masked_forward(g, s, dl4, weight, active):

@@ -1,0 +1,225 @@
+"""The reversible Euler trajectory against float64 autodiff and PuppeteerODE's autodiff path."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.modeling import backend_ops
+from official.puppet_cnn.modeling import reversible_euler
+from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
+
+EPS = 1e-3
+
+
+def _reference_trajectory(state, dl, weight, actives, params, epsilon):
+  """Euler steps of G = tanh(BN(pw(dw(P)))) in float64, written out from the definition: the
+  batch statistics are weighted by active * weight over each state's positions."""
+  dw_kernel, dw_bias, factors, pw_bias, gamma, beta = (params[0], params[1], params[2:-3],
+                                                       params[-3], params[-2], params[-1])
+  states, means = [], []
+  s = state
+  n = s.shape[0]
+  for active in actives:
+    a = tf.nn.depthwise_conv2d(s, dw_kernel, [1, 1, 1, 1], "SAME") + dw_bias
+    y = a
+    for f in factors:
+      y = tf.tensordot(y, f, 1)
+    y = y + pw_bias
+    m = tf.ones([n], tf.float64) if active is None else active
+    if weight is not None:
+      m = m * weight
+    m4 = tf.reshape(m, (-1, 1, 1, 1))
+    count = tf.reduce_sum(m) * float(s.shape[1] * s.shape[2])
+    mean = tf.reduce_sum(y * m4, axis=(0, 1, 2)) / count
+    var = tf.reduce_sum(tf.square(y - mean) * m4, axis=(0, 1, 2)) / count
+    g = tf.tanh((y - mean) / tf.sqrt(var + epsilon) * gamma + beta)
+    new = s + tf.reshape(dl, (-1, 1, 1, 1)) * g
+    if active is not None:
+      new = tf.where(tf.reshape(active, (-1, 1, 1, 1)) > 0, new, s)
+    s = new
+    states.append(s)
+    means.append(mean)
+  return states, means
+
+
+def _problem(rank, seed=0, n=5, c=6, hw=(6, 4), ksize=3):
+  rng = np.random.default_rng(seed)
+  state = rng.normal(1.0, 0.7, size=(n,) + hw + (c,))
+  dl = rng.uniform(0.1, 0.6, size=n)
+  weight = rng.integers(1, 4, size=n).astype(np.float64)
+  depth = np.sort(rng.integers(1, 5, size=n))  # sorted: the active states are the last rows
+  actives = [None] + [(depth > u).astype(np.float64) for u in (1, 2, 3)] + [None]
+  factors = ([rng.normal(0, 0.5, size=(c, c))] if rank == 0 else
+             [rng.normal(0, 0.5, size=(c, rank)), rng.normal(0, 0.5, size=(rank, c))])
+  params = ([rng.normal(0, 0.5, size=(ksize, ksize, c, 1)), rng.normal(0, 0.1, size=c)]
+            + factors + [rng.normal(0, 0.1, size=c), rng.uniform(0.5, 1.5, size=c),
+                         rng.normal(0, 0.2, size=c)])
+  cots = [rng.normal(size=state.shape) for _ in actives]  # d loss / d each step's state
+  return state, dl, weight, actives, params, cots
+
+
+def _gradients(fn, state, dl, params, cots):
+  with tf.GradientTape() as tape:
+    tape.watch([state, dl] + params)
+    states, means = fn(state, dl, params)
+    loss = sum(tf.reduce_sum(s * c) for s, c in zip(states, cots))
+  return states, means, tape.gradient(loss, [state, dl] + params)
+
+
+@pytest.mark.parametrize("rank,weighted,sorted_rows,graph", [
+    (0, False, False, False), (0, True, False, False), (0, True, True, False),
+    (2, True, False, False), (0, True, True, True)])
+def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows, graph):
+  state, dl, weight, actives, params, cots = _problem(rank)
+  weight = weight if weighted else None
+  f64 = lambda x: tf.constant(x, tf.float64)  # pylint: disable=unnecessary-lambda-assignment
+  f32 = lambda x: tf.constant(x, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
+  want_states, want_means, want = _gradients(
+      lambda s, d, p: _reference_trajectory(
+          s, d, None if weight is None else f64(weight),
+          [None if a is None else f64(a) for a in actives], p, EPS),
+      f64(state), f64(dl), [f64(p) for p in params], [f64(c) for c in cots])
+
+  def run(s, d, p):
+    states, means, _ = reversible_euler.euler_trajectory(
+        s, d, None if weight is None else f32(weight),
+        [None if a is None else f32(a) for a in actives], p, EPS, sorted_rows=sorted_rows)
+    return states, means
+
+  def grads(state, dl, params, cots):
+    return _gradients(run, state, dl, params, cots)
+
+  fn = tf.function(grads) if graph else grads
+  got_states, got_means, got = fn(f32(state), f32(dl), [f32(p) for p in params],
+                                  [f32(c) for c in cots])
+  for a, b in zip(want_states, got_states):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
+  for a, b in zip(want_means, got_means):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
+  names = ["state", "dl", "dw_kernel", "dw_bias"] + [f"factor{i}" for i in range(len(params) - 5)]
+  names += ["pw_bias", "gamma", "beta"]
+  for name, a, b in zip(names, want, got):
+    a = a.numpy()
+    # The biases cancel in the batch norm: their gradient is 0 up to float64 rounding.
+    np.testing.assert_allclose(b.numpy(), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9,
+                               err_msg=name)
+
+
+def test_an_all_inactive_sorted_step_is_skipped_with_zero_gradients():
+  state, dl, weight, _, params, cots = _problem(0)
+  actives = [None, np.zeros(5), None]
+  f32 = lambda x: tf.constant(x, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
+  s0 = f32(state)
+  with tf.GradientTape() as tape:
+    p = [f32(x) for x in params]
+    tape.watch([s0] + p)
+    states, _, _ = reversible_euler.euler_trajectory(
+        s0, f32(dl), f32(weight), [None if a is None else f32(a) for a in actives], p, EPS,
+        sorted_rows=True)
+    loss = sum(tf.reduce_sum(s * f32(c)) for s, c in zip(states, cots))
+  np.testing.assert_array_equal(states[1].numpy(), states[0].numpy())  # no state moved
+  grads = tape.gradient(loss, [s0] + p)
+  assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+@pytest.mark.parametrize("ksize", [2, 3, 5])
+def test_depthwise_transpose_and_filter_gradient_match_autodiff(ksize):
+  rng = np.random.default_rng(ksize)
+  x = tf.constant(rng.normal(size=(2, 7, 5, 3)), tf.float32)
+  kernel = tf.constant(rng.normal(size=(ksize, ksize, 3, 1)), tf.float32)
+  dy = tf.constant(rng.normal(size=(2, 7, 5, 3)), tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch([x, kernel])
+    out = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME")
+  want_x, want_k = tape.gradient(out, [x, kernel], output_gradients=dy)
+  for method in ("conv", "shifted"):
+    got_x = backend_ops.depthwise_conv_same_transpose(dy, kernel, method)
+    np.testing.assert_allclose(np.asarray(got_x), want_x.numpy(), rtol=1e-5, atol=1e-5)
+  got_k = backend_ops.depthwise_conv_same_filter_grad(x, dy, kernel.shape)
+  np.testing.assert_allclose(np.asarray(got_k), want_k.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _puppeteer_grads(backward, depth_sorted, weight, graph, rank=0):
+  keras.utils.set_random_seed(0)
+  layer = PuppeteerODE((4, 8, 8), max_depth=4, state_channels=8, generator_rank=rank,
+                       backward=backward)
+  layer.build()
+  h = tf.constant([3.0, 4.5, 6.0, 7.0])
+  dl = tf.constant([0.5, 0.3, 0.25, 0.2])
+  depth = tf.constant([1, 2, 3, 4])  # sorted
+  w = tf.constant([1.0, 2.0, 3.0, 1.0]) if weight else None
+
+  def step():
+    with tf.GradientTape() as tape:
+      kernels = layer(h, dl, depth, training=True, state_weight=w, depth_sorted=depth_sorted,
+                      stack_repeated=False, active_rows_only=depth_sorted)
+      loss = 0.0
+      for i, (transition, repeated) in enumerate(kernels):
+        loss += tf.reduce_sum(tf.sin(transition * (i + 1.0)))
+        for j, kernel in enumerate(repeated):
+          loss += tf.reduce_sum(tf.cos(kernel * (j + 2.0)))
+    return loss, tape.gradient(loss, layer.trainable_weights)
+
+  if graph == "xla":
+    step = tf.function(step, jit_compile=True)
+  elif graph:
+    step = tf.function(step)
+  loss, grads = step()
+  return (float(loss), [g.numpy() for g in grads],
+          [v.numpy() for v in layer.non_trainable_weights])
+
+
+@pytest.mark.parametrize("depth_sorted,weight,graph,rank", [
+    (False, False, False, 0), (True, True, False, 0), (True, False, True, 0),
+    (False, True, True, 3), (False, True, "xla", 0)])
+def test_puppeteer_reversible_matches_its_autodiff_path(depth_sorted, weight, graph, rank):
+  loss_a, grads_a, stats_a = _puppeteer_grads("autodiff", depth_sorted, weight, graph, rank)
+  loss_r, grads_r, stats_r = _puppeteer_grads("reversible", depth_sorted, weight, graph, rank)
+  assert loss_r == pytest.approx(loss_a, rel=1e-6)
+  scale = max(np.abs(g).max() for g in grads_a)
+  for a, b in zip(grads_a, grads_r):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale)
+  assert any(np.abs(g).max() > 0 for g in grads_r)
+  for a, b in zip(stats_a, stats_r):  # the same moving statistics
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(remat=True), "replaces remat"),
+    (dict(loop_steps=True), "replaces remat"),
+    (dict(integrator="midpoint"), "integrator='euler'"),
+    (dict(normalization="state"), "batch-normalized G")])
+def test_puppeteer_refuses_what_it_cannot_reverse(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    PuppeteerODE((4, 8), backward="reversible", **kwargs)
+
+
+def test_puppeteer_refuses_an_integrator_changed_before_training():
+  layer = PuppeteerODE((4, 8), max_depth=2, backward="reversible")
+  layer.build()
+  layer.integrator = "rk4"  # allowed for inference; training cannot undo an RK4 step
+  one = tf.ones([2])
+  layer(one * 5.0, one * 0.5, tf.constant([1, 2]), training=False)
+  with pytest.raises(ValueError, match="integrator='euler'"):
+    layer(one * 5.0, one * 0.5, tf.constant([1, 2]), training=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(generator_remat=True), "replaces generator_remat"),
+    (dict(generator_loop=True), "replaces generator_remat"),
+    (dict(integrator="rk4"), "integrator='euler'"),
+    (dict(generator_norm="state"), "generator_norm"),
+    (dict(), "generator_backward must be one of")])
+def test_config_refuses_impossible_combinations(kwargs, message):
+  backward = "reversible" if kwargs else "adjoint"
+  with pytest.raises(ValueError, match=message):
+    PuppetCNNConfig(generator_backward=backward, **kwargs)
+
+
+def test_the_option_round_trips_through_get_config():
+  layer = PuppeteerODE((4, 8), backward="reversible")
+  assert layer.get_config()["backward"] == "reversible"
+  assert PuppeteerODE.from_config(layer.get_config()).backward == "reversible"
+  legacy = {k: v for k, v in layer.get_config().items() if k != "backward"}
+  assert PuppeteerODE.from_config(legacy).backward == "autodiff"
