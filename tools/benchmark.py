@@ -85,9 +85,17 @@ Models (`--models`):
                    (training only).
   puppet_reversible  puppet_bucketed with generator_backward='reversible': one custom gradient
                    for G's trajectory that keeps G's pre-normalization output per step and
-                   undoes the Euler steps in the backward pass (training only).
+                   undoes the Euler steps in the backward pass (training only). Since
+                   2026-12-05 what the default ('auto') trains with, so puppet_bucketed's
+                   training step is this one; puppet_remat, puppet_loop and the other remat
+                   or loop modes train with autodiff.
+  puppet_autodiff  puppet_bucketed with generator_backward='autodiff': the backend's
+                   automatic differentiation of every step of G (the default before
+                   2026-12-05; training only).
   puppet_grouped_reversible  puppet_grouped_floor with generator_backward='reversible'
-                   (training only).
+                   (training only; the same as puppet_grouped_floor since 2026-12-05).
+  puppet_grouped_autodiff  puppet_grouped_floor with generator_backward='autodiff' (training
+                   only).
   puppet_light_grouped  puppet_light trained the same way (training only; reported with
                    puppet_light).
   puppet_light_grouped_floor  puppet_light_floor trained the same way (training only;
@@ -134,7 +142,8 @@ from absl import flags  # noqa: E402
 PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bucketed",
                   "puppet_cached", "puppet_cached_per_bin", "puppet_remat", "puppet_loop",
                   "puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
-                  "puppet_grouped_lean", "puppet_reversible", "puppet_grouped_reversible")
+                  "puppet_grouped_lean", "puppet_reversible", "puppet_grouped_reversible",
+                  "puppet_autodiff", "puppet_grouped_autodiff")
 # The lighter puppeteer (not the paper's).
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
@@ -149,15 +158,17 @@ TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_b
                      "puppet_grouped_lean": "puppet_bucketed",
                      "puppet_reversible": "puppet_bucketed",
                      "puppet_grouped_reversible": "puppet_bucketed",
+                     "puppet_autodiff": "puppet_bucketed",
+                     "puppet_grouped_autodiff": "puppet_bucketed",
                      "puppet_light_grouped": "puppet_light",
                      "puppet_light_grouped_floor": "puppet_light"}
 # Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
 GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
-                  "puppet_grouped_lean", "puppet_grouped_reversible",
+                  "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
                   "puppet_light_grouped", "puppet_light_grouped_floor")
 # Bins on [--bin_floor, 8] (complexity_bin_floor).
 FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
-                "puppet_grouped_lean", "puppet_grouped_reversible",
+                "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
                 "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
@@ -356,6 +367,8 @@ def _build(spec, calibration):
       "puppet_grouped_lean": dict(remat, generator_loop=True),
       "puppet_reversible": dict(bucketed, generator_backward="reversible"),
       "puppet_grouped_reversible": dict(bucketed, generator_backward="reversible"),
+      "puppet_autodiff": dict(bucketed, generator_backward="autodiff"),
+      "puppet_grouped_autodiff": dict(bucketed, generator_backward="autodiff"),
       "puppet_light_grouped": light,
       "puppet_light_grouped_floor": light_loop,
   }[name]

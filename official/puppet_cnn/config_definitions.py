@@ -47,7 +47,7 @@ DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
 # `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
-GENERATOR_BACKWARDS = ("autodiff", "reversible")
+GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
 # Fields whose default changed after models were saved without them: the value such a saved
 # config meant (`PuppetCNNConfig.from_saved_dict`). generator_norm: 'batch' until 2026-12-04.
 SAVED_BEFORE_FIELD = {"generator_norm": "batch"}
@@ -330,15 +330,21 @@ class PuppetCNNConfig:
       8-16-32 puppet and 1.7 at 16-32-64 (docs/generator_norm.md).
       A config saved without this field (before it existed) reads as 'batch'.
     generator_backward: how training differentiates the puppeteer's trajectory
-      (`PuppeteerODE(backward=...)`). 'autodiff' (default): the backend's automatic
-      differentiation, with `generator_remat` and `generator_loop` as set. 'reversible':
-      one custom gradient for the whole trajectory (`modeling/reversible_euler.py`) that keeps
-      G's pre-normalization output per step and, in the backward pass, undoes the Euler
-      steps one by one (P = P' - dl * G) instead of keeping the states or recomputing G: the
-      memory of `generator_remat` at about the speed without it (docs/benchmarks_grouped.md).
-      Needs integrator='euler' and a batch-normalized G ('batch' or 'batch_per_step'), and
-      excludes `generator_remat` and `generator_loop`. Same values; gradients equal to float
-      rounding. Not in the paper (an implementation of its training, not a change to it).
+      (`PuppeteerODE(backward=...)`). 'autodiff': the backend's automatic differentiation,
+      with `generator_remat` and `generator_loop` as set. 'reversible': one custom gradient
+      for the whole trajectory (`modeling/reversible_euler.py`) that keeps G's
+      pre-normalization output per step and, in the backward pass, undoes the Euler steps
+      one by one (P = P' - dl * G) instead of keeping the states or recomputing G: the memory
+      of `generator_remat` without its extra forward pass of G. Needs integrator='euler' and
+      a batch-normalized G ('batch' or 'batch_per_step'), and excludes `generator_remat` and
+      `generator_loop`. 'auto' (default): 'reversible' where it applies, else 'autodiff'
+      (decided when training calls the puppeteer, so an integrator changed on a trained
+      model is followed). Same values; gradients equal to float rounding. Measured
+      (docs/benchmarks_reversible.md): the full puppet's bucketed training step at 0.95x
+      autodiff's time and 0.47x its memory on mixed batches, on one-bin batches the memory
+      of remat and loop at autodiff's speed; the 16-32-64 puppet's XLA-compiled per-sample
+      step at 0.57x autodiff's time. Not in the paper (a way to compute its gradients, not a
+      change to them).
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -380,7 +386,7 @@ class PuppetCNNConfig:
   generator_depthwise: str = "auto"
   narrow_kernels: bool = True
   generator_norm: str = "batch_per_step"
-  generator_backward: str = "autodiff"
+  generator_backward: str = "auto"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):

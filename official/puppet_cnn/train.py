@@ -152,10 +152,11 @@ _GENERATOR_NORM = flags.DEFINE_enum(
     "own statistics, in training and inference alike; what --batch_grouping=complexity_bin "
     "needs to train the kernels inference generates).")
 _GENERATOR_BACKWARD = flags.DEFINE_enum(
-    "generator_backward", None, ["autodiff", "reversible"], "How training differentiates the "
-    "puppeteer's steps: autodiff (default) or reversible (keeps one tensor per step and undoes "
+    "generator_backward", None, ["auto", "autodiff", "reversible"], "How training "
+    "differentiates the puppeteer's steps: reversible (keeps one tensor per step and undoes "
     "the Euler steps in the backward pass: generator_remat's memory without recomputing G; "
-    "Euler and a batch-normalized G only; same results).")
+    "Euler and a batch-normalized G only), autodiff, or auto (default: reversible where it "
+    "applies). Same results.")
 _STATE_CHANNELS = flags.DEFINE_integer(
     "state_channels", None, "Width C of the puppeteer's C x C x K^2 state (default: the widest "
     "stage, as the paper); a narrower state is resized up to wider stages.")

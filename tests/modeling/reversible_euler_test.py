@@ -222,4 +222,20 @@ def test_the_option_round_trips_through_get_config():
   assert layer.get_config()["backward"] == "reversible"
   assert PuppeteerODE.from_config(layer.get_config()).backward == "reversible"
   legacy = {k: v for k, v in layer.get_config().items() if k != "backward"}
-  assert PuppeteerODE.from_config(legacy).backward == "autodiff"
+  assert PuppeteerODE.from_config(legacy).backward == "auto"
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    (dict(), "reversible"), (dict(normalization="batch"), "reversible"),
+    (dict(remat=True), "autodiff"), (dict(loop_steps=True), "autodiff"),
+    (dict(integrator="rk4"), "autodiff"), (dict(normalization="state"), "autodiff")])
+def test_auto_resolves_to_reversible_where_it_applies(kwargs, want):
+  layer = PuppeteerODE((4, 8), **kwargs)
+  assert layer.backward == "auto" and layer.training_backward == want
+  assert PuppetCNNConfig().generator_backward == "auto"
+
+
+def test_auto_follows_an_integrator_changed_after_construction():
+  layer = PuppeteerODE((4, 8), max_depth=2)
+  layer.integrator = "midpoint"
+  assert layer.training_backward == "autodiff"

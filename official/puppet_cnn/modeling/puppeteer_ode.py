@@ -102,15 +102,17 @@ class PuppeteerODE(keras.layers.Layer):
       run unrolled, as without the option (there is no graph to shrink; and TensorFlow's
       eager `recompute_grad` of the looped step with `remat` gave wrong gradients). The
       transition steps and `iter_kernels` stay unrolled.
-    backward: how training differentiates the trajectory (`GENERATOR_BACKWARDS`). 'autodiff'
-      (default): the backend's automatic differentiation of every step (with `remat` and
+    backward: how training differentiates the trajectory (`GENERATOR_BACKWARDS`).
+      'autodiff': the backend's automatic differentiation of every step (with `remat` and
       `loop_steps` as set). 'reversible': the whole trajectory is one custom-gradient
       function (`reversible_euler.euler_trajectory`) that keeps one state-sized tensor per
       step, G's output before its batch norm, and in the backward pass undoes the steps one
       by one (P = P' - dl * G, G rebuilt from that tensor) instead of recomputing G: the
       memory of `remat` without its extra forward pass of G. Needs the Euler integrator and
-      a batch-normalized G, and excludes `remat` and `loop_steps`. Same values; gradients
-      equal to float rounding. Inference is unaffected.
+      a batch-normalized G, and excludes `remat` and `loop_steps`. 'auto' (default):
+      'reversible' where it applies, else 'autodiff', decided at each training call
+      (`training_backward`). Same values; gradients equal to float rounding. Inference is
+      unaffected.
 
   Call args:
     complexity: (N,) input complexity H (drives the initial state).
@@ -156,7 +158,7 @@ class PuppeteerODE(keras.layers.Layer):
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
                loop_steps: bool = False, depthwise: str = "auto",
-               normalization: str = "batch_per_step", backward: str = "autodiff", **kwargs):
+               normalization: str = "batch_per_step", backward: str = "auto", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -661,7 +663,7 @@ class PuppeteerODE(keras.layers.Layer):
     steps = units * self.kernels_per_unit
     reversible = (self._reversible_states(state, dl, depth, weight, stats, depth_sorted, steps,
                                           len(channels))
-                  if training and self.backward == "reversible" else None)
+                  if training and self.training_backward == "reversible" else None)
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
       if reversible is not None:
@@ -683,6 +685,17 @@ class PuppeteerODE(keras.layers.Layer):
         else:
           yield s, j, self.kernel_from_state(state, c_out, c_out, expand)
       c_prev = c_out
+
+  @property
+  def training_backward(self) -> str:
+    """'autodiff' or 'reversible': how a training call differentiates the trajectory now
+    (`backward` 'auto' resolved against the integrator, normalization, remat and loop)."""
+    if self.backward != "auto":
+      return self.backward
+    if self.remat or self.loop_steps:
+      return "autodiff"
+    supported = reversible_euler.reversible_supported(self.integrator, self.normalization)
+    return "reversible" if supported is None else "autodiff"
 
   def _reversible_states(self, state, dl, depth, weight, stats: list, depth_sorted: bool,
                          steps: int, stages: int):

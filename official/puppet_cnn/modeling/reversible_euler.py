@@ -17,10 +17,10 @@ the float32 autodiff path to about 1e-7 relative (tests/modeling/reversible_eule
 In a TensorFlow graph each step's backward work waits for the gradient to reach it
 (`backend_ops.after`): otherwise the executor starts every step's recomputation at once.
 
-Only G as `PuppeteerODE` trains it with a batch norm (`normalization` 'batch' or
+For G as `PuppeteerODE` trains it with a batch norm (`normalization` 'batch' or
 'batch_per_step') and the Euler integrator (the paper's): `PuppeteerODE(backward=
-'reversible')`, config `generator_backward`. The batch statistics it returns carry no
-gradient (they only update moving averages).
+'reversible')`, config `generator_backward`; the default 'auto' uses it wherever it applies.
+The batch statistics it returns carry no gradient (they only update moving averages).
 """
 
 from __future__ import annotations
