@@ -716,6 +716,26 @@ def test_partial_cache_from_images_and_errors(layout):
     b.cache_kernels(bins=[16])
 
 
+@pytest.mark.parametrize("layout", ["loop", "per_bin"])
+def test_partial_int8_cache_generates_the_other_bins_exactly(layout):
+  """An int8 cache of some bins (its kernels cast, their scales applied to the convolutions'
+  outputs in the loop graph) beside bins generated in the same call: the generated bins'
+  images get exactly the uncached model's logits, the cached ones the quantized kernels'."""
+  a, b = _pair(layout=layout)
+  images = _images()
+  bins = b(images, return_details=True)["complexity_bin"].numpy()
+  deep = int(bins[2])  # image 2: depth 3, repeated layers
+  assert b.cache_kernels(bins=[deep], dtype="int8") == (deep,)
+  want = np.asarray(a(images, training=False))
+  for fn in (lambda x: b(x, training=False),
+             tf.function(lambda x: b(x, training=False))):
+    got = np.asarray(fn(tf.constant(images)))
+    generated = bins != deep
+    _close(got[generated], want[generated], 1e-5)
+    error = np.abs(got[~generated] - want[~generated]).max() / max(1.0, np.abs(want).max())
+    assert 0 < error <= 3e-2, error  # quantized, but close
+
+
 # Three bin states (H, step, sample-count weight) for the puppeteer gradient tests.
 _STATES = (np.array([1.5, 2.5, 3.0], np.float32),
            cx.step_size(np.array([1.5, 2.5, 3.0], np.float32)),
