@@ -718,9 +718,9 @@ def test_partial_cache_from_images_and_errors(layout):
 
 @pytest.mark.parametrize("layout", ["loop", "per_bin"])
 def test_partial_int8_cache_generates_the_other_bins_exactly(layout):
-  """An int8 cache of some bins (its kernels cast, their scales applied to the convolutions'
-  outputs in the loop graph) beside bins generated in the same call: the generated bins'
-  images get exactly the uncached model's logits, the cached ones the quantized kernels'."""
+  """An int8 cache of some bins (dequantized before each convolution) beside bins generated
+  in the same call: the generated bins' images get exactly the uncached model's logits, the
+  cached ones the quantized kernels'."""
   a, b = _pair(layout=layout)
   images = _images()
   bins = b(images, return_details=True)["complexity_bin"].numpy()

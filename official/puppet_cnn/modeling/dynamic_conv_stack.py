@@ -470,9 +470,7 @@ class DynamicConvStack(keras.layers.Layer):
       x: (n, H, W, C_in) features, n >= 1.
       kernel_at: `kernel_at(s, j)` returns stage s's folded kernel, (K, K, C_prev, C_s) for
         the transition (j is None) and (K, K, C_s, C_s) for repeated layer j (an int32
-        scalar tensor in [0, (depth - 1) * kernels_per_unit)); or a pair (kernel,
-        output scale (C_s,)), the layer then being conv(x, kernel) * scale + shift (an int8
-        cached kernel, cast but not multiplied by its per-output-channel scale).
+        scalar tensor in [0, (depth - 1) * kernels_per_unit)).
       depth: int32 scalar tensor in [1, units + 1], the group's units per stage.
       folded, units, bn_rows, channels: as in `call_groups`.
 
@@ -485,13 +483,7 @@ class DynamicConvStack(keras.layers.Layer):
     repeats = ops.minimum(ops.cast(depth, "int32") - 1, units)
 
     def layer(x, kernel, shift, skip=None):
-      scale = None
-      if isinstance(kernel, (tuple, list)):
-        kernel, scale = kernel
-      y = backend_ops.group_conv2d(x, kernel, may_be_empty=False)
-      if scale is not None:
-        y = y * scale
-      y = backend_ops.bias_add(y, shift)
+      y = backend_ops.bias_add(backend_ops.group_conv2d(x, kernel, may_be_empty=False), shift)
       return ops.relu(y if skip is None else y + skip)
 
     for s in range(len(self.stage_channels)):

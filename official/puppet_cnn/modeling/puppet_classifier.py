@@ -580,15 +580,9 @@ class PuppetClassifier(keras.Model):
 
     def cached_kernel(s, j, source):
       t, t_scale, table, scales = pick[s]
-      if not int8:
-        return dequantize(t(source) if j is None else table(source)[j], None)
-      # int8: (the kernel cast to float32, its per-output-channel scale). The layer multiplies
-      # its convolution's output by the scale (`DynamicConvStack.call_indexed`), which is
-      # the convolution with q * scale, instead of the kernel: one pass over the kernel
-      # fewer per layer and bin.
       if j is None:
-        return ops.cast(t(source), "float32"), t_scale(source)
-      return ops.cast(table(source)[j], "float32"), scales(source)[j]
+        return dequantize(t(source), None if t_scale is None else t_scale(source))
+      return dequantize(table(source)[j], None if scales is None else scales(source)[j])
 
     # The generated kernels of a stage's repeated layers (each (M, K, K, C, C), M the bins
     # generated) and their folding scales, picked by layer with a selector (no stacking
@@ -607,13 +601,9 @@ class PuppetClassifier(keras.Model):
 
       def make():
         if j is None:
-          kernel = backend_ops.gather(generated[s][0], p) * affine[s][0][0]
-        else:
-          layer, scales = generated_layers[s]
-          kernel = backend_ops.gather(layer(j), p) * backend_ops.gather(scales, j)
-        if int8 and cached_bins:  # the structure of `cached_kernel`'s, for `ops.cond`
-          return kernel, ops.ones((ops.shape(kernel)[-1],), "float32")
-        return kernel
+          return backend_ops.gather(generated[s][0], p) * affine[s][0][0]
+        layer, scales = generated_layers[s]
+        return backend_ops.gather(layer(j), p) * backend_ops.gather(scales, j)
 
       if not cached_bins:
         return make()

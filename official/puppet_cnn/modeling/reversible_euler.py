@@ -65,7 +65,6 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
   if n_steps == 0:
     return [], [], []
   masked = [a is not None for a in actives]
-  n_masks = sum(masked)
   has_weight = weight is not None
   args = [state, dl] + ([weight] if has_weight else []) + [a for a in actives if a is not None]
   args += params
@@ -114,8 +113,8 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
           s, g_state, dd, dp = _sorted_backward(g, s, g_state, dl, weight, active, y, mean,
                                                 variance)
         else:
-          s, g_state, dd, dp = _masked_backward(g, s, g_state, dl, dl4, weight, active, y,
-                                                mean, variance)
+          s, g_state, dd, dp = _masked_backward(g, s, g_state, dl4, weight, active, y, mean,
+                                                variance)
         d_dl = d_dl + dd
         d_params = dp if d_params is None else [a + b for a, b in zip(d_params, dp)]
         if k > 0 and up[k - 1] is not None:
@@ -218,7 +217,7 @@ def _masked_forward(g, s, dl4, weight, active):
   return new, y, mean, variance
 
 
-def _masked_backward(g, s_next, g_next, dl, dl4, weight, active, y, mean, variance):
+def _masked_backward(g, s_next, g_next, dl4, weight, active, y, mean, variance):
   out = g.output(y, mean, variance)
   if active is None:
     s = s_next - dl4 * out
