@@ -224,6 +224,21 @@ def test_loop_graph_does_not_grow_with_bins():
   assert nodes["per_bin", 16] - nodes["per_bin", 4] > 12 * 20, nodes
 
 
+def _tape_step(images, labels, traced=None):
+  """`step(model)` for `_assert_same_training_step`: the loss and gradients of one batch,
+  eagerly, or in a `tf.function` for the model `traced`."""
+  def step(model):
+    def run(x):
+      with tf.GradientTape() as tape:
+        loss = _loss()(labels, model(x, training=True))
+      return loss, tape.gradient(loss, model.trainable_weights)
+
+    loss, grads = (tf.function(run) if model is traced else run)(tf.constant(images))
+    return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
+
+  return step
+
+
 @pytest.mark.parametrize("puppet,rank,fused,graph,state", [
     ("vgg", 0, True, False, None), ("resnet", 0, True, False, None), ("vgg", 3, True, False, None),
     ("vgg", 0, False, False, None), ("vgg", 0, True, True, None),
@@ -240,16 +255,7 @@ def test_bucketed_training_matches_per_sample(puppet, rank, fused, graph, state)
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
 
-  def step(model):
-    def run(x):
-      with tf.GradientTape() as tape:
-        loss = _loss()(labels, model(x, training=True))
-      return loss, tape.gradient(loss, model.trainable_weights)
-
-    loss, grads = (tf.function(run) if graph and model is b else run)(tf.constant(images))
-    return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
-
-  _assert_same_training_step(a, b, step)
+  _assert_same_training_step(a, b, _tape_step(images, labels, b if graph else None))
 
 
 @pytest.mark.parametrize("graph", [False, True])
@@ -265,16 +271,7 @@ def test_reversible_bucketed_training_matches_autodiff_per_sample(graph):
   images, labels = _images(8, seed=3), np.arange(8) % 5
   images[:3] = _images(3)
 
-  def step(model):
-    def run(x):
-      with tf.GradientTape() as tape:
-        loss = _loss()(labels, model(x, training=True))
-      return loss, tape.gradient(loss, model.trainable_weights)
-
-    loss, grads = (tf.function(run) if graph and model is b else run)(tf.constant(images))
-    return float(loss), [tf.convert_to_tensor(g).numpy() for g in grads]
-
-  _assert_same_training_step(a, b, step)
+  _assert_same_training_step(a, b, _tape_step(images, labels, b if graph else None))
 
 
 def test_bucketed_uses_shared_kernels_and_one_state_per_bin(monkeypatch):

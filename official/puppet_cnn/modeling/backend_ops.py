@@ -153,7 +153,13 @@ def depthwise_conv_same(x, kernel, method: str = "auto"):
   if method == "conv":
     return ops.depthwise_conv(x, kernel, strides=1, padding="same")
   kh, kw = kernel.shape[0], kernel.shape[1]
-  top, left = (kh - 1) // 2, (kw - 1) // 2
+  return _shifted_taps(x, kernel, (kh - 1) // 2, (kw - 1) // 2)
+
+
+def _shifted_taps(x, kernel, top: int, left: int):
+  """sum over taps (i, j) of x zero-padded by (top, left) before (and the rest of the kernel
+  after), shifted by the tap, times the tap's per-channel weight kernel[i, j, :, 0]."""
+  kh, kw = kernel.shape[0], kernel.shape[1]
   padded = ops.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
   h, w = ops.shape(x)[1], ops.shape(x)[2]
   out = None
@@ -180,15 +186,8 @@ def depthwise_conv_same_transpose(dy, kernel, method: str = "auto"):
   flipped = ops.flip(ops.flip(kernel, axis=0), axis=1)
   if kh % 2 and kw % 2:
     return depthwise_conv_same(dy, flipped, method)
-  top, left = (kh - 1) // 2, (kw - 1) // 2
-  padded = ops.pad(dy, ((0, 0), (kh - 1 - top, top), (kw - 1 - left, left), (0, 0)))
-  h, w = ops.shape(dy)[1], ops.shape(dy)[2]
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      term = padded[:, i:i + h, j:j + w, :] * flipped[i, j, :, 0]
-      out = term if out is None else out + term
-  return out
+  # The forward pass pads (kh - 1) // 2 before; its transpose pads the rest before.
+  return _shifted_taps(dy, flipped, kh - 1 - (kh - 1) // 2, kw - 1 - (kw - 1) // 2)
 
 
 def depthwise_conv_same_filter_grad(x, dy, kernel_shape, method: str = "auto"):
