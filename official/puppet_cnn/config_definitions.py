@@ -257,7 +257,9 @@ class PuppetCNNConfig:
       trajectory, per step). True: only each evaluation's input state is kept and the rest is
       recomputed in the backward pass (`keras.remat`, gradient checkpointing): less training
       memory for one more forward pass of G. Same values and gradients either way; inference
-      is unaffected. docs/benchmarks_remat.md measures both.
+      is unaffected. docs/benchmarks_remat.md measures both. With it the default
+      `generator_backward='auto'` trains with autodiff; the reversible backward keeps as
+      little memory without the extra pass (docs/benchmarks_reversible.md).
     generator_rank: 0 (default, the paper): G's pointwise conv is a full C x C matrix (C =
       the state width), the reading that reproduces the paper's Table 5. r in [1, C): the
       matrix is factorized as (C x r)(r x C), so each step of G costs about 2 r / C of the
