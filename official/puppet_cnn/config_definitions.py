@@ -48,6 +48,18 @@ GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
 # `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
 GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
+
+
+def why_not_reversible(integrator: str, generator_norm: str) -> Optional[str]:
+  """What `generator_backward='reversible'` needs and this G lacks, or None when it can
+  train it (`PuppetCNNConfig`, `PuppeteerODE`)."""
+  if integrator != "euler":
+    return f"integrator='euler' (got {integrator!r}): only an Euler step is undone exactly"
+  if generator_norm not in ("batch", "batch_per_step"):
+    return (f"a batch-normalized G (generator_norm / normalization 'batch' or "
+            f"'batch_per_step'), got {generator_norm!r}")
+  return None
+
 # Fields whose default changed after models were saved without them: the value such a saved
 # config meant (`PuppetCNNConfig.from_saved_dict`). generator_norm: 'batch' until 2026-12-04.
 SAVED_BEFORE_FIELD = {"generator_norm": "batch"}
@@ -474,12 +486,8 @@ class PuppetCNNConfig:
       _check(not self.generator_remat and not self.generator_loop,
              "generator_backward='reversible' replaces generator_remat and generator_loop (it "
              "keeps one tensor per step of G without recomputing G); leave them off")
-      _check(self.integrator == "euler",
-             f"generator_backward='reversible' needs integrator='euler' (only an Euler step "
-             f"is undone exactly), got {self.integrator!r}")
-      _check(self.generator_norm != "state",
-             "generator_backward='reversible' needs G's batch norm (generator_norm 'batch' or "
-             "'batch_per_step'), got 'state'")
+      why = why_not_reversible(self.integrator, self.generator_norm)
+      _check(why is None, f"generator_backward='reversible' needs {why}")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),

@@ -36,7 +36,7 @@ from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
 from official.puppet_cnn.config_definitions import GENERATOR_BACKWARDS
 from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
-from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD
+from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD, why_not_reversible
 from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -190,7 +190,7 @@ class PuppeteerODE(keras.layers.Layer):
       if self.remat or self.loop_steps:
         raise ValueError("PuppeteerODE: backward='reversible' replaces remat and loop_steps "
                          "(it keeps one tensor per step without recomputing G); leave them off")
-      why = reversible_euler.reversible_supported(integrator, normalization)
+      why = why_not_reversible(integrator, normalization)
       if why:
         raise ValueError(f"PuppeteerODE: backward='reversible' needs {why}")
     self.backward = backward
@@ -672,10 +672,10 @@ class PuppeteerODE(keras.layers.Layer):
         state = self.integrate_step(state, dl, None, training, stats, weight,
                                     row=self.statistics_row(s))
       yield s, None, self.kernel_from_state(state, c_prev, c_out, expand)
-      args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
       if reversible is not None:
         trajectory = reversible[s][1]
       else:
+        args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
         trajectory = (self._looped_steps(*args) if loop and steps
                       else self._unrolled_steps(*args, done_at))
       for j, state in enumerate(trajectory):
@@ -694,15 +694,15 @@ class PuppeteerODE(keras.layers.Layer):
       return self.backward
     if self.remat or self.loop_steps:
       return "autodiff"
-    supported = reversible_euler.reversible_supported(self.integrator, self.normalization)
-    return "reversible" if supported is None else "autodiff"
+    return ("reversible" if why_not_reversible(self.integrator, self.normalization) is None
+            else "autodiff")
 
   def _reversible_states(self, state, dl, depth, weight, stats: list, depth_sorted: bool,
                          steps: int, stages: int):
     """The training trajectory with `backward='reversible'`: per stage, (transition state,
     [repeated states]); appends each step's batch statistics to `stats` in the order of the
     autodiff path."""
-    why = reversible_euler.reversible_supported(self.integrator, self.normalization)
+    why = why_not_reversible(self.integrator, self.normalization)
     if why:
       raise ValueError(f"PuppeteerODE: backward='reversible' trains with {why}")
     kpu = self.kernels_per_unit

@@ -18,14 +18,14 @@ In a TensorFlow graph each step's backward work waits for the gradient to reach 
 (`backend_ops.after`): otherwise the executor starts every step's recomputation at once.
 
 For G as `PuppeteerODE` trains it with a batch norm (`normalization` 'batch' or
-'batch_per_step') and the Euler integrator (the paper's): `PuppeteerODE(backward=
-'reversible')`, config `generator_backward`; the default 'auto' uses it wherever it applies.
+'batch_per_step') and the Euler integrator (the paper's; `config_definitions.
+why_not_reversible`): `PuppeteerODE(backward='reversible')`, config `generator_backward`; the default 'auto' uses it wherever it applies.
 The batch statistics it returns carry no gradient (they only update moving averages).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import keras
 from keras import ops
@@ -282,14 +282,4 @@ def _sorted_backward(g, s_next, g_next, dl, weight, active, y, mean, variance):
   return out[0], out[1], out[2], list(out[3:])
 
 
-def reversible_supported(integrator: str, normalization: str) -> Optional[str]:
-  """Why `backward='reversible'` cannot train this G, or None when it can."""
-  if integrator != "euler":
-    return f"integrator='euler' (got {integrator!r}): only an Euler step is undone exactly"
-  if normalization not in ("batch", "batch_per_step"):
-    return (f"a batch-normalized G, normalization 'batch' or 'batch_per_step' (got "
-            f"{normalization!r})")
-  return None
-
-
-__all__: List[str] = ["euler_trajectory", "reversible_supported"]
+__all__: List[str] = ["euler_trajectory"]
