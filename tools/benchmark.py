@@ -96,6 +96,15 @@ Models (`--models`):
                    (training only; the same as puppet_grouped_floor since 2026-12-05).
   puppet_grouped_autodiff  puppet_grouped_floor with generator_backward='autodiff' (training
                    only).
+  puppet_bf16      puppet_bucketed with generator_matmul_dtype='bfloat16': G's pointwise
+                   products in bfloat16 (float32 state, batch norm and puppet convolutions;
+                   not the paper's float32, so its targets are reported apart).
+  puppet_grouped_bf16  puppet_grouped_floor with generator_matmul_dtype='bfloat16' (training
+                   only; reported with puppet_bf16).
+  static_twin_bf16  static_twin under Keras's 'mixed_bfloat16' dtype policy (bfloat16
+                   convolutions, float32 weights): what 16-bit arithmetic gives a plain CNN on
+                   this machine. Reported as a row; the ratios stay against the float32 twin,
+                   whose convolutions the puppet modes share.
   puppet_light_grouped  puppet_light trained the same way (training only; reported with
                    puppet_light).
   puppet_light_grouped_floor  puppet_light_floor trained the same way (training only;
@@ -148,6 +157,8 @@ PAPER_G_MODELS = ("puppet_exact", "puppet_binned", "puppet_gathered", "puppet_bu
 LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_twopass", "puppet_light_floor", "puppet_light_wide",
                 "puppet_light_gathered", "puppet_light_grouped", "puppet_light_grouped_floor")
+# The paper's G with its pointwise products in bfloat16 (generator_matmul_dtype).
+BF16_MODELS = ("puppet_bf16", "puppet_grouped_bf16")
 GATHERED_MODELS = ("puppet_gathered", "puppet_light_gathered")  # XLA-compatible
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
@@ -160,24 +171,25 @@ TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_b
                      "puppet_grouped_reversible": "puppet_bucketed",
                      "puppet_autodiff": "puppet_bucketed",
                      "puppet_grouped_autodiff": "puppet_bucketed",
+                     "puppet_grouped_bf16": "puppet_bf16",
                      "puppet_light_grouped": "puppet_light",
                      "puppet_light_grouped_floor": "puppet_light"}
 # Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
 GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
                   "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
-                  "puppet_light_grouped", "puppet_light_grouped_floor")
+                  "puppet_grouped_bf16", "puppet_light_grouped", "puppet_light_grouped_floor")
 # Bins on [--bin_floor, 8] (complexity_bin_floor).
 FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
                 "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
-                "puppet_light_grouped_floor")
+                "puppet_grouped_bf16", "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
 NEAREST_MODELS = ("puppet_nearest8",)  # the calibration bins cached, no generating path
 CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin") + tuple(LOSSY_CACHE_DTYPES)
-APPROXIMATE_MODELS = LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES)  # targets reported apart
+APPROXIMATE_MODELS = LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES) + BF16_MODELS  # targets apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
-ALL_MODELS = PUPPET_MODELS + ("static_twin", "resnet", "mobilenet_v2")
+ALL_MODELS = PUPPET_MODELS + ("static_twin", "static_twin_bf16", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
                        "resnet", "mobilenet_v2")
 SIZES = {"full": (64, 128, 256, 512), "small": (16, 32, 64)}
@@ -335,6 +347,10 @@ def _build(spec, calibration):
   config = _puppet_config(spec)
   if name == "static_twin":
     return build_static_twin(config, spec["twin_depth"]), notes
+  if name == "static_twin_bf16":
+    import keras
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # this job's subprocess only
+    return build_static_twin(config, spec["twin_depth"]), notes
   if name in ("resnet", "mobilenet_v2"):
     return build_baseline(name, 10), notes
   bucketed = dict(complexity_bins=spec["bins"], execution="bucketed")
@@ -369,6 +385,8 @@ def _build(spec, calibration):
       "puppet_grouped_reversible": dict(bucketed, generator_backward="reversible"),
       "puppet_autodiff": dict(bucketed, generator_backward="autodiff"),
       "puppet_grouped_autodiff": dict(bucketed, generator_backward="autodiff"),
+      "puppet_bf16": dict(bucketed, generator_matmul_dtype="bfloat16"),
+      "puppet_grouped_bf16": dict(bucketed, generator_matmul_dtype="bfloat16"),
       "puppet_light_grouped": light,
       "puppet_light_grouped_floor": light_loop,
   }[name]
@@ -601,7 +619,8 @@ def binning_lines(header, spec, result) -> List[str]:
 
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
-  bucketed = ("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS
+  bucketed = (("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS
+              + BF16_MODELS)
   if model in bucketed and model not in GATHERED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model in TRAIN_ONLY_MODELS and phase == "infer":
@@ -949,6 +968,12 @@ def _section_lines(section) -> List[str]:
               "only (puppet_nearest8; an image in another bin runs as the nearest cached "
               "bin):", ""]
     for t in _targets(section, ("puppet_nearest8",)):
+      lines.append(f"- {t}")
+  if any(r["model"] in BF16_MODELS for r in section["rows"]):
+    lines += ["", "With the paper's G computing its pointwise products in bfloat16 "
+              "(generator_matmul_dtype='bfloat16'; the puppet's convolutions float32, as the "
+              "twin's; not the paper's float32):", ""]
+    for t in _targets(section, BF16_MODELS):
       lines.append(f"- {t}")
   if any(r["model"] == "puppet_cached16" for r in section["rows"]):
     lines += ["", "With the paper's G and a float16 kernel cache (puppet_cached16; kernels "

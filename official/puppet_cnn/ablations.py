@@ -49,6 +49,9 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("light_generator", "Half-width state (16 for the 32-wide last stage, as 256 for "
             "512) and G at rank 2 (C/8): benchmark.py's puppet_light setting, scaled down",
             ("--state_channels=16", "--generator_rank=2")),
+    Variant("generator_bf16", "G's pointwise products in bfloat16, state and batch norm in "
+            "float32 (not in the paper, a speed option for CPUs with AMX / AVX512-BF16 and "
+            "GPUs)", ("--generator_matmul_dtype=bfloat16",)),
     Variant("grouped_batches", "Training batches of one complexity bin each, so bucketed "
             "training runs the puppeteer once per step (not in the paper, a speed option)",
             ("--batch_grouping=complexity_bin",)),

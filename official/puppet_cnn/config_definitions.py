@@ -48,6 +48,9 @@ GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
 # `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
 GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
+# The dtype of G's pointwise matrix products (`PuppetCNNConfig.generator_matmul_dtype`,
+# `PuppeteerODE(matmul_dtype=)`, `backend_ops.matmul_in_dtype`).
+GENERATOR_MATMUL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def why_not_reversible(integrator: str, generator_norm: str) -> Optional[str]:
@@ -359,6 +362,16 @@ class PuppetCNNConfig:
       of remat and loop at autodiff's speed; the 16-32-64 puppet's XLA-compiled per-sample
       step at 0.57x autodiff's time. Not in the paper (a way to compute its gradients, not a
       change to them).
+    generator_matmul_dtype: the dtype of G's pointwise matrix products, 9 C^3 of the
+      9 C^3 + 81 C^2 multiply-adds of an Euler step (`PuppeteerODE(matmul_dtype=...)`,
+      `backend_ops.matmul_in_dtype`). 'float32' (default, the paper's). 'bfloat16' /
+      'float16': both operands and the product are rounded to 16 bits (the backend
+      accumulates in float32), in training and inference, forward and backward; the state,
+      G's depthwise convolution and batch norm, the Euler update and the puppet's own
+      convolutions stay float32. Several times faster on CPUs with AMX or AVX512-BF16 and on
+      GPU tensor cores; slower where the CPU lacks 16-bit arithmetic. A model option: the
+      kernels it generates differ from float32's by the rounding (exact modes still agree
+      with each other). Speed and accuracy: docs/benchmarks_bf16.md. Not in the paper.
   """
   num_classes: int = 10
   input_shape: Tuple[Optional[int], Optional[int], int] = (32, 32, 3)
@@ -401,6 +414,7 @@ class PuppetCNNConfig:
   narrow_kernels: bool = True
   generator_norm: str = "batch_per_step"
   generator_backward: str = "auto"
+  generator_matmul_dtype: str = "float32"
 
   def __post_init__(self):
     if isinstance(self.complexity, dict):
@@ -488,6 +502,9 @@ class PuppetCNNConfig:
              "keeps one tensor per step of G without recomputing G); leave them off")
       why = why_not_reversible(self.integrator, self.generator_norm)
       _check(why is None, f"generator_backward='reversible' needs {why}")
+    _check(self.generator_matmul_dtype in GENERATOR_MATMUL_DTYPES,
+           f"generator_matmul_dtype must be one of {GENERATOR_MATMUL_DTYPES}, got "
+           f"{self.generator_matmul_dtype!r}")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")
     _check(isinstance(self.fused_batch_norm, bool),

@@ -376,3 +376,25 @@ def test_batch_norm_training_matches_float64_and_the_two_pass_gradient(compiled)
   assert tuple(y.shape) == (0, 4, 3, 6)
   assert not np.any(mean.numpy()) and not np.any(var.numpy())
   assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_matmul_in_dtype_rounds_operands_and_product_like_a_float64_reference(dtype):
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  low = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 64)).astype(np.float32)
+  w = rng.normal(size=(64, 48)).astype(np.float32)
+  # Reference: operands rounded to 16 bits, an exact (float64) product, rounded to 16 bits.
+  want = ((x.astype(low).astype(np.float64) @ w.astype(low).astype(np.float64))
+          .astype(low).astype(np.float32))
+  got = backend_ops.matmul_in_dtype(tf.constant(x), tf.constant(w), dtype)
+  assert got.dtype == tf.float32
+  full = backend_ops.matmul_in_dtype(tf.constant(x), tf.constant(w), "float32").numpy()
+  ulp = np.abs(want) * {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[dtype]
+  # float32 accumulation may flip a rounding: at most one 16-bit ulp, and rarely.
+  diff = np.abs(got.numpy() - want)
+  assert np.all(diff <= ulp + 1e-6)
+  assert np.mean(diff > 0) < 0.02
+  # ...while float32 products differ from the rounded reference almost everywhere.
+  assert np.mean(np.abs(full - want) > 0) > 0.5

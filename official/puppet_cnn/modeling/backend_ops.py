@@ -217,6 +217,20 @@ def _native_depthwise_gradients(method: str) -> bool:
   return backend() == "tensorflow" and method != "shifted" and not in_xla_context()
 
 
+def matmul_in_dtype(x, w, dtype: str = "float32"):
+  """x @ w with both operands cast to `dtype` ('float32': x @ w as it is); the product is
+  cast back to x's dtype.
+
+  Portable (`keras.ops`). In bfloat16 or float16 the backend multiplies in that dtype and
+  rounds the product to it (oneDNN and cuBLAS accumulate in float32); on CPUs with AMX or
+  AVX512-BF16 and on GPUs with tensor cores that is several times float32's speed. The
+  gradient of the casts and the product (autodiff) is computed in `dtype` as well.
+  """
+  if dtype == "float32":
+    return ops.matmul(x, w)
+  return ops.cast(ops.matmul(ops.cast(x, dtype), ops.cast(w, dtype)), x.dtype)
+
+
 def after(x, dependency):
   """`x`, computed only once `dependency` is (TensorFlow graphs: a control dependency).
 

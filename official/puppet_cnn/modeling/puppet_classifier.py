@@ -223,7 +223,8 @@ class PuppetClassifier(keras.Model):
         integrator=c.integrator, kernel_scaling=c.kernel_scaling, momentum=c.bn_momentum,
         epsilon=c.bn_epsilon, remat=c.generator_remat, generator_rank=c.generator_rank,
         loop_steps=c.generator_loop, depthwise=c.generator_depthwise,
-        normalization=c.generator_norm, backward=c.generator_backward, name="puppeteer")
+        normalization=c.generator_norm, backward=c.generator_backward,
+        matmul_dtype=c.generator_matmul_dtype, name="puppeteer")
     self.puppet = DynamicConvStack(
         stage_channels=c.channels, block_type=c.block, max_depth=c.max_depth,
         pool_after=c.pools, kernel_size=c.kernel_size, momentum=c.bn_momentum,

@@ -35,6 +35,7 @@ from keras import ops
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
 from official.puppet_cnn.config_definitions import GENERATOR_BACKWARDS
+from official.puppet_cnn.config_definitions import GENERATOR_MATMUL_DTYPES
 from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
 from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD, why_not_reversible
 from official.puppet_cnn.modeling import adaptive_pool
@@ -113,6 +114,14 @@ class PuppeteerODE(keras.layers.Layer):
       'reversible' where it applies, else 'autodiff', decided at each training call
       (`training_backward`). Same values; gradients equal to float rounding. Inference is
       unaffected.
+    matmul_dtype: the dtype of G's pointwise matrix products (`GENERATOR_MATMUL_DTYPES`,
+      `backend_ops.matmul_in_dtype`), in training and inference, forward and backward.
+      'float32' (default, the paper's). 'bfloat16' / 'float16': both operands are rounded
+      to 16 bits and the product is rounded to 16 bits; the state, G's depthwise
+      convolution, batch norm, tanh and the Euler update stay float32. The products are
+      9 C^3 of G's 9 C^3 + 81 C^2 multiply-adds per step, and 16-bit products run several
+      times faster on CPUs with AMX / AVX512-BF16 and on GPU tensor cores (measured:
+      docs/benchmarks_bf16.md). Not in the paper.
 
   Call args:
     complexity: (N,) input complexity H (drives the initial state).
@@ -158,7 +167,8 @@ class PuppeteerODE(keras.layers.Layer):
                generator_kernel_size: int = 3, generator_rank: int = 0,
                momentum: float = 0.99, epsilon: float = 1e-3, remat: bool = False,
                loop_steps: bool = False, depthwise: str = "auto",
-               normalization: str = "batch_per_step", backward: str = "auto", **kwargs):
+               normalization: str = "batch_per_step", backward: str = "auto",
+               matmul_dtype: str = "float32", **kwargs):
     super().__init__(**kwargs)
     self.stage_channels = tuple(int(c) for c in stage_channels)
     self.input_channels = int(input_channels)
@@ -194,6 +204,10 @@ class PuppeteerODE(keras.layers.Layer):
       if why:
         raise ValueError(f"PuppeteerODE: backward='reversible' needs {why}")
     self.backward = backward
+    if matmul_dtype not in GENERATOR_MATMUL_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {GENERATOR_MATMUL_DTYPES}, got "
+                       f"{matmul_dtype!r}")
+    self.matmul_dtype = matmul_dtype
     self._calibration_counts = None  # per-row update counts while calibrating (eager)
     if init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -384,7 +398,7 @@ class PuppeteerODE(keras.layers.Layer):
     y = backend_ops.depthwise_conv_same(state, dw_kernel, self.depthwise)
     bias = dw_bias[None]
     for factor in pw_factors:
-      y = ops.matmul(y, factor)
+      y = backend_ops.matmul_in_dtype(y, factor, self.matmul_dtype)
       bias = ops.matmul(bias, factor)
     return y, bias[0] + pw_bias
 
@@ -713,7 +727,8 @@ class PuppeteerODE(keras.layers.Layer):
     params = [ops.convert_to_tensor(p) for p in self._params()]
     sorted_rows = depth_sorted and backend_ops.backend() == "tensorflow"
     states, means, variances = reversible_euler.euler_trajectory(
-        state, dl, weight, actives, params, self.epsilon, self.depthwise, sorted_rows)
+        state, dl, weight, actives, params, self.epsilon, self.depthwise, sorted_rows,
+        self.matmul_dtype)
     for active, mean, variance in zip(actives, means, variances):
       mask = active if weight is None else (weight if active is None else active * weight)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
@@ -814,7 +829,8 @@ class PuppeteerODE(keras.layers.Layer):
         generator_rank=self.generator_rank,
         momentum=self.momentum, epsilon=self.epsilon, remat=self.remat,
         loop_steps=self.loop_steps, depthwise=self.depthwise,
-        normalization=self.normalization, backward=self.backward)
+        normalization=self.normalization, backward=self.backward,
+        matmul_dtype=self.matmul_dtype)
     return config
 
   @classmethod

@@ -35,7 +35,8 @@ from official.puppet_cnn.modeling import masked_batch_norm as mbn
 
 
 def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: float,
-                     depthwise: str = "auto", sorted_rows: bool = False):
+                     depthwise: str = "auto", sorted_rows: bool = False,
+                     matmul_dtype: str = "float32"):
   """Runs Euler steps of G from `state`; returns (states, means, variances), one per step.
 
   Args:
@@ -51,6 +52,8 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
     sorted_rows: the states come sorted by depth, so a step's active states are the last
       rows: G runs on those rows only, and not at all (`ops.cond`) when there are none
       (dynamic shapes: TensorFlow only, not under XLA). Same values.
+    matmul_dtype: the dtype of G's pointwise products, forward and backward
+      (`backend_ops.matmul_in_dtype`); everything else runs in float32.
 
   Returns:
     states: the state after each step; means: each step's batch mean of G's output before
@@ -82,7 +85,7 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
     for factor in factors:
       bias = ops.matmul(bias, factor)
     bias = bias[0] + pw_bias
-    g = _Generator(dw_kernel, factors, gamma, beta, epsilon, depthwise)
+    g = _Generator(dw_kernel, factors, gamma, beta, epsilon, depthwise, matmul_dtype)
     dl4 = ops.reshape(dl, (-1, 1, 1, 1))
     saved, states, means, variances = [], [], [], []
     s = state
@@ -151,15 +154,20 @@ def _mask(active, weight):
 class _Generator:
   """G's forward pieces and their hand-written gradients (batch norm in training mode)."""
 
-  def __init__(self, dw_kernel, factors, gamma, beta, epsilon, depthwise):
+  def __init__(self, dw_kernel, factors, gamma, beta, epsilon, depthwise,
+               matmul_dtype="float32"):
     self.dw_kernel, self.factors = dw_kernel, list(factors)
     self.gamma, self.beta, self.epsilon, self.depthwise = gamma, beta, epsilon, depthwise
+    self.matmul_dtype = matmul_dtype
+
+  def matmul(self, x, w):
+    return backend_ops.matmul_in_dtype(x, w, self.matmul_dtype)
 
   def linear(self, s):
     """The depthwise output, each pointwise factor's output (the last is y)."""
     outs = [backend_ops.depthwise_conv_same(s, self.dw_kernel, self.depthwise)]
     for factor in self.factors:
-      outs.append(ops.matmul(outs[-1], factor))
+      outs.append(self.matmul(outs[-1], factor))
     return outs
 
   def forward(self, s, mask):
@@ -201,8 +209,8 @@ class _Generator:
     for factor, x in zip(reversed(self.factors), reversed(ins)):
       x2 = ops.reshape(x, (-1, ops.shape(x)[-1]))
       d2 = ops.reshape(d, (-1, ops.shape(d)[-1]))
-      d_factors.insert(0, ops.matmul(ops.transpose(x2), d2))
-      d = ops.matmul(d, ops.transpose(factor))
+      d_factors.insert(0, self.matmul(ops.transpose(x2), d2))
+      d = self.matmul(d, ops.transpose(factor))
     d_s = backend_ops.depthwise_conv_same_transpose(d, self.dw_kernel, self.depthwise)
     d_dw = backend_ops.depthwise_conv_same_filter_grad(s, d, self.dw_kernel.shape,
                                                        self.depthwise)
