@@ -31,8 +31,8 @@ class TrainConfig:
     jit_compile: XLA-compile the train/eval steps (True on every device; Keras's 'auto'
       would turn XLA off on CPU).
     mixed_precision: 'mixed_float16' policy. Puppet-CNN's puppeteer and puppet compute in
-      float32 (generated kernels are precision-sensitive); only its head and the baselines
-      use float16.
+      float32 under it; only its head and the baselines use float16. The puppeteer's 16-bit
+      option is `PuppetCNNConfig.generator_matmul_dtype`.
     distribution_strategy: 'one_device', 'mirrored' (all local devices) or
       'multi_worker_mirrored' (workers from TF_CONFIG).
     steps_per_execution: train steps per compiled call.

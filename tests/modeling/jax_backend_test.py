@@ -168,6 +168,11 @@ def same_as_reference(name, **kwargs):
 same_as_reference("remat", generator_remat=True, generator_backward="autodiff")
 same_as_reference("loop", generator_remat=True, generator_loop=True)
 same_as_reference("reversible", generator_backward="reversible")
+# 6a''. generator_matmul_dtype='bfloat16' (reversible, as 'auto' trains it) under jax.jit: G's
+#      products rounded to bfloat16 move the loss (the option is in effect), but only by
+#      bfloat16's precision.
+same_as_reference("bf16", generator_matmul_dtype="bfloat16")
+out["bf16_loss"] = float(l1)
 
 # 6b. generator_rank (G's pointwise matrix as two factors): one compiled forward + backward;
 #     both factors get gradients.
@@ -266,6 +271,8 @@ def test_model_runs_and_trains_under_jax():
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
   assert out["reversible_loss_err"] < 1e-5 and out["reversible_grad_err"] < 1e-4, out
+  assert 0 < out["bf16_loss_err"] < 1e-2 * abs(out["bf16_loss"]), out
+  assert out["bf16_grad_err"] < 5e-2, out
   assert out["gathered_loss_err"] < 1e-5 and out["gathered_grad_err"] < 1e-4, out
   assert out["table_err"] < 1e-4 and out["stale_table_err"] < 1e-4, out
   assert out["stale_table_moves"] > 1e-3 and out["compiled_call_traced"], out

@@ -91,6 +91,9 @@ def test_beyond_the_paper_flags():
   assert _config("--model_dir=/tmp/x").data.batch_grouping == "none"
   assert config.train.depth_refinements == 2 and config.train.refinement_interval == 3
   assert config.model.init == "learned_additive"
+  assert _config("--model_dir=/tmp/x", "--generator_matmul_dtype=bfloat16"
+                 ).model.generator_matmul_dtype == "bfloat16"
+  assert _config("--model_dir=/tmp/x").model.generator_matmul_dtype == "float32"
 
 
 @pytest.mark.parametrize("argv, match", [
