@@ -101,6 +101,13 @@ Models (`--models`):
                    not the paper's float32, so its targets are reported apart).
   puppet_grouped_bf16  puppet_grouped_floor with generator_matmul_dtype='bfloat16' (training
                    only; reported with puppet_bf16).
+  puppet_cached_bf16  puppet_cached with a bfloat16 cache whose convolutions run in bfloat16
+                   (`cache_kernels(dtype='bfloat16', compute_dtype='bfloat16')`): bfloat16
+                   features through the puppet, float32 from the pooled features on (inference
+                   only; targets against static_twin_bf16).
+  puppet_nearest8_bf16  puppet_nearest8 with its convolutions in bfloat16 (int8 storage,
+                   `compute_dtype='bfloat16'`; inference only; targets against
+                   static_twin_bf16).
   static_twin_bf16  static_twin under Keras's 'mixed_bfloat16' dtype policy (bfloat16
                    convolutions, float32 weights): what 16-bit arithmetic gives a plain CNN on
                    this machine. Reported as a row; the ratios stay against the float32 twin,
@@ -183,9 +190,14 @@ FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor
                 "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
                 "puppet_grouped_bf16", "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
-                      "puppet_frozen8": "int8", "puppet_nearest8": "int8"}
+                      "puppet_frozen8": "int8", "puppet_nearest8": "int8",
+                      "puppet_cached_bf16": "bfloat16", "puppet_nearest8_bf16": "int8"}
+# Caches whose convolutions run in bfloat16 (`cache_kernels(compute_dtype=)`); their targets
+# are taken against static_twin_bf16.
+BF16_COMPUTE_MODELS = ("puppet_cached_bf16", "puppet_nearest8_bf16")
 NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
-NEAREST_MODELS = ("puppet_nearest8",)  # the calibration bins cached, no generating path
+NEAREST_MODELS = ("puppet_nearest8", "puppet_nearest8_bf16")  # the calibration bins cached,
+                                                              # no generating path
 CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin") + tuple(LOSSY_CACHE_DTYPES)
 APPROXIMATE_MODELS = LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES) + BF16_MODELS  # targets apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
@@ -369,6 +381,8 @@ def _build(spec, calibration):
       "puppet_cached8": bucketed,
       "puppet_frozen8": bucketed,
       "puppet_nearest8": bucketed,
+      "puppet_cached_bf16": bucketed,
+      "puppet_nearest8_bf16": bucketed,
       "puppet_remat": remat,
       "puppet_light": light,
       "puppet_light_remat": dict(light, generator_remat=True),
@@ -399,15 +413,16 @@ def _build(spec, calibration):
   if name in CACHED_MODELS:
     start = time.perf_counter()
     dtype = LOSSY_CACHE_DTYPES.get(name, "float32")
+    compute = "bfloat16" if name in BF16_COMPUTE_MODELS else "float32"
     if name in NO_FALLBACK_MODELS:
-      bins = model.cache_kernels(dtype=dtype, fallback=False)
+      bins = model.cache_kernels(dtype=dtype, fallback=False, compute_dtype=compute)
     elif name in NEAREST_MODELS:
       # The bins of spec["nearest_bins"] (tools/memory_profile.py), else the calibration's.
       explicit = spec.get("nearest_bins")
       bins = model.cache_kernels(bins=explicit, images=None if explicit else calibration,
-                                 dtype=dtype, fallback="nearest")
+                                 dtype=dtype, fallback="nearest", compute_dtype=compute)
     else:
-      bins = model.cache_kernels(images=calibration, dtype=dtype)
+      bins = model.cache_kernels(images=calibration, dtype=dtype, compute_dtype=compute)
     info = model.kernel_cache_info()
     notes.update(cached_bins=list(bins), cache_mb=info["bytes"] / 1e6,
                  cache_s=time.perf_counter() - start, cache_dtype=dtype)
@@ -975,6 +990,13 @@ def _section_lines(section) -> List[str]:
               "twin's; not the paper's float32):", ""]
     for t in _targets(section, BF16_MODELS):
       lines.append(f"- {t}")
+  bf16_compute = [m for m in BF16_COMPUTE_MODELS if any(r["model"] == m
+                                                        for r in section["rows"])]
+  if bf16_compute and any(r["model"] == "static_twin_bf16" for r in section["rows"]):
+    lines += ["", f"With bfloat16 convolutions ({', '.join(bf16_compute)}), against the twin "
+              "in bfloat16 as well (static_twin_bf16, Keras's mixed_bfloat16 policy):", ""]
+    for t in _targets(section, tuple(bf16_compute), twin_model="static_twin_bf16"):
+      lines.append(f"- {t}")
   if any(r["model"] == "puppet_cached16" for r in section["rows"]):
     lines += ["", "With the paper's G and a float16 kernel cache (puppet_cached16; kernels "
               "rounded to 16 bits, so not the exact path):", ""]
@@ -984,9 +1006,9 @@ def _section_lines(section) -> List[str]:
   return lines
 
 
-def _targets(section, models=PAPER_G_MODELS) -> List[str]:
+def _targets(section, models=PAPER_G_MODELS, twin_model: str = "static_twin") -> List[str]:
   rows = {(r["model"], r["xla"]): r for r in section["rows"]}
-  twin = rows.get(("static_twin", False))
+  twin = rows.get((twin_model, False))
   out = []
 
   def best(key, part, fn, higher):

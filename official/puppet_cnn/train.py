@@ -42,6 +42,11 @@ _EXPORT_KERNEL_CACHE_BINS = flags.DEFINE_enum(
     "With --export_kernel_cache: all: cache every complexity bin; train: only the bins the "
     "training images fall into (a smaller SavedModel), an image in another bin being "
     "served by the nearest cached bin (its kernels and depth).")
+_EXPORT_KERNEL_CACHE_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "export_kernel_cache_compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+    "With --export_kernel_cache and --execution=bucketed: the dtype the served convolutions "
+    "run in. bfloat16: 16-bit features through the puppet (several times faster on CPUs "
+    "with AMX or AVX512-BF16 and on GPUs; rounded). Default float32.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete an existing run in --model_dir and start over.")
 _LOGICAL_CPUS = flags.DEFINE_integer(
@@ -243,7 +248,8 @@ def main(argv):
   try:
     config = config_from_flags()
     train_lib.check_export_kernel_cache(config, kernel_cache,
-                                        _EXPORT_KERNEL_CACHE_BINS.value)
+                                        _EXPORT_KERNEL_CACHE_BINS.value,
+                                        _EXPORT_KERNEL_CACHE_COMPUTE_DTYPE.value)
   except (TypeError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   if _LOGICAL_CPUS.value:
@@ -253,7 +259,9 @@ def main(argv):
     results = train_lib.run(config, _MODE.value, _MODEL_DIR.value,
                             export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value,
                             export_kernel_cache=kernel_cache,
-                            export_kernel_cache_bins=_EXPORT_KERNEL_CACHE_BINS.value)
+                            export_kernel_cache_bins=_EXPORT_KERNEL_CACHE_BINS.value,
+                            export_kernel_cache_compute_dtype=(
+                                _EXPORT_KERNEL_CACHE_COMPUTE_DTYPE.value))
   except (DataError, train_lib.RunError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")

@@ -283,9 +283,18 @@ EXPORT_CACHE_BINS = ("all", "train")
 
 
 def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[str],
-                              cache_bins: str = "all") -> None:
-  """Raises ValueError unless `kernel_cache` (None or a cache dtype) and `cache_bins` fit
-  the experiment."""
+                              cache_bins: str = "all", compute_dtype: str = "float32") -> None:
+  """Raises ValueError unless `kernel_cache` (None or a cache dtype), `cache_bins` and the
+  cache's `compute_dtype` fit the experiment."""
+  from official.puppet_cnn.modeling.puppet_classifier import CACHE_COMPUTE_DTYPES  # pylint: disable=import-outside-toplevel
+  if compute_dtype not in CACHE_COMPUTE_DTYPES:
+    raise ValueError(f"--export_kernel_cache_compute_dtype must be one of "
+                     f"{CACHE_COMPUTE_DTYPES}, got {compute_dtype!r}")
+  if compute_dtype != "float32" and (kernel_cache is None
+                                     or config.model.execution != "bucketed"
+                                     or config.model.bucketed_inference != "loop"):
+    raise ValueError("--export_kernel_cache_compute_dtype needs --export_kernel_cache and "
+                     "--execution=bucketed with --bucketed_inference=loop (the default)")
   if cache_bins not in EXPORT_CACHE_BINS:
     raise ValueError(f"--export_kernel_cache_bins must be one of {EXPORT_CACHE_BINS}, got "
                      f"{cache_bins!r}")
@@ -343,7 +352,8 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
         strategy: Optional[tf.distribute.Strategy] = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
         export_kernel_cache: Optional[str] = None,
-        export_kernel_cache_bins: str = "all") -> Dict[str, Any]:
+        export_kernel_cache_bins: str = "all",
+        export_kernel_cache_compute_dtype: str = "float32") -> Dict[str, Any]:
   """Trains and/or evaluates as `mode` says; returns the results dict ({} for mode=train).
 
   Args:
@@ -361,12 +371,16 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
     export_kernel_cache_bins: with `export_kernel_cache`: 'all' (default) caches every bin;
       'train' only the bins the training split's images fall into, an image in another bin
       being served by the nearest cached bin (`cache_kernels(fallback='nearest')`).
+    export_kernel_cache_compute_dtype: with `export_kernel_cache`: the dtype of the served
+      convolutions (`cache_kernels(compute_dtype=)`), 'float32' (default) or 'bfloat16' /
+      'float16'.
   """
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
   if not model_dir:
     raise ValueError("--model_dir is required")
-  check_export_kernel_cache(config, export_kernel_cache, export_kernel_cache_bins)
+  check_export_kernel_cache(config, export_kernel_cache, export_kernel_cache_bins,
+                            export_kernel_cache_compute_dtype)
   t = config.train
   keras.utils.set_random_seed(t.seed)
   keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
@@ -416,7 +430,9 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
     path = export.export_saved_model(model, export_dir, model_name=t.model,
                                      class_names=list(splits.class_names),
                                      kernel_cache=export_kernel_cache,
-                                     kernel_cache_bins=cache_bins)
+                                     kernel_cache_bins=cache_bins,
+                                     kernel_cache_compute_dtype=(
+                                         export_kernel_cache_compute_dtype))
     results["export_path"] = path
     logging.info("exported SavedModel to %s", path)
   return results

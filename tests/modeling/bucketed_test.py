@@ -525,6 +525,45 @@ def test_16_bit_cache_is_the_float32_cache_rounded(dtype, tol, layout):
     b.cache_kernels(dtype="int4")
 
 
+@pytest.mark.parametrize("dtype,fallback", [("bfloat16", True), ("int8", "nearest"),
+                                            ("float32", False)])
+def test_bfloat16_compute_cache_runs_its_convolutions_in_bfloat16(dtype, fallback, monkeypatch):
+  """cache_kernels(compute_dtype='bfloat16'): every convolution of the loop gets bfloat16
+  features and kernels (cached, dequantized or generated), and the logits stay within
+  bfloat16's precision of the float32 cache's."""
+  a, b = _pair()
+  images = _images()
+  b.cache_kernels(dtype=dtype, fallback=fallback, bins=None if fallback is not True else [0, 5])
+  want = np.asarray(b(images, training=False))
+  b.cache_kernels(dtype=dtype, fallback=fallback, compute_dtype="bfloat16",
+                  bins=None if fallback is not True else [0, 5])
+  assert b.kernel_cache_info()["compute_dtype"] == "bfloat16"
+  seen = []
+  conv = backend_ops.group_conv2d
+
+  def spy(x, kernel, *args, **kwargs):
+    seen.append((keras.backend.standardize_dtype(x.dtype),
+                 keras.backend.standardize_dtype(kernel.dtype)))
+    return conv(x, kernel, *args, **kwargs)
+
+  monkeypatch.setattr(backend_ops, "group_conv2d", spy)
+  got = np.asarray(b(images, training=False))
+  assert seen and set(seen) == {("bfloat16", "bfloat16")}
+  error = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+  assert 0 < error < 3e-2, error
+  assert got.dtype == np.float32
+  del a
+
+
+def test_compute_dtype_errors():
+  _, b = _pair(layout="per_bin")
+  with pytest.raises(ValueError, match="bucketed_inference='loop'"):
+    b.cache_kernels(compute_dtype="bfloat16")
+  _, b = _pair()
+  with pytest.raises(ValueError, match="compute_dtype must be one of"):
+    b.cache_kernels(compute_dtype="int8")
+
+
 @pytest.mark.parametrize("layout", ["loop", "per_bin"])
 def test_int8_cache_is_the_float32_cache_quantized_per_output_channel(layout):
   a, b = _pair(layout=layout)

@@ -284,6 +284,26 @@ def bucketed():
   return model, x, tiny_models.softmax(model(x, training=False))
 
 
+def test_export_with_a_bfloat16_compute_cache(bucketed, tmp_path):
+  """kernel_cache_compute_dtype='bfloat16': the SavedModel serves what the Keras model with
+  the same cache computes in a graph (bfloat16 features), close to the float32 cache's
+  probabilities but not equal; the model info says so."""
+  model, x, generated = bucketed
+  path = export.export_saved_model(model, str(tmp_path), "bf16", kernel_cache="bfloat16",
+                                   kernel_cache_compute_dtype="bfloat16")
+  assert export.read_model_info(path)["kernel_cache"]["compute_dtype"] == "bfloat16"
+  assert model.kernel_cache_info()["bins"] == ()
+  out = tf.saved_model.load(path).signatures["serving_default"](
+      images=tf.constant(x))["probabilities"].numpy()
+  model.cache_kernels(dtype="bfloat16", fallback=False, compute_dtype="bfloat16")
+  want = tiny_models.softmax(tf.function(lambda t: model(t, training=False))(tf.constant(x)))
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  assert 0 < np.abs(out - generated).max() < 5e-2
+  model.clear_kernel_cache()
+  with pytest.raises(ValueError, match="needs kernel_cache"):
+    export.export_saved_model(model, str(tmp_path), "bad", kernel_cache_compute_dtype="bfloat16")
+
+
 def _variable_bytes(path):
   """Bytes of every variable in a SavedModel's checkpoint, by its dtype."""
   reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
@@ -316,7 +336,8 @@ def test_export_with_kernel_cache_serves_the_cached_kernels(bucketed, dtype, tmp
   assert cache["dtype"] == dtype and cache["bins"] == tuple(range(16)) and cache["valid"]
   info = export.read_model_info(path)
   assert info["kernel_cache"] == {"bins": list(range(16)), "dtype": dtype,
-                                  "bytes": cache["bytes"], "fallback": False}
+                                  "bytes": cache["bytes"], "fallback": False,
+                                  "compute_dtype": "float32"}
   assert export.read_model_info(plain)["kernel_cache"] is None
   # The cache is stored with the variables (not as graph constants): the checkpoint grows
   # by its bytes (plus the weight snapshot it is checked against), the graph does not.

@@ -96,6 +96,20 @@ def test_beyond_the_paper_flags():
   assert _config("--model_dir=/tmp/x").model.generator_matmul_dtype == "float32"
 
 
+def test_export_kernel_cache_compute_dtype_is_checked():
+  from official.puppet_cnn import train_lib  # pylint: disable=import-outside-toplevel
+  bucketed = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed")
+  train_lib.check_export_kernel_cache(bucketed, "bfloat16", "all", "bfloat16")
+  with pytest.raises(ValueError, match="needs --export_kernel_cache"):
+    train_lib.check_export_kernel_cache(bucketed, None, "all", "bfloat16")
+  per_bin = _config("--model_dir=/tmp/x", "--complexity_bins=16", "--execution=bucketed",
+                    "--bucketed_inference=per_bin")
+  with pytest.raises(ValueError, match="bucketed_inference=loop"):
+    train_lib.check_export_kernel_cache(per_bin, "int8", "all", "bfloat16")
+  with pytest.raises(ValueError, match="must be one of"):
+    train_lib.check_export_kernel_cache(bucketed, "int8", "all", "int8")
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--train_widths=0.5,0.75"], "include 1.0"),
     (["--depth_refinements=2", "--epochs=2"], "needs more than"),

@@ -456,7 +456,7 @@ class DynamicConvStack(keras.layers.Layer):
     return xs
 
   def call_indexed(self, x, kernel_at, depth, folded, units=None, bn_rows=None,
-                   channels=None):
+                   channels=None, compute_dtype: str = "float32"):
     """Inference of one group of samples that share their kernels and their depth, with
     the depth a scalar tensor and the kernels fetched by index (bucketed inference's
     `loop` graph).
@@ -473,16 +473,20 @@ class DynamicConvStack(keras.layers.Layer):
         scalar tensor in [0, (depth - 1) * kernels_per_unit)).
       depth: int32 scalar tensor in [1, units + 1], the group's units per stage.
       folded, units, bn_rows, channels: as in `call_groups`.
+      compute_dtype: the dtype of the features, kernels and shifts through the stack
+        ('float32', or 'bfloat16' / 'float16': a cache's `compute_dtype`); kernels and shifts
+        in another dtype are cast to it.
 
     Returns:
-      (n, H', W', C_last) features.
+      (n, H', W', C_last) features, float32.
     """
     units = self._resolve(units, bn_rows, channels)[0]
     kpu = self.kernels_per_unit
-    x = ops.cast(x, "float32")
+    x = ops.cast(x, compute_dtype)
     repeats = ops.minimum(ops.cast(depth, "int32") - 1, units)
 
     def layer(x, kernel, shift, skip=None):
+      kernel, shift = ops.cast(kernel, compute_dtype), ops.cast(shift, compute_dtype)
       y = backend_ops.bias_add(backend_ops.group_conv2d(x, kernel, may_be_empty=False), shift)
       return ops.relu(y if skip is None else y + skip)
 
@@ -505,7 +509,7 @@ class DynamicConvStack(keras.layers.Layer):
             maximum_iterations=units)
       if self.pool_after[s]:
         x = backend_ops.group_max_pool(x, may_be_empty=False)
-    return x
+    return ops.cast(x, "float32")
 
   def _group_layer(self, inputs, sizes_of, bn, index, training, skip=None, guards=None,
                    folded: bool = False, *, width: int):

@@ -44,8 +44,10 @@ def quantize_per_output_channel(kernel) -> Tuple[np.ndarray, np.ndarray]:
   return q, np.squeeze(scale, axis=kernel_axes)
 
 
-def dequantize(q, scale):
-  """float32 kernel q * scale (scale broadcast over the output channels); `scale=None`
-  returns q cast to float32 (a float16/bfloat16/float32 kernel stored without scales)."""
-  kernel = ops.cast(q, "float32")
-  return kernel if scale is None else kernel * scale
+def dequantize(q, scale, dtype: str = "float32"):
+  """The kernel q * scale in `dtype` (scale broadcast over the output channels, computed in
+  float32); `scale=None` returns q cast to `dtype` (a float16/bfloat16/float32 kernel stored
+  without scales; no cast when it is stored in `dtype`)."""
+  if scale is None:
+    return ops.cast(q, dtype)
+  return ops.cast(ops.cast(q, "float32") * scale, dtype)

@@ -48,6 +48,8 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+# The dtypes a bucketed cache's convolutions can run in (`cache_kernels(compute_dtype=)`).
+CACHE_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # The cache dtypes each execution can store (a gathered table is gathered from by the
 # compiled graph: no int8 and its per-channel scales).
 CACHE_DTYPES_BY_EXECUTION = {"bucketed": CACHE_DTYPES,
@@ -90,8 +92,9 @@ class _KernelCache(_StoredKernels):
   execution = "bucketed"
 
   def __init__(self, n_bins, integrator, kernels, snapshot, depth_scale, dtype="float32",
-               scales=None, fallback=True):
+               scales=None, fallback=True, compute_dtype="float32"):
     self.n_bins = n_bins
+    self.compute_dtype = compute_dtype  # the dtype the cached bins' convolutions run in
     self.fallback = fallback  # True: uncached bins are generated; False / 'nearest':
                               # inference graphs have no generating path (an uncached bin
                               # raises / is served by the nearest cached bin)
@@ -141,7 +144,7 @@ class _KernelCache(_StoredKernels):
     scales = None if self.scales is None else tree(self.scales)
     return _KernelCache(self.n_bins, self.integrator, kernels,
                         [fn(w) for w in self.snapshot], self.depth_scale, self.dtype,
-                        scales, self.fallback)
+                        scales, self.fallback, self.compute_dtype)
 
   def tensors(self, snapshot: bool = True) -> List[Any]:
     """Every stored tensor: kernels, then int8 scales, then (with `snapshot`) the weight
@@ -579,11 +582,15 @@ class PuppetClassifier(keras.Model):
                    backend_ops.selector([r for _, r in stages]),
                    backend_ops.selector([r for _, r in scales]) if int8 else None])
 
+    compute_dtype = cache.compute_dtype if cache is not None else "float32"
+
     def cached_kernel(s, j, source):
       t, t_scale, table, scales = pick[s]
       if j is None:
-        return dequantize(t(source), None if t_scale is None else t_scale(source))
-      return dequantize(table(source)[j], None if scales is None else scales(source)[j])
+        return dequantize(t(source), None if t_scale is None else t_scale(source),
+                          compute_dtype)
+      return dequantize(table(source)[j], None if scales is None else scales(source)[j],
+                        compute_dtype)
 
     # The generated kernels of a stage's repeated layers (each (M, K, K, C, C), M the bins
     # generated) and their folding scales, picked by layer with a selector (no stacking
@@ -600,11 +607,13 @@ class PuppetClassifier(keras.Model):
       if generated is None:
         return cached_kernel(s, j, source)
 
-      def make():
+      def make():  # in the cached kernels' dtype (the branches of the cond must agree)
         if j is None:
-          return backend_ops.gather(generated[s][0], p) * affine[s][0][0]
-        layer, scales = generated_layers[s]
-        return backend_ops.gather(layer(j), p) * backend_ops.gather(scales, j)
+          kernel = backend_ops.gather(generated[s][0], p) * affine[s][0][0]
+        else:
+          layer, scales = generated_layers[s]
+          kernel = backend_ops.gather(layer(j), p) * backend_ops.gather(scales, j)
+        return ops.cast(kernel, compute_dtype)
 
       if not cached_bins:
         return make()
@@ -620,7 +629,8 @@ class PuppetClassifier(keras.Model):
       p = None if position is None else backend_ops.gather(position, b)
       x = self.puppet.call_indexed(
           backend_ops.gather(features, rows), lambda s, j: kernel_at(s, j, b, p),
-          backend_ops.gather(depth_table, b), affine, **puppet_kwargs)
+          backend_ops.gather(depth_table, b), affine, compute_dtype=compute_dtype,
+          **puppet_kwargs)
       pooled = ops.mean(x, axis=(1, 2))
       return i + 1, ops.scatter_update(out, ops.expand_dims(rows, 1), pooled)
 
@@ -761,7 +771,7 @@ class PuppetClassifier(keras.Model):
     return tuple(sorted({int(b) for b in self.image_bins(images, batch_size)}))
 
   def cache_kernels(self, bins=None, images=None, dtype: str = "float32",
-                    fallback: bool | str = True):
+                    fallback: bool | str = True, compute_dtype: str = "float32"):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
@@ -824,6 +834,15 @@ class PuppetClassifier(keras.Model):
                        f"complexity_bins > 0); this model has execution={c.execution!r}")
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
+    if compute_dtype not in CACHE_COMPUTE_DTYPES:
+      raise ValueError(f"cache_kernels: compute_dtype must be one of {CACHE_COMPUTE_DTYPES}, "
+                       f"got {compute_dtype!r}")
+    if compute_dtype != "float32" and (c.execution != "bucketed"
+                                       or c.bucketed_inference != "loop"):
+      raise ValueError(
+          f"cache_kernels(compute_dtype={compute_dtype!r}) needs execution='bucketed' with "
+          "bucketed_inference='loop' (the default); this model has execution="
+          f"{c.execution!r}, bucketed_inference={c.bucketed_inference!r}")
     if not (isinstance(fallback, (bool, np.bool_)) or fallback == "nearest"):
       raise ValueError(f"cache_kernels: fallback must be one of {CACHE_FALLBACKS}, got "
                        f"{fallback!r}")
@@ -910,7 +929,7 @@ class PuppetClassifier(keras.Model):
       del stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale, dtype, scales, fallback)
+                                      c.depth_scale, dtype, scales, fallback, compute_dtype)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -947,13 +966,14 @@ class PuppetClassifier(keras.Model):
     cache = self._kernel_cache
     if cache is None:
       return {"bins": (), "params": 0, "bytes_float32": 0, "bytes": 0, "dtype": None,
-              "valid": False, "fallback": None}
+              "valid": False, "fallback": None, "compute_dtype": None}
     usable = self._usable_kernel_cache() is not None
     valid = usable and bool(ops.convert_to_numpy(self._kernel_cache_matches(cache)))
     params = cache.num_params()
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
             "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid,
-            "fallback": cache.fallback}
+            "fallback": cache.fallback,
+            "compute_dtype": getattr(cache, "compute_dtype", "float32")}
 
   @contextlib.contextmanager
   def temporary_kernel_cache(self, **cache_kwargs) -> Iterator[tuple]:

@@ -171,7 +171,8 @@ def model_info(model, model_name: str, top_k: int,
     info["parameter_breakdown"] = model.parameter_breakdown()
     cache = model.kernel_cache_info()
     info["kernel_cache"] = ({"bins": list(cache["bins"]), "dtype": cache["dtype"],
-                             "bytes": cache["bytes"], "fallback": cache["fallback"]}
+                             "bytes": cache["bytes"], "fallback": cache["fallback"],
+                             "compute_dtype": cache["compute_dtype"]}
                             if cache["valid"] else None)
   else:
     info["parameter_breakdown"] = {
@@ -257,7 +258,8 @@ def _check_args(model, model_name, version, top_k, class_names):
 def export_saved_model(model, export_dir: str, model_name: str, version: Optional[int] = None,
                        top_k: int = 5, class_names: Optional[Sequence[str]] = None,
                        float_signature: bool = False, kernel_cache: Optional[str] = None,
-                       kernel_cache_bins: Optional[Sequence[int]] = None) -> str:
+                       kernel_cache_bins: Optional[Sequence[int]] = None,
+                       kernel_cache_compute_dtype: str = "float32") -> str:
   """Writes `model` to `<export_dir>/<model_name>/<version>/` for TF Serving.
 
   Args:
@@ -280,6 +282,10 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     kernel_cache_bins: with `kernel_cache`: cache only these bins, and serve an image in
       another bin with the nearest cached bin's kernels and depth
       (`cache_kernels(bins=..., fallback='nearest')`). None (default): every bin.
+    kernel_cache_compute_dtype: with `kernel_cache` (bucketed, `bucketed_inference='loop'`):
+      the dtype the served convolutions run in (`cache_kernels(compute_dtype=...)`):
+      'float32' (default), or 'bfloat16' / 'float16' (16-bit features through the puppet:
+      faster where the serving CPU or GPU has 16-bit arithmetic, and rounded).
 
   Returns:
     The version folder's path.
@@ -295,6 +301,9 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
   if kernel_cache is None:
     if kernel_cache_bins is not None:
       raise ValueError("kernel_cache_bins needs kernel_cache (the cache's storage dtype)")
+    if kernel_cache_compute_dtype != "float32":
+      raise ValueError("kernel_cache_compute_dtype needs kernel_cache (the cache's storage "
+                       "dtype)")
     return _write_version(*args)
   if not is_puppet_cnn(model) or model.config.execution not in CACHE_DTYPES_BY_EXECUTION:
     raise ValueError(f"kernel_cache={kernel_cache!r} needs a Puppet-CNN with "
@@ -311,6 +320,7 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
     cache_kwargs = dict(fallback=True if gathered else False)
   else:
     cache_kwargs = dict(bins=[int(b) for b in kernel_cache_bins], fallback="nearest")
+  cache_kwargs["compute_dtype"] = kernel_cache_compute_dtype
   with model.temporary_kernel_cache(dtype=kernel_cache, **cache_kwargs):
     return _write_version(*args)
 
