@@ -45,6 +45,11 @@ _KERNEL_CACHE = flags.DEFINE_enum(
     "A bucketed or gathered Puppet-CNN only: export every complexity bin's kernels in this "
     "dtype with the model (serving runs them instead of the ODE; larger SavedModel; int8 is "
     "lossy, bucketed only).")
+_KERNEL_CACHE_COMPUTE = flags.DEFINE_enum(
+    "kernel_cache_compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+    "With --kernel_cache (bucketed, bucketed_inference='loop'): the dtype the served "
+    "convolutions run in (bfloat16: faster on CPUs with AMX / AVX512-BF16 and on GPUs, "
+    "rounded). Default float32.")
 _KERNEL_CACHE_BINS = flags.DEFINE_list(
     "kernel_cache_bins", None, "With --kernel_cache: cache only these complexity bins (e.g. "
     "those of the training images: PuppetClassifier.occupied_bins; train.py "
@@ -73,7 +78,8 @@ def main(argv):
                                      float_signature=_FLOAT_SIGNATURE.value,
                                      kernel_cache=(None if _KERNEL_CACHE.value == "none"
                                                    else _KERNEL_CACHE.value),
-                                     kernel_cache_bins=bins)
+                                     kernel_cache_bins=bins,
+                                     kernel_cache_compute_dtype=_KERNEL_CACHE_COMPUTE.value)
   except (ValueError, FileExistsError) as e:
     sys.exit(f"error: {e}")
   print(path)
