@@ -825,6 +825,13 @@ class PuppetClassifier(keras.Model):
         Inference outputs (`return_details`) then give the bin, step and depth the image ran
         with. What it costs in accuracy: docs/binning_nearest.md; in memory:
         docs/memory_profile.md. A stale cache raises, as with False.
+      compute_dtype: the dtype bucketed inference's convolutions run in while this cache is
+        used (execution='bucketed' with bucketed_inference='loop'): 'float32' (default), or
+        'bfloat16' / 'float16': the features, the kernels (cached, dequantized, or generated
+        for an uncached bin) and their biases are cast to it through the puppet; the pooled
+        features and the head stay float32. Faster where the hardware has 16-bit arithmetic
+        (CPUs with AMX / AVX512-BF16, GPUs), and rounded (docs/benchmarks_bf16_serving.md).
+        With dtype='bfloat16' the stored kernels are used as they are.
     Returns:
       The sorted tuple of cached bins.
     """
