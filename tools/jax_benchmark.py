@@ -42,6 +42,8 @@ Every model is a Keras model run through `model.stateless_call` under `jax.jit` 
                 per-image kernels gathered before the puppet runs, (batch, layers, K, K, C, C)
                 per stage, as before 2026-12-04 (the default gathers each layer's in the
                 layer loop; the same values).
+  puppet_gathered_bf16  puppet_gathered with generator_matmul_dtype='bfloat16': G's pointwise
+                products in bfloat16 (tensor cores on a GPU; not the paper's float32).
   resnet, mobilenet_v2  the baselines of official/puppet_cnn/baselines.
 
 Each (model, phase) job runs in its own subprocess (every model's inference first, then the
@@ -90,7 +92,7 @@ MODELS = ("static_twin", "puppet_exact", "puppet_remat", "puppet_gathered",
           "puppet_light_gathered_cached", "puppet_gathered_cached_im2col",
           "puppet_gathered_conv_dw",
           "puppet_gathered_upfront",
-          "puppet_gathered_cached_upfront", "resnet", "mobilenet_v2")
+          "puppet_gathered_cached_upfront", "puppet_gathered_bf16", "resnet", "mobilenet_v2")
 LIGHT = {"state_channels": 256, "generator_rank": 32}
 PUPPET_OVERRIDES = {
     "puppet_exact": {},
@@ -103,6 +105,7 @@ PUPPET_OVERRIDES = {
     "puppet_light_gathered_im2col": dict(LIGHT, execution="gathered", per_sample_conv="im2col"),
     "puppet_gathered_conv_dw": {"execution": "gathered", "generator_depthwise": "conv"},
     "puppet_gathered_upfront": {"execution": "gathered", "gathered_kernels": "upfront"},
+    "puppet_gathered_bf16": {"execution": "gathered", "generator_matmul_dtype": "bfloat16"},
 }
 # Models built with a kernel table (`cache_kernels()`), and the model whose settings (and
 # training) they share.
