@@ -23,6 +23,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from official.puppet_cnn.config_definitions import COMPUTE_DTYPES  # noqa: E402
 from official.puppet_cnn.serving import export  # noqa: E402
 from official.puppet_cnn.serving import model_loading  # noqa: E402
 
@@ -46,7 +47,7 @@ _KERNEL_CACHE = flags.DEFINE_enum(
     "dtype with the model (serving runs them instead of the ODE; larger SavedModel; int8 is "
     "lossy, bucketed only).")
 _KERNEL_CACHE_COMPUTE = flags.DEFINE_enum(
-    "kernel_cache_compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+    "kernel_cache_compute_dtype", "float32", list(COMPUTE_DTYPES),
     "With --kernel_cache (bucketed, bucketed_inference='loop'): the dtype the served "
     "convolutions run in (bfloat16: faster on CPUs with AMX / AVX512-BF16 and on GPUs, "
     "rounded). Default float32.")

@@ -48,9 +48,10 @@ GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
 # `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
 GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
-# The dtype of G's pointwise matrix products (`PuppetCNNConfig.generator_matmul_dtype`,
-# `PuppeteerODE(matmul_dtype=)`, `backend_ops.matmul_in_dtype`).
-GENERATOR_MATMUL_DTYPES = ("float32", "bfloat16", "float16")
+# The dtypes arithmetic can run in: G's pointwise products (`PuppetCNNConfig.
+# generator_matmul_dtype`, `PuppeteerODE(matmul_dtype=)`, `backend_ops.matmul_in_dtype`) and
+# a bucketed kernel cache's convolutions (`PuppetClassifier.cache_kernels(compute_dtype=)`).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def why_not_reversible(integrator: str, generator_norm: str) -> Optional[str]:
@@ -502,8 +503,8 @@ class PuppetCNNConfig:
              "keeps one tensor per step of G without recomputing G); leave them off")
       why = why_not_reversible(self.integrator, self.generator_norm)
       _check(why is None, f"generator_backward='reversible' needs {why}")
-    _check(self.generator_matmul_dtype in GENERATOR_MATMUL_DTYPES,
-           f"generator_matmul_dtype must be one of {GENERATOR_MATMUL_DTYPES}, got "
+    _check(self.generator_matmul_dtype in COMPUTE_DTYPES,
+           f"generator_matmul_dtype must be one of {COMPUTE_DTYPES}, got "
            f"{self.generator_matmul_dtype!r}")
     _check(self.per_sample_conv in PER_SAMPLE_CONVS,
            f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got {self.per_sample_conv!r}")

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.data.datasets import DataConfig
 from official.puppet_cnn.experiment_config import MODES
@@ -43,7 +44,7 @@ _EXPORT_KERNEL_CACHE_BINS = flags.DEFINE_enum(
     "training images fall into (a smaller SavedModel), an image in another bin being "
     "served by the nearest cached bin (its kernels and depth).")
 _EXPORT_KERNEL_CACHE_COMPUTE_DTYPE = flags.DEFINE_enum(
-    "export_kernel_cache_compute_dtype", "float32", ["float32", "bfloat16", "float16"],
+    "export_kernel_cache_compute_dtype", "float32", list(COMPUTE_DTYPES),
     "With --export_kernel_cache and --execution=bucketed: the dtype the served convolutions "
     "run in. bfloat16: 16-bit features through the puppet (several times faster on CPUs "
     "with AMX or AVX512-BF16 and on GPUs; rounded). Default float32.")
@@ -163,7 +164,7 @@ _GENERATOR_BACKWARD = flags.DEFINE_enum(
     "Euler and a batch-normalized G only), autodiff, or auto (default: reversible where it "
     "applies). Same results.")
 _GENERATOR_MATMUL_DTYPE = flags.DEFINE_enum(
-    "generator_matmul_dtype", None, ["float32", "bfloat16", "float16"], "The dtype of the "
+    "generator_matmul_dtype", None, list(COMPUTE_DTYPES), "The dtype of the "
     "puppeteer's pointwise matrix products (most of its multiply-adds): float32 (default, "
     "the paper's), or bfloat16 / float16 (16-bit operands and products, float32 state and "
     "batch norm; several times faster on CPUs with AMX or AVX512-BF16 and on GPUs).")

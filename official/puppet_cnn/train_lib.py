@@ -37,6 +37,7 @@ from absl import logging
 from official.puppet_cnn import distribute_utils
 from official.puppet_cnn import evaluation
 from official.puppet_cnn import models
+from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.data import complexity_batching
 from official.puppet_cnn.data.datasets import Splits
 from official.puppet_cnn.data.datasets import build_datasets
@@ -286,10 +287,9 @@ def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[s
                               cache_bins: str = "all", compute_dtype: str = "float32") -> None:
   """Raises ValueError unless `kernel_cache` (None or a cache dtype), `cache_bins` and the
   cache's `compute_dtype` fit the experiment."""
-  from official.puppet_cnn.modeling.puppet_classifier import CACHE_COMPUTE_DTYPES  # pylint: disable=import-outside-toplevel
-  if compute_dtype not in CACHE_COMPUTE_DTYPES:
+  if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"--export_kernel_cache_compute_dtype must be one of "
-                     f"{CACHE_COMPUTE_DTYPES}, got {compute_dtype!r}")
+                     f"{COMPUTE_DTYPES}, got {compute_dtype!r}")
   if compute_dtype != "float32" and (kernel_cache is None
                                      or config.model.execution != "bucketed"
                                      or config.model.bucketed_inference != "loop"):

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -48,8 +49,6 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(PuppetCNNConfig)}
 
 
 CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
-# The dtypes a bucketed cache's convolutions can run in (`cache_kernels(compute_dtype=)`).
-CACHE_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # The cache dtypes each execution can store (a gathered table is gathered from by the
 # compiled graph: no int8 and its per-channel scales).
 CACHE_DTYPES_BY_EXECUTION = {"bucketed": CACHE_DTYPES,
@@ -62,6 +61,8 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 class _StoredKernels:
   """What the two kernel stores share; a subclass has `n_bins`, `bins` (the sorted cached
   bins) and `tensors(snapshot=...)`."""
+
+  compute_dtype = "float32"  # the dtype its convolutions run in (a bucketed cache may differ)
 
   def nearest_bins(self) -> np.ndarray:
     """(n_bins,) int32: for each bin, the cached bin nearest to it (itself when cached; an
@@ -841,8 +842,8 @@ class PuppetClassifier(keras.Model):
                        f"complexity_bins > 0); this model has execution={c.execution!r}")
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
-    if compute_dtype not in CACHE_COMPUTE_DTYPES:
-      raise ValueError(f"cache_kernels: compute_dtype must be one of {CACHE_COMPUTE_DTYPES}, "
+    if compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"cache_kernels: compute_dtype must be one of {COMPUTE_DTYPES}, "
                        f"got {compute_dtype!r}")
     if compute_dtype != "float32" and (c.execution != "bucketed"
                                        or c.bucketed_inference != "loop"):
@@ -980,7 +981,7 @@ class PuppetClassifier(keras.Model):
     return {"bins": cache.bins, "params": params, "bytes_float32": 4 * params,
             "bytes": cache.num_bytes(), "dtype": cache.dtype, "valid": valid,
             "fallback": cache.fallback,
-            "compute_dtype": getattr(cache, "compute_dtype", "float32")}
+            "compute_dtype": cache.compute_dtype}
 
   @contextlib.contextmanager
   def temporary_kernel_cache(self, **cache_kwargs) -> Iterator[tuple]:

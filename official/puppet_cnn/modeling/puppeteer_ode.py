@@ -35,7 +35,7 @@ from keras import ops
 from official.puppet_cnn.config_definitions import EVALS_PER_STEP
 from official.puppet_cnn.config_definitions import DEPTHWISE_METHODS, INITS, INTEGRATORS
 from official.puppet_cnn.config_definitions import GENERATOR_BACKWARDS
-from official.puppet_cnn.config_definitions import GENERATOR_MATMUL_DTYPES
+from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.config_definitions import GENERATOR_NORMS, KERNEL_SCALINGS
 from official.puppet_cnn.config_definitions import SAVED_BEFORE_FIELD, why_not_reversible
 from official.puppet_cnn.modeling import adaptive_pool
@@ -114,7 +114,7 @@ class PuppeteerODE(keras.layers.Layer):
       'reversible' where it applies, else 'autodiff', decided at each training call
       (`training_backward`). Same values; gradients equal to float rounding. Inference is
       unaffected.
-    matmul_dtype: the dtype of G's pointwise matrix products (`GENERATOR_MATMUL_DTYPES`,
+    matmul_dtype: the dtype of G's pointwise matrix products (`COMPUTE_DTYPES`,
       `backend_ops.matmul_in_dtype`), in training and inference, forward and backward.
       'float32' (default, the paper's). 'bfloat16' / 'float16': both operands are rounded
       to 16 bits and the product is rounded to 16 bits; the state, G's depthwise
@@ -204,8 +204,8 @@ class PuppeteerODE(keras.layers.Layer):
       if why:
         raise ValueError(f"PuppeteerODE: backward='reversible' needs {why}")
     self.backward = backward
-    if matmul_dtype not in GENERATOR_MATMUL_DTYPES:
-      raise ValueError(f"matmul_dtype must be one of {GENERATOR_MATMUL_DTYPES}, got "
+    if matmul_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"matmul_dtype must be one of {COMPUTE_DTYPES}, got "
                        f"{matmul_dtype!r}")
     self.matmul_dtype = matmul_dtype
     self._calibration_counts = None  # per-row update counts while calibrating (eager)
