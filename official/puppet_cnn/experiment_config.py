@@ -15,6 +15,7 @@ from official.puppet_cnn.data.datasets import DataConfig
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 MODES = ("train", "eval", "train_and_eval")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass
@@ -30,9 +31,14 @@ class TrainConfig:
     seed: seed of weights, data subset, shuffling and dropout.
     jit_compile: XLA-compile the train/eval steps (True on every device; Keras's 'auto'
       would turn XLA off on CPU).
-    mixed_precision: 'mixed_float16' policy. Puppet-CNN's puppeteer and puppet compute in
-      float32 under it; only its head and the baselines use float16. The puppeteer's 16-bit
-      option is `PuppetCNNConfig.generator_matmul_dtype`.
+    dtype_policy: the Keras dtype policy of the run: 'float32' (default), 'mixed_bfloat16'
+      or 'mixed_float16' (Keras mixed precision: float32 variables, 16-bit computations;
+      'mixed_float16' trains with loss scaling). Puppet-CNN runs its puppet's convolutions
+      in the 16-bit dtype and keeps the complexity, the puppeteer, batch norm and the head
+      in float32 (`PuppetClassifier`); the baselines follow the policy as any Keras model.
+      The puppeteer's own 16-bit option is `PuppetCNNConfig.generator_matmul_dtype`.
+    mixed_precision: the older spelling of dtype_policy='mixed_float16' (kept for configs
+      and command lines that use it).
     distribution_strategy: 'one_device', 'mirrored' (all local devices) or
       'multi_worker_mirrored' (workers from TF_CONFIG).
     steps_per_execution: train steps per compiled call.
@@ -59,6 +65,7 @@ class TrainConfig:
   weight_decay: float = 0.0
   seed: int = 0
   jit_compile: bool = True
+  dtype_policy: str = "float32"
   mixed_precision: bool = False
   distribution_strategy: str = "one_device"
   steps_per_execution: int = 1
@@ -79,6 +86,14 @@ class TrainConfig:
     if self.distribution_strategy not in STRATEGIES:
       raise ValueError(f"--distribution_strategy must be one of {STRATEGIES}, "
                        f"got {self.distribution_strategy!r}")
+    if self.dtype_policy not in DTYPE_POLICIES:
+      raise ValueError(f"--dtype_policy must be one of {DTYPE_POLICIES}, got "
+                       f"{self.dtype_policy!r}")
+    if self.mixed_precision:
+      if self.dtype_policy not in ("float32", "mixed_float16"):
+        raise ValueError(f"--mixed_precision means --dtype_policy=mixed_float16; it cannot "
+                         f"be combined with --dtype_policy={self.dtype_policy}")
+      self.dtype_policy = "mixed_float16"
     if self.steps_per_execution < 1:
       raise ValueError("steps_per_execution must be >= 1")
     if self.depth_refinements < 0 or self.refine_every_epochs < 0:

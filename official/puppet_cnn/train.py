@@ -21,6 +21,7 @@ from absl import logging
 from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.data.datasets import DataConfig
+from official.puppet_cnn.experiment_config import DTYPE_POLICIES
 from official.puppet_cnn.experiment_config import MODES
 from official.puppet_cnn.experiment_config import STRATEGIES
 from official.puppet_cnn.experiment_config import ExperimentConfig
@@ -82,7 +83,12 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Adam learning rate."
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", None, "AdamW weight decay (0: Adam).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of weights, data subset and shuffling.")
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "XLA-compile train/eval steps.")
-_MIXED_PRECISION = flags.DEFINE_bool("mixed_precision", None, "mixed_float16 policy.")
+_DTYPE_POLICY = flags.DEFINE_enum(
+    "dtype_policy", None, list(DTYPE_POLICIES), "Keras dtype policy (default float32). "
+    "mixed_bfloat16 / mixed_float16: Puppet-CNN's convolutions in 16 bits, its complexity, "
+    "puppeteer, batch norm and head in float32; baselines as any Keras model.")
+_MIXED_PRECISION = flags.DEFINE_bool("mixed_precision", None,
+                                     "The older spelling of --dtype_policy=mixed_float16.")
 _STRATEGY = flags.DEFINE_enum("distribution_strategy", None, list(STRATEGIES),
                               "tf.distribute strategy.")
 _VERBOSE = flags.DEFINE_integer("verbose", None, "1: progress bar, 2: a line per epoch.")
@@ -206,7 +212,7 @@ def config_from_flags() -> ExperimentConfig:
   train = _set(base.train, model=_MODEL.value, epochs=_EPOCHS.value,
                learning_rate=_LEARNING_RATE.value, weight_decay=_WEIGHT_DECAY.value,
                seed=_SEED.value, jit_compile=_JIT_COMPILE.value,
-               mixed_precision=_MIXED_PRECISION.value,
+               dtype_policy=_DTYPE_POLICY.value, mixed_precision=_MIXED_PRECISION.value,
                distribution_strategy=_STRATEGY.value, verbose=_VERBOSE.value,
                depth_refinements=_DEPTH_REFINEMENTS.value,
                refine_every_epochs=_REFINE_EVERY_EPOCHS.value,

@@ -22,12 +22,13 @@ a run with a different config is refused (pass overwrite=True to start over).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import keras
 import numpy as np
@@ -347,6 +348,17 @@ def batch_grouping_args(config: ExperimentConfig) -> Dict[str, Any]:
               num_keys=config.model.complexity_bins)
 
 
+@contextlib.contextmanager
+def global_dtype_policy(name: str) -> Iterator[None]:
+  """Keras's global dtype policy set to `name` inside the block, the previous one after."""
+  previous = keras.config.dtype_policy()
+  keras.mixed_precision.set_global_policy(name)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+
+
 def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optional[str] = None,
         overwrite: bool = False, splits: Optional[Splits] = None,
         strategy: Optional[tf.distribute.Strategy] = None,
@@ -383,56 +395,57 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
                             export_kernel_cache_compute_dtype)
   t = config.train
   keras.utils.set_random_seed(t.seed)
-  keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
-  strategy = strategy or distribute_utils.get_strategy(t.distribution_strategy)
-  if distribute_utils.is_chief():
-    prepare_model_dir(config, model_dir, overwrite)
-  if splits is None:
-    splits = build_datasets(config.data, **batch_grouping_args(config))
-  logging.info("data: %d train / %d val / %d test images, %d classes, %s", splits.num_train,
-               splits.num_val, splits.num_test, splits.num_classes, splits.image_shape)
-  model = None
-  if mode in ("train", "train_and_eval"):
-    model = train(config, splits, model_dir, strategy, callbacks)
-  results: Dict[str, Any] = {}
-  if mode in ("eval", "train_and_eval") and distribute_utils.is_chief():
-    model, which = _load_for_eval(config, splits, model_dir, strategy, model)
-    results = evaluation.evaluate_model(model, splits.test, splits.num_test,
-                                        bucket_edges=t.entropy_bucket_edges,
-                                        verbose=min(t.verbose, 1))
-    state = _read_json(os.path.join(model_dir, STATE_FILE)) or {}
-    results.update(
-        model=t.model, checkpoint=which, dataset=config.data.dataset,
-        epochs_trained=state.get("epochs_done"), best_epoch=state.get("best_epoch"),
-        train_seconds=state.get("train_seconds"), stored_params=int(model.count_params()),
-        machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
-        command=" ".join(sys.argv))
-    if models.is_puppet(t.model):
-      results["depth_scale"] = model.depth_scale
-      from official.puppet_cnn.serving import macs  # pylint: disable=import-outside-toplevel
-      if all(d is not None for d in model.config.input_shape[:2]):
-        results["macs_at_mean_depth"] = macs.puppet_cnn_macs(model, results["mean_depth"])[
-            "total"]
-      results["parameter_breakdown"] = {
-          k: v for k, v in model.parameter_breakdown().items()
-          if k != "generated_kernel_params_by_depth"}
-    _write_json(os.path.join(model_dir, RESULTS_FILE), results)
-    logging.info("test top1 %.4f top5 %.4f on %d images", results["top1"], results["top5"],
-                 results["num_test_images"])
-  if export_dir and distribute_utils.is_chief():
-    if model is None:
-      model, _ = _load_for_eval(config, splits, model_dir, strategy, None)
-    from official.puppet_cnn.serving import export  # pylint: disable=import-outside-toplevel
-    cache_bins = None
-    if export_kernel_cache and export_kernel_cache_bins == "train":
-      cache_bins = training_bins(model, splits)
-      results["export_kernel_cache_bins"] = list(cache_bins)
-    path = export.export_saved_model(model, export_dir, model_name=t.model,
-                                     class_names=list(splits.class_names),
-                                     kernel_cache=export_kernel_cache,
-                                     kernel_cache_bins=cache_bins,
-                                     kernel_cache_compute_dtype=(
-                                         export_kernel_cache_compute_dtype))
-    results["export_path"] = path
-    logging.info("exported SavedModel to %s", path)
-  return results
+  with global_dtype_policy(t.dtype_policy):
+    strategy = strategy or distribute_utils.get_strategy(t.distribution_strategy)
+    if distribute_utils.is_chief():
+      prepare_model_dir(config, model_dir, overwrite)
+    if splits is None:
+      splits = build_datasets(config.data, **batch_grouping_args(config))
+    logging.info("data: %d train / %d val / %d test images, %d classes, %s", splits.num_train,
+                 splits.num_val, splits.num_test, splits.num_classes, splits.image_shape)
+    model = None
+    if mode in ("train", "train_and_eval"):
+      model = train(config, splits, model_dir, strategy, callbacks)
+    results: Dict[str, Any] = {}
+    if mode in ("eval", "train_and_eval") and distribute_utils.is_chief():
+      model, which = _load_for_eval(config, splits, model_dir, strategy, model)
+      results = evaluation.evaluate_model(model, splits.test, splits.num_test,
+                                          bucket_edges=t.entropy_bucket_edges,
+                                          verbose=min(t.verbose, 1))
+      state = _read_json(os.path.join(model_dir, STATE_FILE)) or {}
+      results.update(
+          model=t.model, checkpoint=which, dataset=config.data.dataset,
+          dtype_policy=t.dtype_policy,
+          epochs_trained=state.get("epochs_done"), best_epoch=state.get("best_epoch"),
+          train_seconds=state.get("train_seconds"), stored_params=int(model.count_params()),
+          machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+          command=" ".join(sys.argv))
+      if models.is_puppet(t.model):
+        results["depth_scale"] = model.depth_scale
+        from official.puppet_cnn.serving import macs  # pylint: disable=import-outside-toplevel
+        if all(d is not None for d in model.config.input_shape[:2]):
+          results["macs_at_mean_depth"] = macs.puppet_cnn_macs(model, results["mean_depth"])[
+              "total"]
+        results["parameter_breakdown"] = {
+            k: v for k, v in model.parameter_breakdown().items()
+            if k != "generated_kernel_params_by_depth"}
+      _write_json(os.path.join(model_dir, RESULTS_FILE), results)
+      logging.info("test top1 %.4f top5 %.4f on %d images", results["top1"], results["top5"],
+                   results["num_test_images"])
+    if export_dir and distribute_utils.is_chief():
+      if model is None:
+        model, _ = _load_for_eval(config, splits, model_dir, strategy, None)
+      from official.puppet_cnn.serving import export  # pylint: disable=import-outside-toplevel
+      cache_bins = None
+      if export_kernel_cache and export_kernel_cache_bins == "train":
+        cache_bins = training_bins(model, splits)
+        results["export_kernel_cache_bins"] = list(cache_bins)
+      path = export.export_saved_model(model, export_dir, model_name=t.model,
+                                       class_names=list(splits.class_names),
+                                       kernel_cache=export_kernel_cache,
+                                       kernel_cache_bins=cache_bins,
+                                       kernel_cache_compute_dtype=(
+                                           export_kernel_cache_compute_dtype))
+      results["export_path"] = path
+      logging.info("exported SavedModel to %s", path)
+    return results

@@ -351,10 +351,105 @@ def test_narrow_kernel_convolution_is_the_full_kernels(f_in, f_out):
   x = rng.normal(size=(2, 5, 4, c_in * f_in)).astype(np.float32)
   narrow = rng.normal(size=(3, 3, c_in, c_out)).astype(np.float32)
   full = np.repeat(np.repeat(narrow, f_in, axis=2), f_out, axis=3)
+  stack = DynamicConvStack(stage_channels=(c_out * f_out,), max_depth=1)
   for k in (narrow, narrow[None]):
-    got = DynamicConvStack._conv(tf.constant(x), tf.constant(k), c_out * f_out,
-                                 guard=backend_ops.empty_guard(len(x)))
+    got = stack._conv(tf.constant(x), tf.constant(k), c_out * f_out,
+                      guard=backend_ops.empty_guard(len(x)))
     want = np.stack([reference.conv2d_same(v.astype(np.float64), full) for v in x])
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="integer multiples"):
-    DynamicConvStack._conv(tf.constant(x), tf.constant(narrow), c_out * f_out + 1)
+    stack._conv(tf.constant(x), tf.constant(narrow), c_out * f_out + 1)
+
+
+def _low(dtype):
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  return {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+
+
+def _stack_like(stack, conv_dtype):
+  """A stack with `stack`'s settings and weights and another conv_dtype."""
+  other = DynamicConvStack.from_config(dict(stack.get_config(), conv_dtype=conv_dtype))
+  other.build((None, 8, 8, 3))
+  for mine, theirs in zip(other.weights, stack.weights):
+    mine.assign(theirs)
+  return other
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_conv_dtype_matches_float64_reference_rounded_at_the_same_points(block_type, dtype):
+  """conv_dtype: each convolution's input, kernel and output rounded to 16 bits, everything
+  else float32. Against the float64 loop with the same three roundings per convolution
+  (ml_dtypes), and far from the unrounded float64 loop (the rounding did happen)."""
+  stack = _stack_like(_stack(block_type), dtype)
+  x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  kernels = [(0.3 * t, 0.3 * r) for t, r in _kernels(stack, 3)]  # float16 stays finite
+  depth = np.array([1, 3, 2], np.int32)
+  low = _low(dtype)
+  exact = reference.conv2d_same
+  rounded = lambda a: np.asarray(a).astype(low).astype(np.float64)  # pylint: disable=unnecessary-lambda-assignment
+  want_unrounded = _np_forward(stack, x, kernels, depth)
+  try:
+    reference.conv2d_same = lambda h, k: rounded(exact(rounded(h), rounded(k)))
+    want = _np_forward(stack, x, kernels, depth)
+  finally:
+    reference.conv2d_same = exact
+  for jit in (False, True):
+    fn = tf.function(lambda a, k, d: stack(a, k, d, training=False), jit_compile=jit)
+    got = fn(x, kernels, depth).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).mean() / scale < 1e-6, jit
+    assert np.abs(got - want).max() / scale < 1e-3, jit  # at most a 16-bit ulp here and there
+    assert np.abs(got - want_unrounded).mean() / scale > 1e-5, jit
+
+
+@pytest.mark.parametrize("path", ["call", "groups_training", "groups_folded", "indexed"])
+def test_conv_dtype_reaches_every_convolution_of_every_path(path, monkeypatch):
+  """Every convolution of each path gets bfloat16 input and kernel (a spy on the two conv
+  ops), its output comes back float32, and the result is within bfloat16's precision of the
+  float32 stack's."""
+  stack32 = _stack("residual")
+  stack = _stack_like(stack32, "bfloat16")
+  x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  kernels = [(0.3 * t, 0.3 * r) for t, r in _kernels(stack, 2, seed=3)]
+  depth = [3, 2]
+  seen = []
+
+  def spying(original):
+    def spy(x, kernel, *args, **kwargs):
+      seen.append((x.dtype.name, kernel.dtype.name))
+      return original(x, kernel, *args, **kwargs)
+    return spy
+
+  def run(s):
+    if path == "call":
+      return s(x, kernels, np.array(depth, np.int32), training=False).numpy()
+    if path == "groups_training":
+      groups = [[(t[g], r[g]) for t, r in kernels] for g in range(2)]
+      out = s.call_groups([x[:1], x[1:]], groups, depth, training=True)
+      return np.concatenate([o.numpy() for o in out])
+    affine = s.inference_affine()
+    groups = [s.fold_kernels([(t[g], r[g]) for t, r in kernels], affine,
+                             layers=(depth[g] - 1) * 2) for g in range(2)]
+    if path == "groups_folded":
+      out = s.call_groups([x[:1], x[1:]], groups, depth, training=False, nonempty=True,
+                          folded=affine)
+      return np.concatenate([o.numpy() for o in out])
+    return np.concatenate([_run_indexed(s, x[g:g + 1], groups[g], depth[g], affine)
+                           for g in range(2)])
+
+  want = run(stack32)
+  monkeypatch.setattr(backend_ops, "per_sample_conv2d", spying(backend_ops.per_sample_conv2d))
+  monkeypatch.setattr(backend_ops, "group_conv2d", spying(backend_ops.group_conv2d))
+  got = run(stack)
+  assert seen and set(seen) == {("bfloat16", "bfloat16")}
+  assert got.dtype == np.float32
+  scale = np.abs(want).max()
+  assert 1e-5 < np.abs(got - want).max() / scale < 5e-2
+
+
+def test_conv_dtype_config_and_errors():
+  stack = DynamicConvStack(stage_channels=(4,), conv_dtype="float16")
+  assert DynamicConvStack.from_config(stack.get_config()).conv_dtype == "float16"
+  with pytest.raises(ValueError, match="conv_dtype must be one of"):
+    DynamicConvStack(stage_channels=(4,), conv_dtype="int8")

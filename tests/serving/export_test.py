@@ -130,6 +130,7 @@ def test_model_info(models, tmp_path):
   assert info["class_names"] == names
   assert info["num_classes"] == 5 and info["input_shape"] == [16, 16, 3]
   assert info["version"] == 1 and info["model_name"] == "pc"
+  assert info["dtype_policy"] == "float32"
   # By hand: G = 3x3 depthwise (72) + bias (8) + 8x8 pointwise (64) + bias (8) + 4 x 8 BN = 184,
   # + 2 x 8 x 5 = 80 for its moving statistics kept per step (6 rows: 2 stages x 3 steps);
   # initial state rank 16: 16 x (8 + 9 + 8) = 400; puppet BNs 4 x (4 + 2x4 + 8 + 2x8) = 144;
@@ -302,6 +303,24 @@ def test_export_with_a_bfloat16_compute_cache(bucketed, tmp_path):
   model.clear_kernel_cache()
   with pytest.raises(ValueError, match="needs kernel_cache"):
     export.export_saved_model(model, str(tmp_path), "bad", kernel_cache_compute_dtype="bfloat16")
+
+
+def test_export_of_a_mixed_bfloat16_model_serves_its_bfloat16_convolutions(models, tmp_path):
+  """A PuppetClassifier under 'mixed_bfloat16' exports as it computes: the SavedModel serves
+  the Keras model's probabilities (bfloat16 convolutions), not the float32 model's with
+  the same weights; the model info names the policy."""
+  float32 = models["puppet"]
+  mixed = PuppetClassifier(float32.config, dtype="mixed_bfloat16")
+  mixed.build()
+  mixed.set_weights(float32.get_weights())
+  x = tiny_models.images()
+  path = export.export_saved_model(mixed, str(tmp_path), "mixed")
+  assert export.read_model_info(path)["dtype_policy"] == "mixed_bfloat16"
+  out = tf.saved_model.load(path).signatures["serving_default"](
+      images=tf.constant(x))["probabilities"].numpy()
+  want = tiny_models.softmax(tf.function(lambda t: mixed(t, training=False))(tf.constant(x)))
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  assert 0 < np.abs(out - tiny_models.softmax(float32(x, training=False))).max() < 5e-2
 
 
 def _variable_bytes(path):

@@ -286,3 +286,17 @@ def test_precise_batch_norm_reestimates_the_statistics_before_each_validation(tm
     _config(model="resnet", precise_bn_images=8)
   with pytest.raises(ValueError, match="one device"):
     _config(precise_bn_images=8, distribution_strategy="mirrored")
+
+
+def test_mixed_bfloat16_run_trains_saves_and_exports_under_its_policy(tmp_path):
+  """--dtype_policy=mixed_bfloat16 end to end: the checkpoint and the SavedModel keep the
+  policy (bfloat16 convolutions), the results say so, and the caller's global policy is
+  restored afterwards."""
+  results = train_lib.run(_config(epochs=1, dtype_policy="mixed_bfloat16"), "train_and_eval",
+                          str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+  assert keras.config.dtype_policy().name == "float32"
+  assert results["dtype_policy"] == "mixed_bfloat16" and 0 <= results["top1"] <= 1
+  loaded = keras.models.load_model(str(tmp_path / "run" / "checkpoints" / "best.keras"))
+  assert loaded.precision_policy == "mixed_bfloat16" and loaded.puppet.conv_dtype == "bfloat16"
+  with open(os.path.join(results["export_path"], "assets.extra", "model_info.json")) as f:
+    assert json.load(f)["dtype_policy"] == "mixed_bfloat16"

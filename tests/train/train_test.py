@@ -185,3 +185,14 @@ def test_missing_data_names_the_path(tmp_path):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and str(empty) in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_dtype_policy_flag_and_the_older_mixed_precision_flag():
+  assert _config("--model_dir=/tmp/x").train.dtype_policy == "float32"
+  assert _config("--model_dir=/tmp/x", "--dtype_policy=mixed_bfloat16"
+                 ).train.dtype_policy == "mixed_bfloat16"
+  assert _config("--model_dir=/tmp/x", "--mixed_precision").train.dtype_policy == "mixed_float16"
+  with pytest.raises(ValueError, match="cannot be combined"):
+    _config("--model_dir=/tmp/x", "--mixed_precision", "--dtype_policy=mixed_bfloat16")
+  with pytest.raises(flags.IllegalFlagValueError):
+    _config("--model_dir=/tmp/x", "--dtype_policy=bfloat16")

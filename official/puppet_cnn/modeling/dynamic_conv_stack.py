@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from official.puppet_cnn.config_definitions import BLOCK_TYPES, PER_SAMPLE_CONVS
+from official.puppet_cnn.config_definitions import BLOCK_TYPES, COMPUTE_DTYPES, PER_SAMPLE_CONVS
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
 from official.puppet_cnn.modeling import scaling
@@ -60,6 +60,12 @@ class DynamicConvStack(keras.layers.Layer):
     per_sample_conv: how the per-sample path (`call`) convolves each sample with its own
       kernel (`backend_ops.per_sample_conv2d`): 'grouped' (default) or 'im2col'. Same
       values.
+    conv_dtype: the dtype the convolutions' arithmetic runs in: 'float32' (default), or
+      'bfloat16' / 'float16' (mixed precision: `PuppetClassifier` passes its Keras dtype
+      policy's compute dtype). Each convolution casts its input and its kernel to it and its
+      output back to float32, so batch norm, ReLU, pooling and the activations kept between
+      layers stay float32 (as do the batch-norm weights). Training and inference, every
+      path (`call`, `call_groups`, `call_indexed`).
 
   Call args:
     features: (B, H, W, C_in) input features.
@@ -92,7 +98,7 @@ class DynamicConvStack(keras.layers.Layer):
                block_type: str = "plain", max_depth: int = 8,
                pool_after: Sequence[bool] | None = None, kernel_size: int = 3,
                momentum: float = 0.99, epsilon: float = 1e-3, fused_batch_norm: bool = True,
-               per_sample_conv: str = "grouped", **kwargs):
+               per_sample_conv: str = "grouped", conv_dtype: str = "float32", **kwargs):
     super().__init__(**kwargs)
     if block_type not in BLOCK_TYPES:
       raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
@@ -113,6 +119,16 @@ class DynamicConvStack(keras.layers.Layer):
       raise ValueError(f"per_sample_conv must be one of {PER_SAMPLE_CONVS}, got "
                        f"{per_sample_conv!r}")
     self.per_sample_conv = per_sample_conv
+    if conv_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"conv_dtype must be one of {COMPUTE_DTYPES}, got {conv_dtype!r}")
+    self.conv_dtype = conv_dtype
+
+  def _in_conv_dtype(self, conv, x, kernel):
+    """`conv(x, kernel)` with both cast to `conv_dtype`, its output cast back to float32."""
+    if self.conv_dtype == "float32":
+      return conv(x, kernel)
+    dtype = self.conv_dtype
+    return ops.cast(conv(ops.cast(x, dtype), ops.cast(kernel, dtype)), "float32")
 
   @property
   def kernels_per_unit(self) -> int:
@@ -213,7 +229,8 @@ class DynamicConvStack(keras.layers.Layer):
     """conv -> BN for layer `index` of a BN group (None: the transition BN)."""
     gamma, beta, moving_mean, moving_var = (
         bn if index is None else [ops.take(w, index, axis=0) for w in bn])
-    y = backend_ops.per_sample_conv2d(x, kernel, self.per_sample_conv)
+    y = self._in_conv_dtype(
+        lambda x, k: backend_ops.per_sample_conv2d(x, k, self.per_sample_conv), x, kernel)
     if training:
       mean, var = mbn.masked_moments(y, active)
     else:
@@ -456,7 +473,7 @@ class DynamicConvStack(keras.layers.Layer):
     return xs
 
   def call_indexed(self, x, kernel_at, depth, folded, units=None, bn_rows=None,
-                   channels=None, compute_dtype: str = "float32"):
+                   channels=None, compute_dtype: str | None = None):
     """Inference of one group of samples that share their kernels and their depth, with
     the depth a scalar tensor and the kernels fetched by index (bucketed inference's
     `loop` graph).
@@ -474,14 +491,15 @@ class DynamicConvStack(keras.layers.Layer):
       depth: int32 scalar tensor in [1, units + 1], the group's units per stage.
       folded, units, bn_rows, channels: as in `call_groups`.
       compute_dtype: the dtype of the features, kernels and shifts through the stack
-        ('float32', or 'bfloat16' / 'float16': a cache's `compute_dtype`); kernels and shifts
-        in another dtype are cast to it.
+        ('float32', or 'bfloat16' / 'float16': a cache's `compute_dtype`; None: `conv_dtype`);
+        kernels and shifts in another dtype are cast to it.
 
     Returns:
       (n, H', W', C_last) features, float32.
     """
     units = self._resolve(units, bn_rows, channels)[0]
     kpu = self.kernels_per_unit
+    compute_dtype = compute_dtype or self.conv_dtype
     x = ops.cast(x, compute_dtype)
     repeats = ops.minimum(ops.cast(depth, "int32") - 1, units)
 
@@ -563,8 +581,7 @@ class DynamicConvStack(keras.layers.Layer):
       out[g] = ops.relu(y if skip is None else y + skip[g])
     return out, (moving_mean, moving_var)
 
-  @staticmethod
-  def _conv(x, kernel, width, guard=None):
+  def _conv(self, x, kernel, width, guard=None):
     """A group's 'same' convolution with a full kernel, or with a narrow one (the puppeteer's
     `kernel_from_state(expand=False)`: (K, K, C_in / f_in, width / f_out), the full kernel
     without its channel repeats): each block of f_in input channels summed, the narrow
@@ -580,7 +597,9 @@ class DynamicConvStack(keras.layers.Layer):
     if f_in > 1:
       shape = ops.shape(x)
       x = ops.sum(ops.reshape(x, (-1, shape[1], shape[2], c_k, f_in)), axis=-1)
-    y = backend_ops.group_conv2d(x, kernel, may_be_empty=guard is not None, guard=guard)
+    y = self._in_conv_dtype(
+        lambda x, k: backend_ops.group_conv2d(x, k, may_be_empty=guard is not None,
+                                              guard=guard), x, kernel)
     return y if f_out == 1 else ops.repeat(y, f_out, axis=-1)
 
   def _assign_rows(self, bn, row_stats, channels):
@@ -610,5 +629,5 @@ class DynamicConvStack(keras.layers.Layer):
                   max_depth=self.max_depth, pool_after=list(self.pool_after),
                   kernel_size=self.kernel_size, momentum=self.momentum, epsilon=self.epsilon,
                   fused_batch_norm=self.fused_batch_norm,
-                  per_sample_conv=self.per_sample_conv)
+                  per_sample_conv=self.per_sample_conv, conv_dtype=self.conv_dtype)
     return config

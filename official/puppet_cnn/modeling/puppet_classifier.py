@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Any, Callable, Dict, Iterator, List
 
 import keras
@@ -198,6 +199,30 @@ class _GatheredKernelTable(_StoredKernels):
     return out + (list(self.snapshot) if snapshot else [])
 
 
+_POLICIES = "'float32', 'mixed_bfloat16' and 'mixed_float16' (float32 variables)"
+
+
+def _policy(identifier):
+  """A Keras dtype policy from a name, config or policy; a clear error for anything else."""
+  try:
+    return keras.dtype_policies.get(identifier)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"PuppetClassifier supports the dtype policies {_POLICIES}, got "
+                     f"{identifier!r} ({e})") from None
+
+
+def _conv_dtype_of(policy) -> str:
+  """The puppet's convolution dtype under a Keras dtype policy (its compute dtype); a clear
+  error for a policy the model cannot follow."""
+  if policy.variable_dtype != "float32" or policy.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"PuppetClassifier supports the dtype policies {_POLICIES}, got {policy.name!r} "
+        f"(variables "
+        f"{policy.variable_dtype}, computations {policy.compute_dtype}); for 16-bit "
+        "convolutions use a mixed policy")
+  return policy.compute_dtype
+
+
 @keras.saving.register_keras_serializable(package="puppet_cnn")
 class PuppetClassifier(keras.Model):
   """Puppet-CNN image classifier (arXiv 2411.12876).
@@ -205,7 +230,21 @@ class PuppetClassifier(keras.Model):
   Args:
     config: a `PuppetCNNConfig` (or its dict form); None: the defaults.
     **kwargs: `PuppetCNNConfig` fields override the config (e.g. `num_classes=100`,
-      `stage_channels=(16, 32)`); other keyword arguments go to `keras.Model` (e.g. `name`).
+      `stage_channels=(16, 32)`); other keyword arguments go to `keras.Model` (e.g. `name`,
+      `dtype`).
+
+  Mixed precision: the model follows the Keras dtype policy it is given (`dtype=`, or else
+  the global policy of `keras.mixed_precision.set_global_policy`), recorded as
+  `precision_policy`. 'float32' (the default) computes everything in float32. Under
+  'mixed_bfloat16' / 'mixed_float16' the puppet's convolutions run in bfloat16 / float16
+  (`DynamicConvStack(conv_dtype=)`: their inputs and the generated kernels cast to it, their
+  outputs back to float32), and everything else stays float32: the complexity H, the
+  puppeteer's ODE (whose pointwise products have their own option,
+  `generator_matmul_dtype`), batch norm, the activations between layers, the head and the
+  logits. So the model itself, as a Keras layer, keeps the float32 policy (`dtype_policy`,
+  its variables, inputs and outputs) whatever `precision_policy` is; `compile` wraps the
+  optimizer in a `keras.optimizers.LossScaleOptimizer` under 'mixed_float16', as Keras does.
+  Policies with 16-bit variables are refused.
   """
 
   def __init__(self, config: PuppetCNNConfig | Dict[str, Any] | None = None, **kwargs):
@@ -216,10 +255,17 @@ class PuppetClassifier(keras.Model):
     if overrides:
       config = config.replace(**overrides)
     kwargs.setdefault("name", "puppet_cnn")
-    super().__init__(**kwargs)
+    # A mixed policy sets the puppet's convolution dtype only; the model runs under float32
+    # (a mixed Keras policy would also autocast float pixels and every variable it reads).
+    policy = kwargs.pop("dtype", None)
+    policy = _policy(policy if policy is not None else keras.config.dtype_policy())
+    conv_dtype = _conv_dtype_of(policy)
+    super().__init__(dtype="float32", **kwargs)
+    self.precision_policy = policy.name
     self.config = config
     c = config
-    self.complexity_layer = complexity_lib.InputComplexity(c.complexity, name="complexity")
+    self.complexity_layer = complexity_lib.InputComplexity(c.complexity, name="complexity",
+                                                           dtype="float32")
     self.puppeteer = PuppeteerODE(
         stage_channels=c.channels, input_channels=c.input_shape[-1], max_depth=c.max_depth,
         kernels_per_unit=KERNELS_PER_UNIT[c.block], kernel_size=c.kernel_size,
@@ -228,14 +274,16 @@ class PuppetClassifier(keras.Model):
         epsilon=c.bn_epsilon, remat=c.generator_remat, generator_rank=c.generator_rank,
         loop_steps=c.generator_loop, depthwise=c.generator_depthwise,
         normalization=c.generator_norm, backward=c.generator_backward,
-        matmul_dtype=c.generator_matmul_dtype, name="puppeteer")
+        matmul_dtype=c.generator_matmul_dtype, name="puppeteer", dtype="float32")
     self.puppet = DynamicConvStack(
         stage_channels=c.channels, block_type=c.block, max_depth=c.max_depth,
         pool_after=c.pools, kernel_size=c.kernel_size, momentum=c.bn_momentum,
         epsilon=c.bn_epsilon, fused_batch_norm=c.fused_batch_norm,
-        per_sample_conv=c.per_sample_conv, name="puppet")
-    self.head_dropout = keras.layers.Dropout(c.head_dropout, name="head_dropout")
-    self.head = keras.layers.Dense(c.num_classes, name="head")
+        per_sample_conv=c.per_sample_conv, conv_dtype=conv_dtype, name="puppet",
+        dtype="float32")
+    self.head_dropout = keras.layers.Dropout(c.head_dropout, name="head_dropout",
+                                             dtype="float32")
+    self.head = keras.layers.Dense(c.num_classes, name="head", dtype="float32")
     self._kernel_cache = None
     if c.execution == "bucketed":
       self.jit_compile = False  # dynamic group sizes: see `compile`
@@ -583,7 +631,7 @@ class PuppetClassifier(keras.Model):
                    backend_ops.selector([r for _, r in stages]),
                    backend_ops.selector([r for _, r in scales]) if int8 else None])
 
-    compute_dtype = cache.compute_dtype if cache is not None else "float32"
+    compute_dtype = cache.compute_dtype if cache is not None else self.puppet.conv_dtype
 
     def cached_kernel(s, j, source):
       t, t_scale, table, scales = pick[s]
@@ -772,7 +820,7 @@ class PuppetClassifier(keras.Model):
     return tuple(sorted({int(b) for b in self.image_bins(images, batch_size)}))
 
   def cache_kernels(self, bins=None, images=None, dtype: str = "float32",
-                    fallback: bool | str = True, compute_dtype: str = "float32"):
+                    fallback: bool | str = True, compute_dtype: str | None = None):
     """Generates and stores the inference-mode kernels of complexity bins.
 
     In inference the puppeteer's output for a bin depends only on the weights, so bucketed
@@ -827,8 +875,10 @@ class PuppetClassifier(keras.Model):
         with. What it costs in accuracy: docs/binning_nearest.md; in memory:
         docs/memory_profile.md. A stale cache raises, as with False.
       compute_dtype: the dtype bucketed inference's convolutions run in while this cache is
-        used (execution='bucketed' with bucketed_inference='loop'): 'float32' (default), or
-        'bfloat16' / 'float16': the features, the kernels (cached, dequantized, or generated
+        used (execution='bucketed' with bucketed_inference='loop'): None (default): the
+        model's (its dtype policy's compute dtype, `DynamicConvStack.conv_dtype`; float32
+        unless the model is mixed precision); 'float32', or 'bfloat16' / 'float16': the
+        features, the kernels (cached, dequantized, or generated
         for an uncached bin) and their biases are cast to it through the puppet; the pooled
         features and the head stay float32. Faster where the hardware has 16-bit arithmetic
         (CPUs with AMX / AVX512-BF16, GPUs), and rounded (docs/benchmarks_bf16_serving.md).
@@ -842,10 +892,10 @@ class PuppetClassifier(keras.Model):
                        f"complexity_bins > 0); this model has execution={c.execution!r}")
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"cache_kernels: compute_dtype must be one of {COMPUTE_DTYPES}, "
-                       f"got {compute_dtype!r}")
-    if compute_dtype != "float32" and (c.execution != "bucketed"
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"cache_kernels: compute_dtype must be None or one of "
+                       f"{COMPUTE_DTYPES}, got {compute_dtype!r}")
+    if compute_dtype not in (None, "float32") and (c.execution != "bucketed"
                                        or c.bucketed_inference != "loop"):
       raise ValueError(
           f"cache_kernels(compute_dtype={compute_dtype!r}) needs execution='bucketed' with "
@@ -937,7 +987,8 @@ class PuppetClassifier(keras.Model):
       del stages
       backend_ops.release_free_heap_memory()
     self._kernel_cache = _KernelCache(n, self.puppeteer.integrator, stored, snapshot,
-                                      c.depth_scale, dtype, scales, fallback, compute_dtype)
+                                      c.depth_scale, dtype, scales, fallback,
+                                      compute_dtype or self.puppet.conv_dtype)
     self._reset_compiled_functions()
     return self._kernel_cache.bins
 
@@ -1055,6 +1106,16 @@ class PuppetClassifier(keras.Model):
                          "sizes): compile with jit_compile=False (or 'auto'), or use "
                          "execution='per_sample' for XLA")
       jit_compile = False
+    if self.precision_policy == "mixed_float16":
+      # What Keras's compile does under this policy (the model's own policy is float32).
+      kwargs = dict(inspect.signature(keras.Model.compile).bind_partial(
+          self, *args, **kwargs).arguments)
+      del kwargs["self"]
+      args = ()
+      optimizer = keras.optimizers.get(kwargs.get("optimizer", "rmsprop"))
+      if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      kwargs["optimizer"] = optimizer
     super().compile(*args, jit_compile=jit_compile, **kwargs)
 
   def compile_from_config(self, config):
@@ -1300,7 +1361,8 @@ class PuppetClassifier(keras.Model):
 
   # --------------------------------------------------------------------------- config
   def get_config(self):
-    return {"config": self.config.to_dict(), "name": self.name}
+    return {"config": self.config.to_dict(), "name": self.name,
+            "dtype": self.precision_policy}
 
   @classmethod
   def from_config(cls, config, custom_objects=None):

@@ -162,6 +162,8 @@ def model_info(model, model_name: str, top_k: int,
       "signatures": {SERVING_DEFAULT: {"inputs": {INPUT_NAME: "uint8"}, "outputs": outputs}},
       "tensorflow_version": tf.__version__,
       "keras_version": keras.__version__,
+      # The Keras dtype policy the model computes under (Puppet-CNN: its convolutions).
+      "dtype_policy": getattr(model, "precision_policy", model.dtype_policy.name),
   }
   if float_signature:
     info["signatures"][FLOAT_SIGNATURE] = {"inputs": {INPUT_NAME: "float32"},
