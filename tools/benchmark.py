@@ -108,6 +108,14 @@ Models (`--models`):
   puppet_nearest8_bf16  puppet_nearest8 with its convolutions in bfloat16 (int8 storage,
                    `compute_dtype='bfloat16'`; inference only; targets against
                    static_twin_bf16).
+  puppet_mixed_bf16  puppet_bucketed under Keras's 'mixed_bfloat16' dtype policy
+                   (`PuppetClassifier(dtype=)`): the puppet's convolutions in bfloat16, in
+                   training and in generating inference; G, batch norm and the head float32.
+                   Targets against static_twin_bf16.
+  puppet_grouped_mixed_bf16  puppet_grouped_floor under 'mixed_bfloat16' (training only;
+                   reported with puppet_mixed_bf16).
+  puppet_grouped_mixed_all_bf16  puppet_grouped_mixed_bf16 with G's pointwise products in
+                   bfloat16 as well (generator_matmul_dtype='bfloat16'; training only).
   static_twin_bf16  static_twin under Keras's 'mixed_bfloat16' dtype policy (bfloat16
                    convolutions, float32 weights): what 16-bit arithmetic gives a plain CNN on
                    this machine. Reported as a row; the ratios stay against the float32 twin,
@@ -166,6 +174,9 @@ LIGHT_MODELS = ("puppet_light", "puppet_light_remat", "puppet_light_loop",
                 "puppet_light_gathered", "puppet_light_grouped", "puppet_light_grouped_floor")
 # The paper's G with its pointwise products in bfloat16 (generator_matmul_dtype).
 BF16_MODELS = ("puppet_bf16", "puppet_grouped_bf16")
+# Under the 'mixed_bfloat16' dtype policy: the puppet's convolutions in bfloat16.
+MIXED_MODELS = ("puppet_mixed_bf16", "puppet_grouped_mixed_bf16",
+                "puppet_grouped_mixed_all_bf16")
 GATHERED_MODELS = ("puppet_gathered", "puppet_light_gathered")  # XLA-compatible
 TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_bucketed",
                      "puppet_light_remat": "puppet_light", "puppet_light_loop": "puppet_light",
@@ -179,16 +190,21 @@ TRAIN_ONLY_MODELS = {"puppet_remat": "puppet_bucketed", "puppet_loop": "puppet_b
                      "puppet_autodiff": "puppet_bucketed",
                      "puppet_grouped_autodiff": "puppet_bucketed",
                      "puppet_grouped_bf16": "puppet_bf16",
+                     "puppet_grouped_mixed_bf16": "puppet_mixed_bf16",
+                     "puppet_grouped_mixed_all_bf16": "puppet_mixed_bf16",
                      "puppet_light_grouped": "puppet_light",
                      "puppet_light_grouped_floor": "puppet_light"}
 # Trained on a batch of one complexity bin (`--batch_grouping=complexity_bin`).
 GROUPED_MODELS = ("puppet_grouped", "puppet_grouped_remat", "puppet_grouped_floor",
                   "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
-                  "puppet_grouped_bf16", "puppet_light_grouped", "puppet_light_grouped_floor")
+                  "puppet_grouped_bf16", "puppet_grouped_mixed_bf16",
+                  "puppet_grouped_mixed_all_bf16", "puppet_light_grouped",
+                  "puppet_light_grouped_floor")
 # Bins on [--bin_floor, 8] (complexity_bin_floor).
 FLOOR_MODELS = ("puppet_light_floor", "puppet_light_wide", "puppet_grouped_floor",
                 "puppet_grouped_lean", "puppet_grouped_reversible", "puppet_grouped_autodiff",
-                "puppet_grouped_bf16", "puppet_light_grouped_floor")
+                "puppet_grouped_bf16", "puppet_grouped_mixed_bf16",
+                "puppet_grouped_mixed_all_bf16", "puppet_light_grouped_floor")
 LOSSY_CACHE_DTYPES = {"puppet_cached16": "float16", "puppet_cached8": "int8",
                       "puppet_frozen8": "int8", "puppet_nearest8": "int8",
                       "puppet_cached_bf16": "bfloat16", "puppet_nearest8_bf16": "int8"}
@@ -199,7 +215,8 @@ NO_FALLBACK_MODELS = ("puppet_frozen8",)  # every bin cached, no generating path
 NEAREST_MODELS = ("puppet_nearest8", "puppet_nearest8_bf16")  # the calibration bins cached,
                                                               # no generating path
 CACHED_MODELS = ("puppet_cached", "puppet_cached_per_bin") + tuple(LOSSY_CACHE_DTYPES)
-APPROXIMATE_MODELS = LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES) + BF16_MODELS  # targets apart
+APPROXIMATE_MODELS = (LIGHT_MODELS + tuple(LOSSY_CACHE_DTYPES) + BF16_MODELS
+                      + MIXED_MODELS)  # targets apart
 PUPPET_MODELS = PAPER_G_MODELS + APPROXIMATE_MODELS
 ALL_MODELS = PUPPET_MODELS + ("static_twin", "static_twin_bf16", "resnet", "mobilenet_v2")
 FULL_DEFAULT_MODELS = ("static_twin", "puppet_cached", "puppet_bucketed", "puppet_light",
@@ -401,6 +418,9 @@ def _build(spec, calibration):
       "puppet_grouped_autodiff": dict(bucketed, generator_backward="autodiff"),
       "puppet_bf16": dict(bucketed, generator_matmul_dtype="bfloat16"),
       "puppet_grouped_bf16": dict(bucketed, generator_matmul_dtype="bfloat16"),
+      "puppet_mixed_bf16": bucketed,
+      "puppet_grouped_mixed_bf16": bucketed,
+      "puppet_grouped_mixed_all_bf16": dict(bucketed, generator_matmul_dtype="bfloat16"),
       "puppet_light_grouped": light,
       "puppet_light_grouped_floor": light_loop,
   }[name]
@@ -408,7 +428,8 @@ def _build(spec, calibration):
     floor = spec.get("bin_floor", DEFAULT_BIN_FLOOR)
     overrides = dict(overrides, complexity_bins=floor_bins(spec["bins"], floor),
                      complexity_bin_floor=floor)
-  model = PuppetClassifier(config.replace(**overrides))
+  model = PuppetClassifier(config.replace(**overrides),
+                           dtype="mixed_bfloat16" if name in MIXED_MODELS else "float32")
   model.build()
   if name in CACHED_MODELS:
     start = time.perf_counter()
@@ -635,7 +656,7 @@ def binning_lines(header, spec, result) -> List[str]:
 # =================================================================================== parent
 def _skip_reason(model: str, xla: bool, phase: str) -> Optional[str]:
   bucketed = (("puppet_bucketed",) + tuple(TRAIN_ONLY_MODELS) + LIGHT_MODELS + CACHED_MODELS
-              + BF16_MODELS)
+              + BF16_MODELS + MIXED_MODELS)
   if model in bucketed and model not in GATHERED_MODELS and xla:
     return "not XLA-compatible (data-dependent group sizes)"
   if model in TRAIN_ONLY_MODELS and phase == "infer":
@@ -990,8 +1011,8 @@ def _section_lines(section) -> List[str]:
               "twin's; not the paper's float32):", ""]
     for t in _targets(section, BF16_MODELS):
       lines.append(f"- {t}")
-  bf16_compute = [m for m in BF16_COMPUTE_MODELS if any(r["model"] == m
-                                                        for r in section["rows"])]
+  bf16_compute = [m for m in BF16_COMPUTE_MODELS + MIXED_MODELS
+                  if any(r["model"] == m for r in section["rows"])]
   if bf16_compute and any(r["model"] == "static_twin_bf16" for r in section["rows"]):
     lines += ["", f"With bfloat16 convolutions ({', '.join(bf16_compute)}), against the twin "
               "in bfloat16 as well (static_twin_bf16, Keras's mixed_bfloat16 policy):", ""]

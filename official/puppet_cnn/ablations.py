@@ -52,6 +52,9 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("generator_bf16", "G's pointwise products in bfloat16, state and batch norm in "
             "float32 (not in the paper, a speed option for CPUs with AMX / AVX512-BF16 and "
             "GPUs)", ("--generator_matmul_dtype=bfloat16",)),
+    Variant("mixed_bf16", "Keras's mixed_bfloat16 policy: the puppet's convolutions in "
+            "bfloat16; H, G, batch norm and the head in float32 (not in the paper, a speed "
+            "option)", ("--dtype_policy=mixed_bfloat16",)),
     Variant("grouped_batches", "Training batches of one complexity bin each, so bucketed "
             "training runs the puppeteer once per step (not in the paper, a speed option)",
             ("--batch_grouping=complexity_bin",)),

@@ -173,6 +173,9 @@ same_as_reference("reversible", generator_backward="reversible")
 #      bfloat16's precision.
 same_as_reference("bf16", generator_matmul_dtype="bfloat16")
 out["bf16_loss"] = float(l1)
+# 6a+. A mixed_bfloat16 dtype policy (the puppet's convolutions in bfloat16) under jax.jit:
+#      the same, for the convolutions' rounding.
+same_as_reference("mixed_bf16", dtype="mixed_bfloat16", generator_backward="autodiff")
 
 # 6b. generator_rank (G's pointwise matrix as two factors): one compiled forward + backward;
 #     both factors get gradients.
@@ -273,6 +276,8 @@ def test_model_runs_and_trains_under_jax():
   assert out["reversible_loss_err"] < 1e-5 and out["reversible_grad_err"] < 1e-4, out
   assert 0 < out["bf16_loss_err"] < 1e-2 * abs(out["bf16_loss"]), out
   assert out["bf16_grad_err"] < 5e-2, out
+  assert 0 < out["mixed_bf16_loss_err"] < 2e-2 * abs(out["bf16_loss"]), out
+  assert out["mixed_bf16_grad_err"] < 1e-1, out
   assert out["gathered_loss_err"] < 1e-5 and out["gathered_grad_err"] < 1e-4, out
   assert out["table_err"] < 1e-4 and out["stale_table_err"] < 1e-4, out
   assert out["stale_table_moves"] > 1e-3 and out["compiled_call_traced"], out

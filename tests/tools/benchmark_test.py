@@ -95,6 +95,10 @@ def test_skip_rules():
   assert benchmark._skip_reason("puppet_remat", False, "train") is None  # pylint: disable=protected-access
   assert "XLA" in benchmark._skip_reason("puppet_light", True, "train")  # pylint: disable=protected-access
   assert "same as puppet_bucketed" in benchmark._skip_reason("puppet_cached16", False, "train")  # pylint: disable=protected-access
+  assert "XLA" in benchmark._skip_reason("puppet_mixed_bf16", True, "infer")  # pylint: disable=protected-access
+  assert benchmark._skip_reason("puppet_mixed_bf16", False, "infer") is None  # pylint: disable=protected-access
+  assert "inference is puppet_mixed_bf16's" in benchmark._skip_reason(  # pylint: disable=protected-access
+      "puppet_grouped_mixed_all_bf16", False, "infer")
 
 
 def test_one_bin_batch_takes_the_most_common_bin():
