@@ -603,6 +603,7 @@ def test_global_mixed_policy_trains_and_is_saved_with_the_model(set_global_polic
   set_global_policy("float32")
   loaded = keras.models.load_model(path)
   assert loaded.precision_policy == "mixed_bfloat16" and loaded.puppet.conv_dtype == "bfloat16"
+  assert loaded.at_width(0.5).puppet.conv_dtype == "bfloat16"  # derived models keep it
   np.testing.assert_array_equal(loaded(images, training=False).numpy(),
                                 model(images, training=False).numpy())
   # A model of the default policy saved before the option existed loads as float32.

@@ -217,9 +217,8 @@ def _conv_dtype_of(policy) -> str:
   if policy.variable_dtype != "float32" or policy.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(
         f"PuppetClassifier supports the dtype policies {_POLICIES}, got {policy.name!r} "
-        f"(variables "
-        f"{policy.variable_dtype}, computations {policy.compute_dtype}); for 16-bit "
-        "convolutions use a mixed policy")
+        f"(variables {policy.variable_dtype}, computations {policy.compute_dtype}); for "
+        "16-bit convolutions use a mixed policy")
   return policy.compute_dtype
 
 
@@ -1261,7 +1260,8 @@ class PuppetClassifier(keras.Model):
       raise ValueError(f"width_multiplier must be a number > 0, got {width_multiplier!r}")
     channels = scaling.scaled_channels(c.channels, float(width_multiplier))
     config = c.replace(stage_channels=channels, state_channels=c.state_width, train_widths=())
-    model = PuppetClassifier(config, name=f"{self.name}_w{width_multiplier:g}")
+    model = PuppetClassifier(config, name=f"{self.name}_w{width_multiplier:g}",
+                             dtype=self.precision_policy)
     model.build((None,) + tuple(c.input_shape))
     for dst, src in zip(model.puppeteer.weights, self.puppeteer.weights):
       dst.assign(src)
@@ -1343,7 +1343,7 @@ class PuppetClassifier(keras.Model):
     if not self.built:
       self.build()
     model = PuppetClassifier(c.replace(generator_norm=generator_norm),
-                             name=f"{self.name}_{generator_norm}")
+                             name=f"{self.name}_{generator_norm}", dtype=self.precision_policy)
     model.build((None,) + tuple(c.input_shape))
     statistics = (self.puppeteer.moving_mean, self.puppeteer.moving_variance)
     pairs = [(d, s) for a, b in ((model.puppeteer, self.puppeteer), (model.puppet, self.puppet),
