@@ -118,15 +118,20 @@ PUPPET_OVERRIDES.update({name: PUPPET_OVERRIDES[base] for name, base in CACHED.i
 PAPER_S_PER_IMG = {"puppet_exact": 0.0039, "resnet": 0.0019, "mobilenet_v2": 0.0032}
 BLOCK = "gpu"
 TITLE = "# Benchmarks under JAX: Puppet-CNN on a GPU"
+# Stage channels and max depth per --sizes: tools/benchmark.py's, and 'tiny' for the tool's
+# own test (a check of the tool, not a measurement).
+SIZES = dict(benchmark.SIZES, tiny=(4, 8))
+MAX_DEPTH = {"full": 8, "small": 4, "tiny": 3}
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   flags.DEFINE_list("models", list(MODELS), f"Models, from {MODELS}.")
-  flags.DEFINE_enum("sizes", "full", list(benchmark.SIZES),
-                    "Puppet stage channels: full (64-128-256-512, depth <= 8) or small "
-                    "(16-32-64, depth <= 4; a check, not a measurement).")
+  flags.DEFINE_enum("sizes", "full", list(SIZES),
+                    "Puppet stage channels: full (64-128-256-512, depth <= 8), small "
+                    "(16-32-64, depth <= 4) or tiny (4-8, depth <= 3); the last two are "
+                    "checks, not measurements.")
   flags.DEFINE_integer("bins", 16, "complexity_bins of the gathered models (equal bins on "
                        "[0, 8] bits).", lower_bound=1)
   flags.DEFINE_list("batch_sizes", ["64", "256"], "Inference batch sizes.")
@@ -182,9 +187,8 @@ def batch_of(images, size: int):
 # ------------------------------------------------------------------------------ models
 def puppet_config(sizes: str):
   from official.puppet_cnn import PuppetCNNConfig
-  channels = benchmark.SIZES[sizes]
-  return PuppetCNNConfig(num_classes=10, stage_channels=channels,
-                         max_depth=8 if sizes == "full" else 4)
+  return PuppetCNNConfig(num_classes=10, stage_channels=SIZES[sizes],
+                         max_depth=MAX_DEPTH[sizes])
 
 
 def mean_depth(config, images) -> Dict[str, Any]:

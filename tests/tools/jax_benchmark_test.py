@@ -95,9 +95,9 @@ def test_images_npz_is_checked(tmp_path):
 
 
 def _run_tool(python, tmp_path, timeout, *flags):
-  """Runs tools/jax_benchmark.py (small sizes) in the JAX interpreter on
+  """Runs tools/jax_benchmark.py (tiny sizes) in the JAX interpreter on
   tmp_path/images.npz, writing tmp_path/gpu.md and gpu.json; returns the JSON."""
-  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=small", *flags,
+  cmd = [python, os.path.join(ROOT, "tools", "jax_benchmark.py"), "--sizes=tiny", *flags,
          f"--images_npz={tmp_path / 'images.npz'}", f"--output={tmp_path / 'gpu.md'}",
          f"--json_output={tmp_path / 'gpu.json'}"]
   env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

@@ -892,8 +892,8 @@ class PuppetClassifier(keras.Model):
     if dtype not in CACHE_DTYPES:
       raise ValueError(f"cache_kernels: dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"cache_kernels: compute_dtype must be None or one of "
-                       f"{COMPUTE_DTYPES}, got {compute_dtype!r}")
+      raise ValueError(f"cache_kernels: compute_dtype must be one of {COMPUTE_DTYPES} or "
+                       f"None (the model's), got {compute_dtype!r}")
     if compute_dtype not in (None, "float32") and (c.execution != "bucketed"
                                        or c.bucketed_inference != "loop"):
       raise ValueError(
