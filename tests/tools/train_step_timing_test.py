@@ -12,3 +12,9 @@ def test_measure_returns_first_median_and_spread():
       (4,), max_depth=2, batch=4, jit=False, repeats=2)
   assert t_first > 0 and t_med > 0 and t_spread >= 0 and p_first > 0 and p_med > 0
   assert t_first >= t_med * 0.5  # the first call includes tracing
+
+
+def test_measure_takes_a_dtype_policy():
+  (t_first, t_med, _), (_, p_med, _) = train_step_timing.measure(
+      (4,), max_depth=2, batch=4, jit=False, repeats=1, dtype_policy="mixed_bfloat16")
+  assert t_first > 0 and t_med > 0 and p_med > 0
