@@ -47,10 +47,10 @@ _KERNEL_CACHE = flags.DEFINE_enum(
     "dtype with the model (serving runs them instead of the ODE; larger SavedModel; int8 is "
     "lossy, bucketed only).")
 _KERNEL_CACHE_COMPUTE = flags.DEFINE_enum(
-    "kernel_cache_compute_dtype", "float32", list(COMPUTE_DTYPES),
+    "kernel_cache_compute_dtype", None, list(COMPUTE_DTYPES),
     "With --kernel_cache (bucketed, bucketed_inference='loop'): the dtype the served "
     "convolutions run in (bfloat16: faster on CPUs with AMX / AVX512-BF16 and on GPUs, "
-    "rounded). Default float32.")
+    "rounded). Default: the model's (its dtype policy's; float32 unless mixed precision).")
 _KERNEL_CACHE_BINS = flags.DEFINE_list(
     "kernel_cache_bins", None, "With --kernel_cache: cache only these complexity bins (e.g. "
     "those of the training images: PuppetClassifier.occupied_bins; train.py "

@@ -45,10 +45,11 @@ _EXPORT_KERNEL_CACHE_BINS = flags.DEFINE_enum(
     "training images fall into (a smaller SavedModel), an image in another bin being "
     "served by the nearest cached bin (its kernels and depth).")
 _EXPORT_KERNEL_CACHE_COMPUTE_DTYPE = flags.DEFINE_enum(
-    "export_kernel_cache_compute_dtype", "float32", list(COMPUTE_DTYPES),
+    "export_kernel_cache_compute_dtype", None, list(COMPUTE_DTYPES),
     "With --export_kernel_cache and --execution=bucketed: the dtype the served convolutions "
     "run in. bfloat16: 16-bit features through the puppet (several times faster on CPUs "
-    "with AMX or AVX512-BF16 and on GPUs; rounded). Default float32.")
+    "with AMX or AVX512-BF16 and on GPUs; rounded). Default: the model's (--dtype_policy; "
+    "float32 unless mixed).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete an existing run in --model_dir and start over.")
 _LOGICAL_CPUS = flags.DEFINE_integer(

@@ -285,13 +285,14 @@ EXPORT_CACHE_BINS = ("all", "train")
 
 
 def check_export_kernel_cache(config: ExperimentConfig, kernel_cache: Optional[str],
-                              cache_bins: str = "all", compute_dtype: str = "float32") -> None:
+                              cache_bins: str = "all",
+                              compute_dtype: Optional[str] = None) -> None:
   """Raises ValueError unless `kernel_cache` (None or a cache dtype), `cache_bins` and the
-  cache's `compute_dtype` fit the experiment."""
-  if compute_dtype not in COMPUTE_DTYPES:
+  cache's `compute_dtype` (None: the model's) fit the experiment."""
+  if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"--export_kernel_cache_compute_dtype must be one of "
                      f"{COMPUTE_DTYPES}, got {compute_dtype!r}")
-  if compute_dtype != "float32" and (kernel_cache is None
+  if compute_dtype not in (None, "float32") and (kernel_cache is None
                                      or config.model.execution != "bucketed"
                                      or config.model.bucketed_inference != "loop"):
     raise ValueError("--export_kernel_cache_compute_dtype needs --export_kernel_cache and "
@@ -365,7 +366,7 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
         callbacks: Sequence[keras.callbacks.Callback] = (),
         export_kernel_cache: Optional[str] = None,
         export_kernel_cache_bins: str = "all",
-        export_kernel_cache_compute_dtype: str = "float32") -> Dict[str, Any]:
+        export_kernel_cache_compute_dtype: Optional[str] = None) -> Dict[str, Any]:
   """Trains and/or evaluates as `mode` says; returns the results dict ({} for mode=train).
 
   Args:
@@ -384,8 +385,9 @@ def run(config: ExperimentConfig, mode: str, model_dir: str, export_dir: Optiona
       'train' only the bins the training split's images fall into, an image in another bin
       being served by the nearest cached bin (`cache_kernels(fallback='nearest')`).
     export_kernel_cache_compute_dtype: with `export_kernel_cache`: the dtype of the served
-      convolutions (`cache_kernels(compute_dtype=)`), 'float32' (default) or 'bfloat16' /
-      'float16'.
+      convolutions (`cache_kernels(compute_dtype=)`): None (default): the model's (its
+      dtype policy's: float32 unless trained with --dtype_policy=mixed_*), or 'float32',
+      'bfloat16', 'float16'.
   """
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")

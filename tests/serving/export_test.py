@@ -323,6 +323,18 @@ def test_export_of_a_mixed_bfloat16_model_serves_its_bfloat16_convolutions(model
   assert 0 < np.abs(out - tiny_models.softmax(float32(x, training=False))).max() < 5e-2
 
 
+def test_kernel_cache_export_computes_in_the_models_dtype_by_default(bucketed, tmp_path):
+  """kernel_cache_compute_dtype=None: a float32 model's cache serves float32 convolutions, a
+  mixed_bfloat16 model's bfloat16 ones, as each model computes."""
+  model, _, _ = bucketed
+  mixed = PuppetClassifier(model.config, dtype="mixed_bfloat16")
+  mixed.build()
+  mixed.set_weights(model.get_weights())
+  for m, want in ((model, "float32"), (mixed, "bfloat16")):
+    path = export.export_saved_model(m, str(tmp_path), want, kernel_cache="int8")
+    assert export.read_model_info(path)["kernel_cache"]["compute_dtype"] == want
+
+
 def _variable_bytes(path):
   """Bytes of every variable in a SavedModel's checkpoint, by its dtype."""
   reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))

@@ -261,7 +261,7 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
                        top_k: int = 5, class_names: Optional[Sequence[str]] = None,
                        float_signature: bool = False, kernel_cache: Optional[str] = None,
                        kernel_cache_bins: Optional[Sequence[int]] = None,
-                       kernel_cache_compute_dtype: str = "float32") -> str:
+                       kernel_cache_compute_dtype: Optional[str] = None) -> str:
   """Writes `model` to `<export_dir>/<model_name>/<version>/` for TF Serving.
 
   Args:
@@ -285,9 +285,11 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
       another bin with the nearest cached bin's kernels and depth
       (`cache_kernels(bins=..., fallback='nearest')`). None (default): every bin.
     kernel_cache_compute_dtype: with `kernel_cache` (bucketed, `bucketed_inference='loop'`):
-      the dtype the served convolutions run in (`cache_kernels(compute_dtype=...)`):
-      'float32' (default), or 'bfloat16' / 'float16' (16-bit features through the puppet:
-      faster where the serving CPU or GPU has 16-bit arithmetic, and rounded).
+      the dtype the served convolutions run in (`cache_kernels(compute_dtype=...)`): None
+      (default): the model's, i.e. its dtype policy's (float32, or bfloat16 / float16 for a
+      mixed-precision model: the SavedModel serves what the model computes); 'float32', or
+      'bfloat16' / 'float16' (16-bit features through the puppet: faster where the serving
+      CPU or GPU has 16-bit arithmetic, and rounded).
 
   Returns:
     The version folder's path.
@@ -303,7 +305,7 @@ def export_saved_model(model, export_dir: str, model_name: str, version: Optiona
   if kernel_cache is None:
     if kernel_cache_bins is not None:
       raise ValueError("kernel_cache_bins needs kernel_cache (the cache's storage dtype)")
-    if kernel_cache_compute_dtype != "float32":
+    if kernel_cache_compute_dtype not in (None, "float32"):
       raise ValueError("kernel_cache_compute_dtype needs kernel_cache (the cache's storage "
                        "dtype)")
     return _write_version(*args)
