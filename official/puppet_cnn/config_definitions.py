@@ -52,6 +52,9 @@ GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
 # generator_matmul_dtype`, `PuppeteerODE(matmul_dtype=)`, `backend_ops.matmul_in_dtype`) and
 # a bucketed kernel cache's convolutions (`PuppetClassifier.cache_kernels(compute_dtype=)`).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# The Keras dtype policies `PuppetClassifier` follows (float32 variables; its convolutions in
+# the policy's compute dtype) and `--dtype_policy` takes.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def why_not_reversible(integrator: str, generator_norm: str) -> Optional[str]:

@@ -10,12 +10,12 @@ import dataclasses
 import json
 from typing import Any, Dict, Optional, Tuple
 
+from official.puppet_cnn.config_definitions import DTYPE_POLICIES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.data.datasets import DataConfig
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored")
 MODES = ("train", "eval", "train_and_eval")
-DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclasses.dataclass

@@ -19,9 +19,9 @@ from absl import flags
 from absl import logging
 
 from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
+from official.puppet_cnn.config_definitions import DTYPE_POLICIES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.data.datasets import DataConfig
-from official.puppet_cnn.experiment_config import DTYPE_POLICIES
 from official.puppet_cnn.experiment_config import MODES
 from official.puppet_cnn.experiment_config import STRATEGIES
 from official.puppet_cnn.experiment_config import ExperimentConfig

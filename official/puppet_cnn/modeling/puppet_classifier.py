@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from typing import Any, Callable, Dict, Iterator, List
 
 import keras
@@ -36,6 +35,7 @@ import numpy as np
 from keras import ops
 
 from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
+from official.puppet_cnn.config_definitions import DTYPE_POLICIES
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
@@ -199,27 +199,21 @@ class _GatheredKernelTable(_StoredKernels):
     return out + (list(self.snapshot) if snapshot else [])
 
 
-_POLICIES = "'float32', 'mixed_bfloat16' and 'mixed_float16' (float32 variables)"
-
-
-def _policy(identifier):
-  """A Keras dtype policy from a name, config or policy; a clear error for anything else."""
+def _precision_policy(identifier):
+  """The Keras dtype policy `identifier` (a name, config or policy) if the model can follow
+  it (`DTYPE_POLICIES`: float32 variables); a clear error otherwise."""
   try:
-    return keras.dtype_policies.get(identifier)
+    policy = keras.dtype_policies.get(identifier)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"PuppetClassifier supports the dtype policies {_POLICIES}, got "
-                     f"{identifier!r} ({e})") from None
-
-
-def _conv_dtype_of(policy) -> str:
-  """The puppet's convolution dtype under a Keras dtype policy (its compute dtype); a clear
-  error for a policy the model cannot follow."""
-  if policy.variable_dtype != "float32" or policy.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(
-        f"PuppetClassifier supports the dtype policies {_POLICIES}, got {policy.name!r} "
-        f"(variables {policy.variable_dtype}, computations {policy.compute_dtype}); for "
-        "16-bit convolutions use a mixed policy")
-  return policy.compute_dtype
+    policy, why = None, str(e)
+  if policy is None or policy.name not in DTYPE_POLICIES:
+    got = (f"{identifier!r} ({why})" if policy is None else
+           f"{policy.name!r} (variables {policy.variable_dtype}, computations "
+           f"{policy.compute_dtype})")
+    raise ValueError(f"PuppetClassifier supports the dtype policies {DTYPE_POLICIES} "
+                     f"(float32 variables), got {got}; for 16-bit convolutions use a "
+                     "mixed policy")
+  return policy
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -257,8 +251,8 @@ class PuppetClassifier(keras.Model):
     # A mixed policy sets the puppet's convolution dtype only; the model runs under float32
     # (a mixed Keras policy would also autocast float pixels and every variable it reads).
     policy = kwargs.pop("dtype", None)
-    policy = _policy(policy if policy is not None else keras.config.dtype_policy())
-    conv_dtype = _conv_dtype_of(policy)
+    policy = _precision_policy(policy if policy is not None else keras.config.dtype_policy())
+    conv_dtype = policy.compute_dtype
     super().__init__(dtype="float32", **kwargs)
     self.precision_policy = policy.name
     self.config = config
@@ -895,7 +889,7 @@ class PuppetClassifier(keras.Model):
       raise ValueError(f"cache_kernels: compute_dtype must be one of {COMPUTE_DTYPES} or "
                        f"None (the model's), got {compute_dtype!r}")
     if compute_dtype not in (None, "float32") and (c.execution != "bucketed"
-                                       or c.bucketed_inference != "loop"):
+                                                   or c.bucketed_inference != "loop"):
       raise ValueError(
           f"cache_kernels(compute_dtype={compute_dtype!r}) needs execution='bucketed' with "
           "bucketed_inference='loop' (the default); this model has execution="
@@ -1107,14 +1101,13 @@ class PuppetClassifier(keras.Model):
       jit_compile = False
     if self.precision_policy == "mixed_float16":
       # What Keras's compile does under this policy (the model's own policy is float32).
-      kwargs = dict(inspect.signature(keras.Model.compile).bind_partial(
-          self, *args, **kwargs).arguments)
-      del kwargs["self"]
-      args = ()
-      optimizer = keras.optimizers.get(kwargs.get("optimizer", "rmsprop"))
+      # The optimizer is compile's first argument.
+      optimizer, args = ((args[0], args[1:]) if args
+                         else (kwargs.pop("optimizer", "rmsprop"), args))
+      optimizer = keras.optimizers.get(optimizer)
       if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-      kwargs["optimizer"] = optimizer
+      args = (optimizer,) + tuple(args)
     super().compile(*args, jit_compile=jit_compile, **kwargs)
 
   def compile_from_config(self, config):
