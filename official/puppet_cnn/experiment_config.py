@@ -30,7 +30,9 @@ class TrainConfig:
     weight_decay: AdamW decoupled weight decay (0: plain Adam, the paper).
     seed: seed of weights, data subset, shuffling and dropout.
     jit_compile: XLA-compile the train/eval steps (True on every device; Keras's 'auto'
-      would turn XLA off on CPU).
+      would turn XLA off on CPU). A Puppet-CNN with execution='bucketed' cannot be compiled
+      (ExperimentConfig refuses the pair); the CLI turns it off for that execution unless
+      --jit_compile is given.
     dtype_policy: the Keras dtype policy of the run: 'float32' (default), 'mixed_bfloat16'
       or 'mixed_float16' (Keras mixed precision: float32 variables, 16-bit computations;
       'mixed_float16' trains with loss scaling). Puppet-CNN runs its puppet's convolutions
@@ -148,6 +150,12 @@ class ExperimentConfig:
 
   def __post_init__(self):
     from official.puppet_cnn import models  # pylint: disable=import-outside-toplevel
+    if (models.is_puppet(self.train.model) and self.model.execution == "bucketed"
+        and self.train.jit_compile):
+      raise ValueError("--execution=bucketed cannot be XLA-compiled (its groups of samples "
+                       "have data-dependent sizes): set --nojit_compile "
+                       "(TrainConfig.jit_compile=False), or use --execution=gathered, which "
+                       "XLA compiles, with the same loss and gradients")
     if self.data.batch_grouping == "complexity_bin":
       if not models.is_puppet(self.train.model):
         raise ValueError(f"--batch_grouping=complexity_bin groups by a Puppet-CNN's complexity "

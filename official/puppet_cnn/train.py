@@ -83,7 +83,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (paper: 800).")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", None, "AdamW weight decay (0: Adam).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of weights, data subset and shuffling.")
-_JIT_COMPILE = flags.DEFINE_bool("jit_compile", None, "XLA-compile train/eval steps.")
+_JIT_COMPILE = flags.DEFINE_bool(
+    "jit_compile", None, "XLA-compile train/eval steps (default: on, except with "
+    "--execution=bucketed, which XLA cannot compile).")
 _DTYPE_POLICY = flags.DEFINE_enum(
     "dtype_policy", None, list(DTYPE_POLICIES), "Keras dtype policy (default float32). "
     "mixed_bfloat16 / mixed_float16: Puppet-CNN's convolutions in 16 bits, its complexity, "
@@ -240,6 +242,9 @@ def config_from_flags() -> ExperimentConfig:
                generator_backward=_GENERATOR_BACKWARD.value,
                generator_matmul_dtype=_GENERATOR_MATMUL_DTYPE.value,
                state_channels=_STATE_CHANNELS.value)
+  if _JIT_COMPILE.value is None and model.execution == "bucketed":
+    # XLA cannot compile bucketed execution (ExperimentConfig refuses it): off unless asked.
+    train = dataclasses.replace(train, jit_compile=False)
   if data.dataset == "image_folder":
     model = dataclasses.replace(model, pixel_mean=(0.485, 0.456, 0.406),
                                 pixel_std=(0.229, 0.224, 0.225))
@@ -263,6 +268,7 @@ def main(argv):
   if _LOGICAL_CPUS.value:
     distribute_utils.use_logical_cpus(_LOGICAL_CPUS.value)
   from official.puppet_cnn.data.errors import DataError  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.training_memory import TrainingOutOfMemoryError  # pylint: disable=import-outside-toplevel
   try:
     results = train_lib.run(config, _MODE.value, _MODEL_DIR.value,
                             export_dir=_EXPORT_DIR.value, overwrite=_OVERWRITE.value,
@@ -270,7 +276,7 @@ def main(argv):
                             export_kernel_cache_bins=_EXPORT_KERNEL_CACHE_BINS.value,
                             export_kernel_cache_compute_dtype=(
                                 _EXPORT_KERNEL_CACHE_COMPUTE_DTYPE.value))
-  except (DataError, train_lib.RunError) as e:
+  except (DataError, train_lib.RunError, TrainingOutOfMemoryError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   if results:

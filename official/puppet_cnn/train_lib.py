@@ -38,6 +38,7 @@ from absl import logging
 from official.puppet_cnn import distribute_utils
 from official.puppet_cnn import evaluation
 from official.puppet_cnn import models
+from official.puppet_cnn import training_memory
 from official.puppet_cnn.config_definitions import COMPUTE_DTYPES
 from official.puppet_cnn.data import complexity_batching
 from official.puppet_cnn.data.datasets import Splits
@@ -224,8 +225,14 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     _work_around_multi_worker_symbolic_build(model, strategy)
   start = time.time()
-  model.fit(splits.train, validation_data=splits.val, epochs=t.epochs, callbacks=callbacks,
-            verbose=t.verbose)
+  try:
+    model.fit(splits.train, validation_data=splits.val, epochs=t.epochs, callbacks=callbacks,
+              verbose=t.verbose)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless out of memory)
+    if not training_memory.is_out_of_memory(e):
+      raise
+    raise training_memory.TrainingOutOfMemoryError(training_memory.out_of_memory_message(
+        t.model, config.model, config.data.batch_size, t.jit_compile, e)) from e
   state["finished"] = True
   state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - start
   _write_json(state_path, state)

@@ -300,3 +300,30 @@ def test_mixed_bfloat16_run_trains_saves_and_exports_under_its_policy(tmp_path):
   assert loaded.precision_policy == "mixed_bfloat16" and loaded.puppet.conv_dtype == "bfloat16"
   with open(os.path.join(results["export_path"], "assets.extra", "model_info.json")) as f:
     assert json.load(f)["dtype_policy"] == "mixed_bfloat16"
+
+
+def test_out_of_memory_in_training_says_what_to_change(tmp_path, monkeypatch):
+  """An out-of-memory error of model.fit (a real TensorFlow ResourceExhaustedError, raised in
+  place of a step too large for this machine) comes out as TrainingOutOfMemoryError naming
+  the run's settings and the flags that need less; any other error passes unchanged."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.modeling.puppet_classifier import PuppetClassifier  # pylint: disable=import-outside-toplevel
+  from official.puppet_cnn.training_memory import TrainingOutOfMemoryError  # pylint: disable=import-outside-toplevel
+  raised = []
+
+  def fit(self, *args, **kwargs):
+    del self, args, kwargs
+    raised.append(raised[0] if raised else tf.errors.ResourceExhaustedError(
+        None, None, "Out of memory while trying to allocate 93.03GiB. [Op:one_step_on_data]"))
+    raise raised[-1]
+
+  monkeypatch.setattr(PuppetClassifier, "fit", fit)
+  with pytest.raises(TrainingOutOfMemoryError) as info:
+    train_lib.run(_config(epochs=1), "train", str(tmp_path / "oom"))
+  text = str(info.value)
+  assert info.value.__cause__ is raised[0]
+  assert "allocate 93.03GiB" in text and "--execution=per_sample" in text
+  assert "--batch_size=32" in text and "--complexity_bins=16 --execution=bucketed" in text
+  raised[:] = [ValueError("not a memory problem")]
+  with pytest.raises(ValueError, match="not a memory problem"):
+    train_lib.run(_config(epochs=1), "train", str(tmp_path / "other"), overwrite=True)

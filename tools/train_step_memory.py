@@ -1,0 +1,227 @@
+r"""Memory and time of one Puppet-CNN training step, per execution and batch size.
+
+  python tools/train_step_memory.py --data_dir=../shared/data
+  python tools/train_step_memory.py --configs=exact,bucketed16 --batch_sizes=2,4,8,64 \
+      --xla=off --output=docs/paper_protocol_memory.md
+  KERAS_BACKEND=jax python tools/train_step_memory.py --configs=exact,gathered16 \
+      --batch_sizes=1,8,64 --block=xla_plan      # XLA's plan, nothing run
+
+Answers "does this training configuration fit on this machine?", which configs/*.flags must
+answer for the paper's 64-128-256-512 puppet (official/puppet_cnn/training_memory.py).
+Each job, one (config, batch size, XLA setting), runs in a fresh subprocess:
+
+- TensorFlow backend (the training CLI's): the process loads the images and imports, records
+  its resident size, resets its peak (Linux `clear_refs`), builds `PuppetClassifier` with the
+  config, compiles it as `train_lib` does (Adam, sparse cross-entropy from logits, XLA per
+  --xla) and runs `train_on_batch` twice on real CIFAR-10 test images. It reports the peak
+  resident size (VmHWM) as growth over the baseline, the first step (tracing, compiling) and
+  the second step's time, or the error that stopped it (e.g. XLA's "Out of memory while
+  trying to allocate N GiB").
+- JAX backend: the training step (`jax.value_and_grad` of the model's stateless call, an
+  SGD update) is compiled ahead of time and XLA's memory plan is read
+  (`Compiled.memory_analysis()`: temporaries and arguments); nothing runs, so plans far
+  beyond the machine's memory can be read.
+
+Configs: exact (per-sample execution, exact H: the paper's literal model), per_sample16,
+bucketed16 (configs/cifar10.flags), gathered16 (16 equal bins on [0, 8] bits each).
+Writes block --block of --output, keeping its other blocks (hand-written notes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TOOLS))
+sys.path.insert(0, TOOLS)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import benchmark  # noqa: E402  (tools/benchmark.py: images, machine, report blocks)
+
+CONFIGS = {
+    "exact": {},
+    "per_sample16": {"complexity_bins": 16},
+    "bucketed16": {"complexity_bins": 16, "execution": "bucketed"},
+    "gathered16": {"complexity_bins": 16, "execution": "gathered"},
+}
+SIZES = dict(benchmark.SIZES, tiny=(4, 8))
+MAX_DEPTH = {"full": 8, "small": 4, "tiny": 3}
+TITLE = "# Training memory of the paper's protocol"
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when run as a binary, so tests can import this module beside others."""
+  flags.DEFINE_list("configs", list(CONFIGS), f"Configs, from {list(CONFIGS)}.")
+  flags.DEFINE_list("batch_sizes", ["2", "4", "8"], "Training batch sizes.")
+  flags.DEFINE_enum("sizes", "full", list(SIZES), "Puppet stage channels: full = 64-128-256-"
+                    "512 (max depth 8), small = 16-32-64 (4), tiny = 4-8 (3; the tool's test).")
+  flags.DEFINE_list("xla", ["off"], "TensorFlow: jit_compile settings, from off, on (bucketed "
+                    "runs only with off). Ignored under JAX (always XLA).")
+  flags.DEFINE_string("data_dir", None, "CIFAR-10 folder (else $PUPPET_CNN_DATA_DIR; random "
+                      "images if neither loads).")
+  flags.DEFINE_string("output", os.path.join(os.path.dirname(TOOLS), "docs",
+                                             "paper_protocol_memory.md"), "Report file.")
+  flags.DEFINE_string("block", "train_step", "Block of --output this run writes.")
+  flags.DEFINE_string("json_output", None, "Raw results as JSON.")
+  flags.DEFINE_integer("job_timeout_s", 1200, "Limit of one job.")
+  flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
+
+
+def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
+  """One (config, batch, XLA) job in this process."""
+  import keras
+  import numpy as np
+  from official.puppet_cnn import PuppetClassifier
+  images, labels, _, _ = benchmark._load_images(spec["data_dir"], 256)  # pylint: disable=protected-access
+  b = spec["batch"]
+  x, y = np.resize(images, (b,) + images.shape[1:]), np.resize(labels, (b,))
+  keras.utils.set_random_seed(0)
+  out: Dict[str, Any] = {}
+  base_kb = benchmark._proc_status_kb("VmRSS")  # pylint: disable=protected-access
+  benchmark._reset_peak_rss()  # pylint: disable=protected-access
+  model = PuppetClassifier(stage_channels=SIZES[spec["sizes"]],
+                           max_depth=MAX_DEPTH[spec["sizes"]], **CONFIGS[spec["config"]])
+  loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  if keras.backend.backend() == "jax":
+    import jax
+    model.build()
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+
+    def step(tv, ntv, x, y):
+      def loss_of(tv, ntv):
+        logits, ntv = model.stateless_call(tv, ntv, x, training=True)
+        return loss(y, logits), ntv
+      (value, ntv), grads = jax.value_and_grad(loss_of, has_aux=True)(tv, ntv)
+      return [t - 0.01 * g for t, g in zip(tv, grads)], ntv, value
+
+    start = time.perf_counter()
+    compiled = jax.jit(step).lower(tv, ntv, x.astype(np.float32), y).compile()
+    analysis = compiled.memory_analysis()
+    out.update(compile_s=time.perf_counter() - start,
+               plan_temp_bytes=int(analysis.temp_size_in_bytes),
+               plan_argument_bytes=int(analysis.argument_size_in_bytes))
+    return out
+  model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=spec["xla"])
+  try:
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    out["first_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["loss"] = float(np.asarray(model.train_on_batch(x, y)))
+    out["step_s"] = time.perf_counter() - start
+  except Exception as e:  # pylint: disable=broad-except  (out of memory: report it)
+    out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+  out["peak_growth_mb"] = (benchmark._proc_status_kb("VmHWM") - base_kb) / 1024  # pylint: disable=protected-access
+  return out
+
+
+def _run_subprocess(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout_s:.0f} s (--job_timeout_s)"}
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+    killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+    return {"error": f"exit {proc.returncode}{killed}: " + " | ".join(tail)[-300:]}
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def report_lines(header: Dict[str, Any], results: List[Dict[str, Any]]) -> List[str]:
+  """The block: setup, then one row per job."""
+  jax_plan = header["backend"] == "jax"
+  lines = [f"Written by `tools/train_step_memory.py` (block `{header['block']}`).", "",
+           f"- Command: `{header['command']}`",
+           f"- Date: {header['date']}; machine: `{header['uname']}`, {header['cpus']} CPUs "
+           f"({header['cpu_model']}), {header['mem_gb']:.0f} GB RAM, no GPU used",
+           f"- Backend: Keras {header['keras']} ({header['backend']}); puppet "
+           f"{list(SIZES[header['sizes']])}, max depth {MAX_DEPTH[header['sizes']]}",
+           f"- Images: {header['images']}", ""]
+  if jax_plan:
+    lines += ["XLA's plan for one SGD training step, compiled ahead of time and not run "
+              "(`memory_analysis()`: temporaries; the weights are the arguments).", "",
+              "| config | batch | plan temporaries GB | per image GB | compile s | error |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+      temp = r.get("plan_temp_bytes")
+      lines.append(f"| {r['config']} | {r['batch']} | {_fmt(temp and temp / 1e9, '.2f')} | "
+                   f"{_fmt(temp and temp / 1e9 / r['batch'], '.3f')} | "
+                   f"{_fmt(r.get('compile_s'), '.1f')} | {r.get('error', '')} |")
+  else:
+    lines += ["One Adam training step (`train_on_batch`, as `train_lib` compiles it): peak "
+              "resident size as growth over the process after imports and data, the first "
+              "call (tracing, compiling) and the second call.", "",
+              "| config | batch | XLA | peak growth MB | per image MB | first step s | "
+              "step s | error |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+      peak = r.get("peak_growth_mb")
+      lines.append(f"| {r['config']} | {r['batch']} | {'on' if r['xla'] else 'off'} | "
+                   f"{_fmt(peak, '.0f')} | {_fmt(peak and peak / r['batch'], '.0f')} | "
+                   f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('step_s'), '.2f')} | "
+                   f"{r.get('error', '')} |")
+  return lines
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    print("RESULT " + json.dumps(run_job(json.loads(FLAGS.worker))), flush=True)
+    return
+  import keras
+  unknown = sorted(set(FLAGS.configs) - set(CONFIGS))
+  if unknown:
+    raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+  if set(FLAGS.xla) - {"on", "off"}:
+    raise app.UsageError(f"--xla takes on and/or off, got {FLAGS.xla}")
+  backend = keras.backend.backend()
+  xla_settings = [True] if backend == "jax" else [x == "on" for x in FLAGS.xla]
+  start = time.time()
+  results = []
+  for config in FLAGS.configs:
+    for xla in xla_settings:
+      if backend != "jax" and xla and CONFIGS[config].get("execution") == "bucketed":
+        continue  # XLA cannot compile bucketed execution
+      for batch in (int(b) for b in FLAGS.batch_sizes):
+        spec = {"config": config, "batch": batch, "xla": xla, "sizes": FLAGS.sizes,
+                "data_dir": FLAGS.data_dir}
+        result = dict(spec, **_run_subprocess(spec, FLAGS.job_timeout_s))
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if FLAGS.json_output:
+          with open(FLAGS.json_output, "w") as f:
+            json.dump(results, f, indent=1)
+  _, _, images, _ = benchmark._load_images(FLAGS.data_dir, 256)  # pylint: disable=protected-access
+  header = dict(benchmark._machine(), command="python " + " ".join(  # pylint: disable=protected-access
+      [os.path.relpath(sys.argv[0], os.path.dirname(TOOLS))] +
+      [shlex.quote(a) for a in sys.argv[1:]]),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+                keras=keras.__version__, backend=backend, sizes=FLAGS.sizes,
+                block=FLAGS.block, images=images + ", cycled to each batch size")
+  if not os.path.exists(FLAGS.output):
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+      f.write(TITLE + "\n")
+  benchmark.write_block(FLAGS.output, FLAGS.block, report_lines(header, results))
+  print(f"wrote {FLAGS.output} (block {FLAGS.block})")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
