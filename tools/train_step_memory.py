@@ -34,6 +34,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -74,6 +75,8 @@ def define_flags():
   flags.DEFINE_string("block", "train_step", "Block of --output this run writes.")
   flags.DEFINE_string("json_output", None, "Raw results as JSON.")
   flags.DEFINE_integer("job_timeout_s", 1200, "Limit of one job.")
+  flags.DEFINE_float("max_rss_mb", 16000, "Kill a job whose resident size passes this (MB); "
+                     "the config's larger batch sizes are then skipped.")
   flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
 
 
@@ -126,18 +129,35 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-def _run_subprocess(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+def _run_subprocess(spec: Dict[str, Any], timeout_s: float,
+                    max_rss_mb: float = float("inf")) -> Dict[str, Any]:
+  """Runs one job in a fresh interpreter, killing it past `timeout_s` or `max_rss_mb`
+  resident (a step far larger than the machine must not push it into swap)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout_s:.0f} s (--job_timeout_s)"}
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
-    killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-    return {"error": f"exit {proc.returncode}{killed}: " + " | ".join(tail)[-300:]}
-  return json.loads(lines[-1][len("RESULT "):])
+  with tempfile.TemporaryFile("w+") as out:
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    start, killed, peak = time.perf_counter(), None, 0.0
+    while proc.poll() is None:
+      time.sleep(0.2)
+      peak = max(peak, benchmark._child_rss_mb(proc.pid) or 0.0)  # pylint: disable=protected-access
+      if peak > max_rss_mb:
+        killed = f"killed at {peak:.0f} MB resident (--max_rss_mb={max_rss_mb:.0f})"
+      elif time.perf_counter() - start > timeout_s:
+        killed = f"killed after {timeout_s:.0f} s (--job_timeout_s)"
+      if killed:
+        proc.kill()
+        proc.wait()
+        return {"error": killed, "killed": True}
+    out.seek(0)
+    text = out.read()
+  lines = [l for l in text.splitlines() if l.startswith("RESULT ")]
+  if not lines:
+    tail = [l for l in text.strip().splitlines() if l.strip()][-2:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-300:]}
+  result = json.loads(lines[-1][len("RESULT "):])
+  if proc.returncode:  # after its result: TF 2.21 can abort at exit after an out-of-memory
+    result["exit_code"] = proc.returncode
+  return result
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -167,15 +187,18 @@ def report_lines(header: Dict[str, Any], results: List[Dict[str, Any]]) -> List[
   else:
     lines += ["One Adam training step (`train_on_batch`, as `train_lib` compiles it): peak "
               "resident size as growth over the process after imports and data, the first "
-              "call (tracing, compiling) and the second call.", "",
+              "call (tracing, compiling) and the second call, and the second call's loss "
+              "(the same weights and images in every job of a batch size, so executions that "
+              "compute the same loss show the same value).", "",
               "| config | batch | XLA | peak growth MB | per image MB | first step s | "
-              "step s | error |", "|---|---|---|---|---|---|---|---|"]
+              "step s | loss of step 2 | error |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
       peak = r.get("peak_growth_mb")
+      per_image = None if peak is None or r.get("error") else peak / r["batch"]
       lines.append(f"| {r['config']} | {r['batch']} | {'on' if r['xla'] else 'off'} | "
-                   f"{_fmt(peak, '.0f')} | {_fmt(peak and peak / r['batch'], '.0f')} | "
+                   f"{_fmt(peak, '.0f')} | {_fmt(per_image, '.0f')} | "
                    f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('step_s'), '.2f')} | "
-                   f"{r.get('error', '')} |")
+                   f"{_fmt(r.get('loss'), '.6f')} | {r.get('error', '')} |")
   return lines
 
 
@@ -198,10 +221,16 @@ def main(argv):
     for xla in xla_settings:
       if backend != "jax" and xla and CONFIGS[config].get("execution") == "bucketed":
         continue  # XLA cannot compile bucketed execution
-      for batch in (int(b) for b in FLAGS.batch_sizes):
+      too_large = None
+      for batch in sorted(int(b) for b in FLAGS.batch_sizes):
         spec = {"config": config, "batch": batch, "xla": xla, "sizes": FLAGS.sizes,
                 "data_dir": FLAGS.data_dir}
-        result = dict(spec, **_run_subprocess(spec, FLAGS.job_timeout_s))
+        if too_large:
+          result = dict(spec, error=f"skipped: batch {too_large}")
+        else:
+          result = dict(spec, **_run_subprocess(spec, FLAGS.job_timeout_s, FLAGS.max_rss_mb))
+          if result.pop("killed", False):  # a larger batch would not fit or finish either
+            too_large = f"{batch} was {result['error']}"
         results.append(result)
         print(json.dumps(result), flush=True)
         if FLAGS.json_output:

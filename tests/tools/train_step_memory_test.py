@@ -46,6 +46,7 @@ def test_tiny_run_under_tensorflow(tmp_path):
     assert row[2] == ("on" if r["xla"] else "off")
     assert row[3] == f"{r['peak_growth_mb']:.0f}"
     assert row[4] == f"{r['peak_growth_mb'] / 4:.0f}"  # per image: peak / batch
+    assert row[7] == f"{r['loss']:.6f}"
   assert text.startswith(train_step_memory.TITLE) and "<!-- train_step:begin -->" in text
 
 
@@ -69,3 +70,11 @@ def test_a_failed_job_reports_its_error():
       {"config": "no_such_config", "batch": 2, "xla": False, "sizes": "tiny",
        "data_dir": None}, 300)
   assert result["error"].startswith("exit 1") and "KeyError" in result["error"]
+
+
+def test_a_job_past_the_memory_limit_is_killed():
+  result = train_step_memory._run_subprocess(  # pylint: disable=protected-access
+      {"config": "exact", "batch": 2, "xla": False, "sizes": "tiny", "data_dir": None}, 300,
+      max_rss_mb=50)  # less than the interpreter needs to import TensorFlow
+  assert result["killed"] and result["error"].startswith("killed at ")
+  assert "(--max_rss_mb=50)" in result["error"]
