@@ -224,6 +224,11 @@ def train(config: ExperimentConfig, splits: Splits, model_dir: str,
   ] + list(extra_callbacks)
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     _work_around_multi_worker_symbolic_build(model, strategy)
+  if models.is_puppet(t.model):
+    logging.info("execution=%s, complexity_bins=%d, batch %d: a training step %s",
+                 config.model.execution, config.model.complexity_bins,
+                 config.data.batch_size,
+                 training_memory.describe(config.model, config.data.batch_size))
   start = time.time()
   try:
     model.fit(splits.train, validation_data=splits.val, epochs=t.epochs, callbacks=callbacks,

@@ -65,6 +65,15 @@ def trajectory_bytes(model: PuppetCNNConfig, batch_size: int) -> int:
   return generator_trajectories(model, batch_size) * steps * state_bytes(model)
 
 
+def describe(model: PuppetCNNConfig, batch_size: int) -> str:
+  """One line: the puppeteer states a training step of `batch_size` images keeps."""
+  n = generator_trajectories(model, batch_size)
+  return (f"keeps up to {n} puppeteer trajectories of "
+          f"{len(model.channels) * model.max_depth} states of {state_bytes(model) / 1e6:.1f} "
+          f"MB: {trajectory_bytes(model, batch_size) / 1e9:.1f} GB before G's activations "
+          "and the puppet's own")
+
+
 def _first_line(error: BaseException) -> str:
   lines = [l.strip() for l in str(error).strip().splitlines() if l.strip()]
   return (lines[0] if lines else type(error).__name__)[:300]
@@ -84,12 +93,7 @@ def out_of_memory_message(model_name: str, model: PuppetCNNConfig, batch_size: i
   lines.append(f"This run: --model={model_name}, --execution={model.execution}, {bins}, "
                f"--batch_size={batch_size}, {xla}, stage channels {list(model.channels)}, "
                f"--max_depth={model.max_depth}.")
-  n = generator_trajectories(model, batch_size)
-  lines.append(
-      f"Its training step keeps up to {n} puppeteer trajectories of "
-      f"{len(model.channels) * model.max_depth} states of {state_bytes(model) / 1e6:.1f} MB: "
-      f"{trajectory_bytes(model, batch_size) / 1e9:.1f} GB before G's activations and the "
-      "puppet's own.")
+  lines.append(f"Its training step {describe(model, batch_size)}.")
   options: List[str] = []
   if model.execution == "per_sample":
     lines.append("Per-sample execution integrates one trajectory per image: for the paper's "
