@@ -46,7 +46,8 @@ def test_advice_for_the_papers_exact_h():
   assert "allocate 93.03GiB" in text and "--execution=per_sample" in text
   assert "exact H (--complexity_bins=0)" in text and "--jit_compile" in text
   # 64 trajectories x 32 states x 9.44 MB = 19.3 GB.
-  assert "64 puppeteer trajectories of 32 states of 9.4 MB: 19.3 GB" in text
+  assert ("up to 64 puppeteer trajectories of 32 steps and keeps a 9.4 MB state per step "
+          "for the backward pass: up to 19.3 GB") in text
   assert "--complexity_bins=16 --execution=bucketed --nojit_compile" in text
   assert "--complexity_bins=16 --execution=gathered" in text
   assert "a smaller --batch_size" in text

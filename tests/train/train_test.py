@@ -48,6 +48,17 @@ def test_cifar10_flagfile_is_the_papers_protocol():
   assert exact.train.jit_compile
 
 
+def test_xla_flagfile_is_the_same_protocol_compiled():
+  """configs/cifar10_xla.flags differs from configs/cifar10.flags only in how G runs
+  (gathered under XLA instead of bucketed without it) and where the run is written."""
+  paper = _config(f"--flagfile={REPO}/configs/cifar10.flags").to_dict()
+  xla = _config(f"--flagfile={REPO}/configs/cifar10_xla.flags").to_dict()
+  assert xla["model"]["execution"] == "gathered" and xla["train"]["jit_compile"]
+  for config in (paper, xla):
+    del config["model"]["execution"], config["train"]["jit_compile"]
+  assert paper == xla
+
+
 def test_bucketed_execution_runs_without_xla():
   assert not _config("--model_dir=/tmp/x", "--complexity_bins=16",
                      "--execution=bucketed").train.jit_compile
