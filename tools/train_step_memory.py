@@ -77,6 +77,9 @@ def define_flags():
   flags.DEFINE_integer("job_timeout_s", 1200, "Limit of one job.")
   flags.DEFINE_float("max_rss_mb", 16000, "Kill a job whose resident size passes this (MB); "
                      "the config's larger batch sizes are then skipped.")
+  flags.DEFINE_string("model_overrides", None, "A JSON object of PuppetClassifier arguments "
+                      "applied to every config (e.g. '{\"generator_backward\": "
+                      "\"autodiff\"}').")
   flags.DEFINE_string("worker", None, "Internal: run one job from this JSON spec.")
 
 
@@ -93,7 +96,8 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
   base_kb = benchmark._proc_status_kb("VmRSS")  # pylint: disable=protected-access
   benchmark._reset_peak_rss()  # pylint: disable=protected-access
   model = PuppetClassifier(stage_channels=SIZES[spec["sizes"]],
-                           max_depth=MAX_DEPTH[spec["sizes"]], **CONFIGS[spec["config"]])
+                           max_depth=MAX_DEPTH[spec["sizes"]],
+                           **dict(CONFIGS[spec["config"]], **spec.get("overrides", {})))
   loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   if keras.backend.backend() == "jax":
     import jax
@@ -172,7 +176,8 @@ def report_lines(header: Dict[str, Any], results: List[Dict[str, Any]]) -> List[
            f"- Date: {header['date']}; machine: `{header['uname']}`, {header['cpus']} CPUs "
            f"({header['cpu_model']}), {header['mem_gb']:.0f} GB RAM, no GPU used",
            f"- Backend: Keras {header['keras']} ({header['backend']}); puppet "
-           f"{list(SIZES[header['sizes']])}, max depth {MAX_DEPTH[header['sizes']]}",
+           f"{list(SIZES[header['sizes']])}, max depth {MAX_DEPTH[header['sizes']]}"
+           + (f"; every config with {header['overrides']}" if header["overrides"] else ""),
            f"- Images: {header['images']}", ""]
   if jax_plan:
     lines += ["XLA's plan for one SGD training step, compiled ahead of time and not run "
@@ -213,6 +218,12 @@ def main(argv):
     raise app.UsageError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
   if set(FLAGS.xla) - {"on", "off"}:
     raise app.UsageError(f"--xla takes on and/or off, got {FLAGS.xla}")
+  try:
+    overrides = json.loads(FLAGS.model_overrides or "{}")
+  except ValueError as e:
+    raise app.UsageError(f"--model_overrides is not JSON: {e}") from e
+  if not isinstance(overrides, dict):
+    raise app.UsageError(f"--model_overrides must be a JSON object, got {overrides!r}")
   backend = keras.backend.backend()
   xla_settings = [True] if backend == "jax" else [x == "on" for x in FLAGS.xla]
   start = time.time()
@@ -224,7 +235,7 @@ def main(argv):
       too_large = None
       for batch in sorted(int(b) for b in FLAGS.batch_sizes):
         spec = {"config": config, "batch": batch, "xla": xla, "sizes": FLAGS.sizes,
-                "data_dir": FLAGS.data_dir}
+                "data_dir": FLAGS.data_dir, "overrides": overrides}
         if too_large:
           result = dict(spec, error=f"skipped: batch {too_large}")
         else:
@@ -242,7 +253,7 @@ def main(argv):
       [shlex.quote(a) for a in sys.argv[1:]]),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
                 keras=keras.__version__, backend=backend, sizes=FLAGS.sizes,
-                block=FLAGS.block, images=images + ", cycled to each batch size")
+                block=FLAGS.block, overrides=overrides, images=images + ", cycled to each batch size")
   if not os.path.exists(FLAGS.output):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, "w") as f:

@@ -33,7 +33,8 @@ def _rows(text):
 
 def test_tiny_run_under_tensorflow(tmp_path):
   text, results = _run(sys.executable, tmp_path, "--configs=exact,bucketed16",
-                       "--batch_sizes=4", "--xla=off,on")
+                       "--batch_sizes=4", "--xla=off,on",
+                       '--model_overrides={"generator_backward": "autodiff"}')
   # bucketed16 has no XLA job (XLA cannot compile it): exact off and on, bucketed16 off.
   assert [(r["config"], r["xla"]) for r in results] == [
       ("exact", False), ("exact", True), ("bucketed16", False)]
@@ -48,6 +49,17 @@ def test_tiny_run_under_tensorflow(tmp_path):
     assert row[4] == f"{r['peak_growth_mb'] / 4:.0f}"  # per image: peak / batch
     assert row[7] == f"{r['loss']:.6f}"
   assert text.startswith(train_step_memory.TITLE) and "<!-- train_step:begin -->" in text
+  assert all(r["overrides"] == {"generator_backward": "autodiff"} for r in results)
+  assert "every config with {'generator_backward': 'autodiff'}" in text
+
+
+def test_bad_overrides_are_a_usage_error(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_step_memory.py"),
+                         "--model_overrides=[1, 2]", f"--output={tmp_path}/m.md"],
+                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "--model_overrides must be a JSON object" in proc.stderr
+  assert not os.path.exists(tmp_path / "m.md")
 
 
 def test_xla_plan_under_jax_grows_with_the_trajectories(tmp_path):
