@@ -811,15 +811,16 @@ def _target(ok: Optional[bool]) -> str:
 TITLE = "# Benchmarks: Puppet-CNN execution modes"
 
 
-def write_block(path: str, name: str, lines: List[str]) -> None:
+def write_block(path: str, name: str, lines: List[str], title: str = TITLE) -> None:
   """Writes `lines` as block `name` of the report, keeping its other blocks.
 
   Blocks sit between `<!-- name:begin -->` and `<!-- name:end -->`; a block the tool does not
-  write (e.g. `discussion`, written by hand) is kept as it is.
+  write (e.g. `discussion`, written by hand) is kept as it is. A new report starts with
+  `title`.
   """
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
   block = "\n".join([begin] + lines + [end])
-  text = open(path).read() if os.path.exists(path) else TITLE + "\n"
+  text = open(path).read() if os.path.exists(path) else title + "\n"
   if begin in text and end in text:
     text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
   else:

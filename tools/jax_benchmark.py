@@ -527,11 +527,7 @@ def report_lines(header: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> 
 def write_report(output: str, header: Dict[str, Any], results: Dict[str, Dict[str, Any]]):
   """Writes block `gpu` of `output` (created with the title if missing); returns its lines."""
   lines = report_lines(header, results)
-  if not os.path.exists(output):
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      f.write(TITLE + "\n")
-  benchmark.write_block(output, BLOCK, lines)
+  benchmark.write_block(output, BLOCK, lines, title=TITLE)
   return lines
 
 

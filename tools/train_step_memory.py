@@ -88,11 +88,11 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
   import keras
   import numpy as np
   from official.puppet_cnn import PuppetClassifier
-  images, labels, _, _ = benchmark._load_images(spec["data_dir"], 256)  # pylint: disable=protected-access
+  images, labels, source, _ = benchmark._load_images(spec["data_dir"], 256)  # pylint: disable=protected-access
   b = spec["batch"]
   x, y = np.resize(images, (b,) + images.shape[1:]), np.resize(labels, (b,))
   keras.utils.set_random_seed(0)
-  out: Dict[str, Any] = {}
+  out: Dict[str, Any] = {"images": source}
   base_kb = benchmark._proc_status_kb("VmRSS")  # pylint: disable=protected-access
   benchmark._reset_peak_rss()  # pylint: disable=protected-access
   model = PuppetClassifier(stage_channels=SIZES[spec["sizes"]],
@@ -247,18 +247,16 @@ def main(argv):
         if FLAGS.json_output:
           with open(FLAGS.json_output, "w") as f:
             json.dump(results, f, indent=1)
-  _, _, images, _ = benchmark._load_images(FLAGS.data_dir, 256)  # pylint: disable=protected-access
+  # The images each job loaded (CIFAR-10's test images, or random ones where none loaded).
+  sources = sorted({r["images"] for r in results if "images" in r}) or ["no job loaded images"]
   header = dict(benchmark._machine(), command="python " + " ".join(  # pylint: disable=protected-access
       [os.path.relpath(sys.argv[0], os.path.dirname(TOOLS))] +
       [shlex.quote(a) for a in sys.argv[1:]]),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
                 keras=keras.__version__, backend=backend, sizes=FLAGS.sizes,
-                block=FLAGS.block, overrides=overrides, images=images + ", cycled to each batch size")
-  if not os.path.exists(FLAGS.output):
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      f.write(TITLE + "\n")
-  benchmark.write_block(FLAGS.output, FLAGS.block, report_lines(header, results))
+                block=FLAGS.block, overrides=overrides,
+                images="; ".join(sources) + ", cycled to each batch size")
+  benchmark.write_block(FLAGS.output, FLAGS.block, report_lines(header, results), title=TITLE)
   print(f"wrote {FLAGS.output} (block {FLAGS.block})")
 
 

@@ -15,8 +15,9 @@ that is depends on the execution:
 - 'bucketed': one per bin that occurs in the batch, at most min(batch, complexity_bins).
 
 `trajectory_bytes` counts those states at the most steps (images below the maximum depth
-keep fewer; the puppet's activations and G's working memory come on top), and `out_of_memory_message` turns an out-of-memory error of `model.fit` into one that
-says which settings hold what and which flags fit (`train_lib.train` raises it as
+keep fewer; the puppet's activations and G's working memory come on top), and
+`out_of_memory_message` turns an out-of-memory error of `model.fit` into one that says which
+settings hold what and which flags fit (`train_lib.train` raises it as
 `TrainingOutOfMemoryError`).
 """
 
@@ -58,18 +59,22 @@ def state_bytes(model: PuppetCNNConfig, bytes_per_value: int = 4) -> int:
   return c * model.kernel_size ** 2 * c * bytes_per_value
 
 
+def trajectory_steps(model: PuppetCNNConfig) -> int:
+  """The most Euler steps of one trajectory: max_depth in each stage."""
+  return len(model.channels) * model.max_depth
+
+
 def trajectory_bytes(model: PuppetCNNConfig, batch_size: int) -> int:
   """Bytes of the puppeteer states one training step keeps at most: trajectories x stages x
   max_depth states. G's share of the step, not the step's whole memory."""
-  steps = len(model.channels) * model.max_depth
-  return generator_trajectories(model, batch_size) * steps * state_bytes(model)
+  return generator_trajectories(model, batch_size) * trajectory_steps(model) * state_bytes(model)
 
 
 def describe(model: PuppetCNNConfig, batch_size: int) -> str:
   """One line: the puppeteer states a training step of `batch_size` images keeps."""
   n = generator_trajectories(model, batch_size)
-  return (f"integrates up to {n} puppeteer trajectories of "
-          f"{len(model.channels) * model.max_depth} steps and keeps a "
+  return (f"integrates up to {n} puppeteer trajectories of {trajectory_steps(model)} steps "
+          "and keeps a "
           f"{state_bytes(model) / 1e6:.1f} MB state per step for the backward pass: up to "
           f"{trajectory_bytes(model, batch_size) / 1e9:.1f} GB, besides the puppet's "
           "activations")
