@@ -14,9 +14,11 @@ Each job, one (config, batch size, XLA setting), runs in a fresh subprocess:
   its resident size, resets its peak (Linux `clear_refs`), builds `PuppetClassifier` with the
   config, compiles it as `train_lib` does (Adam, sparse cross-entropy from logits, XLA per
   --xla) and runs `train_on_batch` twice on real CIFAR-10 test images. It reports the peak
-  resident size (VmHWM) as growth over the baseline, the first step (tracing, compiling) and
-  the second step's time, or the error that stopped it (e.g. XLA's "Out of memory while
-  trying to allocate N GiB").
+  resident size (VmHWM) as growth over the baseline, the second step's tensor peak (the most
+  bytes TensorFlow's CPU allocator had in live tensors during that step, weights and
+  optimizer slots included: what the step itself needs, without the allocator's cache and
+  the traced graphs), the first step (tracing, compiling) and the second step's time, or
+  the error that stopped it (e.g. XLA's "Out of memory while trying to allocate N GiB").
 - JAX backend: the training step (`jax.value_and_grad` of the model's stateless call, an
   SGD update) is compiled ahead of time and XLA's memory plan is read
   (`Compiled.memory_analysis()`: temporaries and arguments); nothing runs, so plans far
@@ -124,9 +126,14 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     start = time.perf_counter()
     model.train_on_batch(x, y)
     out["first_s"] = time.perf_counter() - start
+    tracked = benchmark._reset_tensor_peak()  # pylint: disable=protected-access
     start = time.perf_counter()
     out["loss"] = float(np.asarray(model.train_on_batch(x, y)))
     out["step_s"] = time.perf_counter() - start
+    peak_kb = benchmark._tensor_peak_kb() if tracked else None  # pylint: disable=protected-access
+    # None where the allocator counted nothing: oneDNN off, or an XLA-compiled step, whose
+    # buffers TensorFlow's CPU allocator does not hand out.
+    out["tensor_peak_mb"] = peak_kb / 1024 if peak_kb else None
   except Exception as e:  # pylint: disable=broad-except  (out of memory: report it)
     out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
   out["peak_growth_mb"] = (benchmark._proc_status_kb("VmHWM") - base_kb) / 1024  # pylint: disable=protected-access
@@ -191,17 +198,21 @@ def report_lines(header: Dict[str, Any], results: List[Dict[str, Any]]) -> List[
                    f"{_fmt(r.get('compile_s'), '.1f')} | {r.get('error', '')} |")
   else:
     lines += ["One Adam training step (`train_on_batch`, as `train_lib` compiles it): peak "
-              "resident size as growth over the process after imports and data, the first "
-              "call (tracing, compiling) and the second call, and the second call's loss "
+              "resident size as growth over the process after imports and data, the second "
+              "call's tensor peak (bytes in live tensors; '-' where the allocator counts none, "
+              "as under XLA), the first call (tracing, compiling) and the second call, and the second "
+              "call's loss "
               "(the same weights and images in every job of a batch size, so executions that "
               "compute the same loss show the same value).", "",
-              "| config | batch | XLA | peak growth MB | per image MB | first step s | "
-              "step s | loss of step 2 | error |", "|---|---|---|---|---|---|---|---|---|"]
+              "| config | batch | XLA | peak growth MB | per image MB | tensor peak MB | "
+              "first step s | step s | loss of step 2 | error |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
       peak = r.get("peak_growth_mb")
       per_image = None if peak is None or r.get("error") else peak / r["batch"]
       lines.append(f"| {r['config']} | {r['batch']} | {'on' if r['xla'] else 'off'} | "
                    f"{_fmt(peak, '.0f')} | {_fmt(per_image, '.0f')} | "
+                   f"{_fmt(r.get('tensor_peak_mb'), '.0f')} | "
                    f"{_fmt(r.get('first_s'), '.1f')} | {_fmt(r.get('step_s'), '.2f')} | "
                    f"{_fmt(r.get('loss'), '.6f')} | {r.get('error', '')} |")
   return lines

@@ -1,4 +1,6 @@
 """Backend-specific ops against float64 loops and TensorFlow's plain per-sample ops."""
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -165,6 +167,71 @@ def test_selector_returns_each_tensor_without_a_branch_per_tensor():
     backend_ops.selector([])
 
 
+@pytest.mark.parametrize("graph", [False, True, "xla"])
+def test_layer_reader_reads_layers_in_a_loop_and_routes_their_gradients(graph):
+  """Inside a bounded while loop that reads layers 0, 1, 1, 3 of four (layer 2 never), the
+  reads are the stacked slices, and the gradient of sum_i w_i * f(read(j_i)) with respect
+  to the stack is, written out, w_i * f'(stack[j_i]) summed into row j_i, zero in row 2."""
+  rng = np.random.default_rng(5)
+  stacked = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+  order = np.array([0, 1, 1, 3], np.int32)
+  weights = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
+
+  def loss_and_reads(stack):
+    read = backend_ops.layer_reader(stack)
+
+    def body(i, total, reads):
+      layer = read(tf.gather(order, i))
+      total = total + tf.gather(weights, i) * tf.reduce_sum(tf.sin(layer))
+      return i + 1, total, tf.tensor_scatter_nd_update(reads, [[i]], layer[None])
+
+    _, total, reads = backend_ops.bounded_while_loop(
+        lambda i, *_: i < 4, body, (tf.constant(0), tf.constant(0.0), tf.zeros((4, 2, 3, 3))),
+        maximum_iterations=4)
+    return total, reads
+
+  def run(stack):
+    with tf.GradientTape() as tape:
+      tape.watch(stack)
+      total, reads = loss_and_reads(stack)
+    return reads, tape.gradient(total, stack)
+
+  if graph:
+    run = tf.function(run, jit_compile=graph == "xla", autograph=False)
+  reads, grad = run(tf.constant(stacked))
+  np.testing.assert_array_equal(reads.numpy(), stacked[order])
+  want = np.zeros(stacked.shape, np.float64)
+  for i, j in enumerate(order):
+    want[j] += weights[i] * np.cos(stacked[j].astype(np.float64))
+  np.testing.assert_allclose(grad.numpy(), want, rtol=1e-5, atol=1e-6)
+  assert not want[2].any()
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_vjp_is_the_transposed_jacobian_product(graph):
+  """Against the written-out products: a pooling (linear: J^T c is c spread over each pool),
+  an elementwise square (2 x c) and a constant (zeros)."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 4, 6)).astype(np.float32)
+  c_pool = rng.normal(size=(2, 4, 3)).astype(np.float32)
+  c_full = rng.normal(size=x.shape).astype(np.float32)
+
+  def pool(t):
+    return tf.reduce_mean(tf.reshape(t, (2, 4, 3, 2)), axis=-1)
+
+  def products(x, c_pool, c_full):
+    return (backend_ops.vjp(pool, x, c_pool),
+            backend_ops.vjp(tf.square, x, c_full),
+            backend_ops.vjp(lambda t: tf.ones((3,)), x, tf.ones((3,))))
+
+  fn = tf.function(products, autograph=False) if graph else products
+  got_pool, got_square, got_const = fn(tf.constant(x), tf.constant(c_pool),
+                                       tf.constant(c_full))
+  np.testing.assert_allclose(got_pool.numpy(), np.repeat(c_pool, 2, axis=-1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(got_square.numpy(), 2 * x * c_full, rtol=1e-6)
+  np.testing.assert_array_equal(got_const.numpy(), np.zeros_like(x))
+
+
 def test_check_passes_values_and_raises_with_the_message():
   x = tf.constant([1.0, 2.0])
   assert backend_ops.check(tf.constant(True), x, "never").numpy().tolist() == [1.0, 2.0]
@@ -270,7 +337,7 @@ def test_group_conv_of_split_kernel_rows_with_an_empty_group(compiled):
 def test_group_ops_build_no_cond():
   """The empty-group handling is data flow, not a `tf.cond`: each cond put four functions
   (branches and their gradients) into a training graph (docs/benchmarks_no_cond.md)."""
-  @tf.function
+  @functools.partial(tf.function, autograph=False)
   def step(x, k):
     with tf.GradientTape() as tape:
       tape.watch([x, k])

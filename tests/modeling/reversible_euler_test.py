@@ -119,6 +119,55 @@ def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows
                                err_msg=name)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_readouts_match_float64_autodiff_of_the_read_out_trajectory(graph):
+  """Readouts run inside the custom gradient: the outputs are the readouts of the states,
+  and the gradients those of float64 autodiff through the readouts. One readout is linear
+  (a pooling, as a generated kernel's), one is not (its gradient needs the rebuilt state),
+  and some steps have none (their state itself)."""
+  state, dl, weight, actives, params, _ = _problem(0)
+  rng = np.random.default_rng(7)
+
+  def pool(s):  # (N, H, W, C) -> (N, H, W // 2, C), a mean over column pairs
+    return 0.5 * (s[:, :, 0::2] + s[:, :, 1::2])
+
+  readouts = [pool, None, lambda s: tf.square(s) * 0.3, pool, None]
+  f64 = lambda x: tf.constant(x, tf.float64)  # pylint: disable=unnecessary-lambda-assignment
+  f32 = lambda x: tf.constant(x, tf.float32)  # pylint: disable=unnecessary-lambda-assignment
+  shapes = [(f(tf.zeros(state.shape)) if f else tf.zeros(state.shape)).shape for f in readouts]
+  cots = [rng.normal(size=sh) for sh in shapes]
+
+  def reference(s, d, p):
+    states, means = _reference_trajectory(s, d, f64(weight),
+                                          [None if a is None else f64(a) for a in actives],
+                                          p, EPS)
+    return [f(x) if f else x for f, x in zip(readouts, states)], means
+
+  want_outs, _, want = _gradients(reference, f64(state), f64(dl), [f64(p) for p in params],
+                                  [f64(c) for c in cots])
+
+  def run(s, d, p):
+    outs, means, _ = reversible_euler.euler_trajectory(
+        s, d, f32(weight), [None if a is None else f32(a) for a in actives], p, EPS,
+        readouts=readouts)
+    return outs, means
+
+  def grads(state, dl, params, cots):
+    return _gradients(run, state, dl, params, cots)
+
+  fn = tf.function(grads) if graph else grads
+  got_outs, _, got = fn(f32(state), f32(dl), [f32(p) for p in params], [f32(c) for c in cots])
+  for a, b in zip(want_outs, got_outs):
+    assert b.shape == a.shape
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
+  for a, b in zip(want, got):
+    a = a.numpy()
+    np.testing.assert_allclose(b.numpy(), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9)
+  with pytest.raises(ValueError, match="2 readouts for 5 steps"):
+    reversible_euler.euler_trajectory(f32(state), f32(dl), None, [None] * 5,
+                                      [f32(p) for p in params], EPS, readouts=[None, None])
+
+
 @pytest.mark.parametrize("rank,dtype", [(0, "bfloat16"), (2, "bfloat16"), (0, "float16")])
 def test_16_bit_products_match_a_float64_reference_rounded_at_the_same_points(rank, dtype):
   """matmul_dtype rounds G's pointwise operands and products and nothing else: the states

@@ -34,6 +34,9 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
 * `check_images`: a run-time check that raises a clear error for NaN, infinite or
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
+* `vjp`: the vector-Jacobian product of a function at a point, inside a hand-written
+  backward pass (`reversible_euler`'s readouts). TensorFlow: a `GradientTape`; JAX:
+  `jax.vjp`.
 * `compiled_call`: one call of a layer's function compiled as a whole (the gathered kernel
   table's build). JAX: `jax.jit` with the layer's variables passed in through a
   `StatelessScope`; TensorFlow: eager, as before.
@@ -247,6 +250,28 @@ def after(x, dependency):
     return tf.identity(x)
 
 
+def vjp(fn, x, cotangent):
+  """The gradient of `sum(fn(x) * cotangent)` with respect to `x`: the vector-Jacobian
+  product of `fn` at `x`, for a hand-written backward pass that differentiates a function
+  of one tensor (`reversible_euler`: a step's readout, inside the trajectory's custom
+  gradient). A `fn` that does not depend on `x` gives zeros."""
+  name = backend()
+  if name == "tensorflow":
+    import tensorflow as tf
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = fn(x)
+    grad = tape.gradient(y, x, output_gradients=tf.convert_to_tensor(cotangent, y.dtype))
+    return tf.zeros_like(x) if grad is None else grad
+  if name == "jax":
+    import jax
+    _, pullback = jax.vjp(fn, x)
+    return pullback(ops.convert_to_tensor(cotangent))[0]
+  raise NotImplementedError(f"backend_ops.vjp: no implementation for the {name!r} backend "
+                            "(TensorFlow and JAX have one)")
+
+
 def batched_histogram(levels, bins: int):
   """Counts of each level in [0, bins) along the last axis of int32 (N, M) -> float32 (N, bins).
 
@@ -394,6 +419,37 @@ def selector(tensors):
     return out
 
   return select
+
+
+def layer_reader(stacked):
+  """`read(j)` -> `stacked[j]` for an int32 scalar tensor `j` inside a loop's body
+  (`DynamicConvStack`: layer j's per-sample kernels in the bounded layer loop), with a
+  gradient that costs one slice per iteration.
+
+  TensorFlow: the slices go into a TensorList once and `read` is one `TensorListGetItem`.
+  A gather from the stacked tensor would give the same values, but inside a `tf.while_loop`
+  TensorFlow turns each iteration's gradient of a gather into a dense tensor of the whole
+  stack (all layers' kernels) and adds it to another (`while_v2_indexed_slices_rewriter`
+  keeps sparse gradients only for resource variables): two copies of the stage's kernels
+  per iteration at the backward pass's peak. A TensorList's gradient is a list whose
+  entries are set only where read. Other backends: `keras.ops.take` (JAX's loop carries a
+  dense gradient either way).
+  """
+  if backend() != "tensorflow":
+    return lambda j: ops.take(stacked, j, axis=0)
+  import tensorflow as tf
+  stacked = tf.convert_to_tensor(stacked)
+  element_shape = stacked.shape[1:]
+  shape = tf.constant([-1 if d is None else d for d in element_shape.as_list()], tf.int32)
+  handle = tf.raw_ops.TensorListFromTensor(tensor=stacked, element_shape=shape)
+
+  def read(j):
+    out = tf.raw_ops.TensorListGetItem(input_handle=handle, index=tf.cast(j, tf.int32),
+                                       element_shape=shape, element_dtype=stacked.dtype)
+    out.set_shape(element_shape)
+    return out
+
+  return read
 
 
 def check(condition, value, message: str):

@@ -266,7 +266,17 @@ class DynamicConvStack(keras.layers.Layer):
                       kernel_rows=None):
     kpu = self.kernels_per_unit
 
-    if kernel_rows is None:
+    if training:
+      # Layers first (one copy), read one layer at a time with a gradient of one layer's
+      # kernels per iteration (`backend_ops.layer_reader`): a gather from (N or R, L, ...)
+      # in the loop would make TensorFlow add a dense gradient of all L layers' kernels at
+      # every iteration (docs/paper_protocol_memory.md).
+      read = backend_ops.layer_reader(ops.moveaxis(kernels, 1, 0))
+      rows_of = None if kernel_rows is None else ops.cast(kernel_rows, "int32")
+
+      def layer_kernel(j):  # layer j's per-sample kernels (row kernel_rows[b], layer j)
+        return per_sample_kernels(read(j), rows_of)
+    elif kernel_rows is None:
       def layer_kernel(j):  # layer j's per-sample kernels
         return ops.take(kernels, j, axis=1)
     else:

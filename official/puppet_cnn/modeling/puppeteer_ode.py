@@ -25,6 +25,7 @@ stops moving once it has passed its depth, so the kernels it uses do not depend 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Dict, List, Sequence, Tuple
 
@@ -675,30 +676,41 @@ class PuppeteerODE(keras.layers.Layer):
       return dones[unit]
 
     steps = units * self.kernels_per_unit
-    reversible = (self._reversible_states(state, dl, depth, weight, stats, depth_sorted, steps,
-                                          len(channels))
-                  if training and self.training_backward == "reversible" else None)
+    if training and self.training_backward == "reversible":
+      # The kernels are read out of the states inside the trajectory's custom gradient
+      # (`reversible_euler.euler_trajectory(readouts=)`): its backward pass then gets each
+      # kernel's gradient rather than a state-sized one per step, all at once.
+      readouts, c_prev = [], self.input_channels
+      for c_out in channels:
+        readouts.append(functools.partial(self.kernel_from_state, c_in=c_prev, c_out=c_out,
+                                          expand=expand))
+        for j in range(steps):
+          rows = done_at(j // self.kernels_per_unit + 1) if active_rows_only else None
+          readouts.append(functools.partial(self._rows_kernel, rows=rows, c_in=c_out,
+                                            c_out=c_out, expand=expand))
+        c_prev = c_out
+      for s, (transition, repeated) in enumerate(self._reversible_states(
+          state, dl, depth, weight, stats, depth_sorted, steps, len(channels), readouts)):
+        yield s, None, transition
+        for j, kernel in enumerate(repeated):
+          yield s, j, kernel
+      return
     c_prev = self.input_channels
     for s, c_out in enumerate(channels):
-      if reversible is not None:
-        state = reversible[s][0]
-      else:
-        state = self.integrate_step(state, dl, None, training, stats, weight,
-                                    row=self.statistics_row(s))
+      state = self.integrate_step(state, dl, None, training, stats, weight,
+                                  row=self.statistics_row(s))
       yield s, None, self.kernel_from_state(state, c_prev, c_out, expand)
-      if reversible is not None:
-        trajectory = reversible[s][1]
-      else:
-        args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
-        trajectory = (self._looped_steps(*args) if loop and steps
-                      else self._unrolled_steps(*args, done_at))
+      args = (state, dl, depth, steps, training, stats, weight, depth_sorted, s, step_rows)
+      trajectory = (self._looped_steps(*args) if loop and steps
+                    else self._unrolled_steps(*args, done_at))
       for j, state in enumerate(trajectory):
-        if active_rows_only:
-          done = done_at(j // self.kernels_per_unit + 1)
-          yield s, j, self.kernel_from_state(state[done:], c_out, c_out, expand)
-        else:
-          yield s, j, self.kernel_from_state(state, c_out, c_out, expand)
+        rows = done_at(j // self.kernels_per_unit + 1) if active_rows_only else None
+        yield s, j, self._rows_kernel(state, rows, c_out, c_out, expand)
       c_prev = c_out
+
+  def _rows_kernel(self, state, rows, c_in: int, c_out: int, expand: bool):
+    """`kernel_from_state` of the states from row `rows` on (None: all rows)."""
+    return self.kernel_from_state(state if rows is None else state[rows:], c_in, c_out, expand)
 
   @property
   def training_backward(self) -> str:
@@ -712,9 +724,10 @@ class PuppeteerODE(keras.layers.Layer):
             else "autodiff")
 
   def _reversible_states(self, state, dl, depth, weight, stats: list, depth_sorted: bool,
-                         steps: int, stages: int):
+                         steps: int, stages: int, readouts=None):
     """The training trajectory with `backward='reversible'`: per stage, (transition state,
-    [repeated states]); appends each step's batch statistics to `stats` in the order of the
+    [repeated states]), or each state's readout where `readouts` (one per step, in that
+    order) gives one; appends each step's batch statistics to `stats` in the order of the
     autodiff path."""
     why = why_not_reversible(self.integrator, self.normalization)
     if why:
@@ -728,7 +741,7 @@ class PuppeteerODE(keras.layers.Layer):
     sorted_rows = depth_sorted and backend_ops.backend() == "tensorflow"
     states, means, variances = reversible_euler.euler_trajectory(
         state, dl, weight, actives, params, self.epsilon, self.depthwise, sorted_rows,
-        self.matmul_dtype)
+        self.matmul_dtype, readouts)
     for active, mean, variance in zip(actives, means, variances):
       mask = active if weight is None else (weight if active is None else active * weight)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0

@@ -25,7 +25,7 @@ The batch statistics it returns carry no gradient (they only update moving avera
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import keras
 from keras import ops
@@ -36,7 +36,8 @@ from official.puppet_cnn.modeling import masked_batch_norm as mbn
 
 def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: float,
                      depthwise: str = "auto", sorted_rows: bool = False,
-                     matmul_dtype: str = "float32"):
+                     matmul_dtype: str = "float32",
+                     readouts: Optional[Sequence[Optional[Callable]]] = None):
   """Runs Euler steps of G from `state`; returns (states, means, variances), one per step.
 
   Args:
@@ -54,13 +55,24 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       (dynamic shapes: TensorFlow only, not under XLA). Same values.
     matmul_dtype: the dtype of G's pointwise products, forward and backward
       (`backend_ops.matmul_in_dtype`); everything else runs in float32.
+    readouts: None, or one entry per step: None (return the state) or a function of the
+      state to return instead (`PuppeteerODE`: the layer's kernel pooled from the state).
+      A readout runs inside the trajectory's custom gradient, so the backward pass receives
+      the gradient of the readout, often much smaller than the state's (a 64-channel
+      kernel from a 512-wide state: 1/64), and turns it into the state's gradient
+      (`backend_ops.vjp`) only when its step is reached. Without readouts every step's
+      state-sized gradient exists at once when the backward pass starts (36 x 9.4 MB per
+      trajectory of the paper's G), and every state at once after the forward pass.
 
   Returns:
-    states: the state after each step; means: each step's batch mean of G's output before
+    states: the state (or its readout) after each step; means: each step's batch mean of G's output before
     normalization, biases included (what `PuppeteerODE` records); variances: its batch
     variance. A step that runs on no state gives zeros.
   """
   actives = list(actives)
+  readouts = [None] * len(actives) if readouts is None else list(readouts)
+  if len(readouts) != len(actives):
+    raise ValueError(f"euler_trajectory: {len(readouts)} readouts for {len(actives)} steps")
   # Tensors, not variables (TensorFlow's eager custom gradient would otherwise ask for the
   # gradients of the variables read inside, separately from the inputs').
   params = [ops.copy(p) if isinstance(p, keras.Variable) else p for p in params]
@@ -94,7 +106,7 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       s, y, mean, variance = (_sorted_forward(g, s, dl, weight, active) if rows
                               else _masked_forward(g, s, dl4, weight, active))
       saved.append((y, mean, variance))
-      states.append(s)
+      states.append(s if readouts[len(states)] is None else readouts[len(states)](s))
       means.append(mean + bias)
       variances.append(variance)
     final = s
@@ -103,7 +115,17 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       if len(upstream) == 1 and isinstance(upstream[0], (tuple, list)):
         upstream = tuple(upstream[0])  # JAX: one cotangent with the outputs' structure
       up = [None if u is None else ops.convert_to_tensor(u) for u in upstream[:n_steps]]
-      g_state = _zero_if_none(up[-1], final)
+
+      def state_grad(k, state):
+        """Step k's output gradient as a gradient of its state (None: none). Computed once
+        the backward pass has rebuilt `state` (`backend_ops.after`): a pooling's gradient
+        needs no state, and TensorFlow's executor would otherwise expand every readout's
+        gradient to a state-sized one as soon as the backward pass starts."""
+        if up[k] is None or readouts[k] is None:
+          return up[k]
+        return backend_ops.vjp(readouts[k], state, backend_ops.after(up[k], state))
+
+      g_state = _zero_if_none(state_grad(n_steps - 1, final), final)
       s = final
       d_dl = ops.zeros_like(dl)
       d_params = None
@@ -121,7 +143,7 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
         d_dl = d_dl + dd
         d_params = dp if d_params is None else [a + b for a, b in zip(d_params, dp)]
         if k > 0 and up[k - 1] is not None:
-          g_state = g_state + up[k - 1]
+          g_state = g_state + state_grad(k - 1, s)
       d_dw, d_factors, d_gamma, d_beta = d_params[0], d_params[1:-2], d_params[-2], d_params[-1]
       grads = [g_state, d_dl] + ([ops.zeros_like(weight)] if has_weight else [])
       grads += [ops.zeros_like(m) for m in step_masks if m is not None]
