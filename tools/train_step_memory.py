@@ -131,8 +131,8 @@ def run_job(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["loss"] = float(np.asarray(model.train_on_batch(x, y)))
     out["step_s"] = time.perf_counter() - start
     peak_kb = benchmark._tensor_peak_kb() if tracked else None  # pylint: disable=protected-access
-    # None where the allocator counted nothing: oneDNN off, or an XLA-compiled step, whose
-    # buffers TensorFlow's CPU allocator does not hand out.
+    # None where the allocator counted nothing (oneDNN off; a tiny XLA-compiled step was
+    # also seen to count nothing).
     out["tensor_peak_mb"] = peak_kb / 1024 if peak_kb else None
   except Exception as e:  # pylint: disable=broad-except  (out of memory: report it)
     out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
@@ -199,11 +199,10 @@ def report_lines(header: Dict[str, Any], results: List[Dict[str, Any]]) -> List[
   else:
     lines += ["One Adam training step (`train_on_batch`, as `train_lib` compiles it): peak "
               "resident size as growth over the process after imports and data, the second "
-              "call's tensor peak (bytes in live tensors; '-' where the allocator counts none, "
-              "as under XLA), the first call (tracing, compiling) and the second call, and the second "
-              "call's loss "
-              "(the same weights and images in every job of a batch size, so executions that "
-              "compute the same loss show the same value).", "",
+              "call's tensor peak (bytes in live tensors; '-' where the allocator counts none), "
+              "the first call (tracing, compiling) and the second call, and "
+              "the second call's loss (the same weights and images in every job of a batch "
+              "size, so executions that compute the same loss show the same value).", "",
               "| config | batch | XLA | peak growth MB | per image MB | tensor peak MB | "
               "first step s | step s | loss of step 2 | error |",
               "|---|---|---|---|---|---|---|---|---|---|"]

@@ -65,9 +65,9 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       trajectory of the paper's G), and every state at once after the forward pass.
 
   Returns:
-    states: the state (or its readout) after each step; means: each step's batch mean of G's output before
-    normalization, biases included (what `PuppeteerODE` records); variances: its batch
-    variance. A step that runs on no state gives zeros.
+    states: the state (or its readout) after each step; means: each step's batch mean of
+    G's output before normalization, biases included (what `PuppeteerODE` records);
+    variances: its batch variance. A step that runs on no state gives zeros.
   """
   actives = list(actives)
   readouts = [None] * len(actives) if readouts is None else list(readouts)
