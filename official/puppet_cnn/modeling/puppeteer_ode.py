@@ -110,11 +110,12 @@ class PuppeteerODE(keras.layers.Layer):
       function (`reversible_euler.euler_trajectory`) that keeps one state-sized tensor per
       step, G's output before its batch norm, and in the backward pass undoes the steps one
       by one (P = P' - dl * G, G rebuilt from that tensor) instead of recomputing G: the
-      memory of `remat` without its extra forward pass of G. Needs the Euler integrator and
-      a batch-normalized G, and excludes `remat` and `loop_steps`. 'auto' (default):
-      'reversible' where it applies, else 'autodiff', decided at each training call
-      (`training_backward`). Same values; gradients equal to float rounding. Inference is
-      unaffected.
+      memory of `remat` without its extra forward pass of G. The kernels are pooled from
+      the states inside that function, so its backward pass receives kernel-sized
+      gradients. Needs the Euler integrator and a batch-normalized G, and excludes
+      `remat` and `loop_steps`. 'auto' (default): 'reversible' where it applies, else
+      'autodiff', decided at each training call (`training_backward`). Same values;
+      gradients equal to float rounding. Inference is unaffected.
     matmul_dtype: the dtype of G's pointwise matrix products (`COMPUTE_DTYPES`,
       `backend_ops.matmul_in_dtype`), in training and inference, forward and backward.
       'float32' (default, the paper's). 'bfloat16' / 'float16': both operands are rounded
