@@ -167,8 +167,8 @@ def test_selector_returns_each_tensor_without_a_branch_per_tensor():
     backend_ops.selector([])
 
 
-@pytest.mark.parametrize("graph", [False, True, "xla"])
-def test_layer_reader_reads_layers_in_a_loop_and_routes_their_gradients(graph):
+@pytest.mark.parametrize("graph,axis", [(False, 0), (True, 0), ("xla", 0), (True, 1)])
+def test_layer_reader_reads_layers_in_a_loop_and_routes_their_gradients(graph, axis):
   """Inside a bounded while loop that reads layers 0, 1, 1, 3 of four (layer 2 never), the
   reads are the stacked slices, and the gradient of sum_i w_i * f(read(j_i)) with respect
   to the stack is, written out, w_i * f'(stack[j_i]) summed into row j_i, zero in row 2."""
@@ -178,7 +178,7 @@ def test_layer_reader_reads_layers_in_a_loop_and_routes_their_gradients(graph):
   weights = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
 
   def loss_and_reads(stack):
-    read = backend_ops.layer_reader(stack)
+    read = backend_ops.layer_reader(tf.experimental.numpy.moveaxis(stack, 0, axis), axis)
 
     def body(i, total, reads):
       layer = read(tf.gather(order, i))

@@ -404,29 +404,42 @@ def selector(tensors):
     raise ValueError(f"selector: tensors must share a rank and a dtype, got "
                      f"{[(sh, t.dtype.name) for sh, t in zip(shapes, tensors)]}")
   element_shape = [dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes)]
-  dtype = tensors[0].dtype
-  shape = tf.constant([-1 if d is None else d for d in element_shape], tf.int32)
+  shape = _list_element_shape(element_shape)
   handle = tf.raw_ops.EmptyTensorList(element_shape=shape, max_num_elements=len(tensors),
-                                      element_dtype=dtype)
+                                      element_dtype=tensors[0].dtype)
   for t in tensors:
     handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
+  return _list_reader(handle, element_shape, tensors[0].dtype)
 
-  def select(index):
-    out = tf.raw_ops.TensorListGetItem(
-        input_handle=handle, index=tf.cast(index, tf.int32), element_shape=shape,
-        element_dtype=dtype)
+
+def _list_element_shape(element_shape):
+  """A TensorList's element shape as an int32 tensor (-1: unknown)."""
+  import tensorflow as tf
+  return tf.constant([-1 if d is None else d for d in element_shape], tf.int32)
+
+
+def _list_reader(handle, element_shape, dtype):
+  """`read(index)` -> the TensorList `handle`'s entry `index` (one `TensorListGetItem`: the
+  entry itself, no copy), with the static `element_shape` the entries share."""
+  import tensorflow as tf
+  shape = _list_element_shape(element_shape)
+
+  def read(index):
+    out = tf.raw_ops.TensorListGetItem(input_handle=handle, index=tf.cast(index, tf.int32),
+                                       element_shape=shape, element_dtype=dtype)
     out.set_shape(element_shape)
     return out
 
-  return select
+  return read
 
 
-def layer_reader(stacked):
-  """`read(j)` -> `stacked[j]` for an int32 scalar tensor `j` inside a loop's body
-  (`DynamicConvStack`: layer j's per-sample kernels in the bounded layer loop), with a
-  gradient that costs one slice per iteration.
+def layer_reader(stacked, axis: int = 0):
+  """`read(j)` -> `take(stacked, j, axis)` for an int32 scalar tensor `j` inside a loop's
+  body (`DynamicConvStack`: layer j's per-sample kernels from the (N, L, ...) stack, axis
+  1, in the bounded layer loop), with a gradient that costs one slice per iteration.
 
-  TensorFlow: the slices go into a TensorList once and `read` is one `TensorListGetItem`.
+  TensorFlow: the slices go into a TensorList once (after one transpose that puts `axis`
+  first, where it is not) and `read` is one `TensorListGetItem`.
   A gather from the stacked tensor would give the same values, but inside a `tf.while_loop`
   TensorFlow turns each iteration's gradient of a gather into a dense tensor of the whole
   stack (all layers' kernels) and adds it to another (`while_v2_indexed_slices_rewriter`
@@ -436,20 +449,14 @@ def layer_reader(stacked):
   dense gradient either way).
   """
   if backend() != "tensorflow":
-    return lambda j: ops.take(stacked, j, axis=0)
+    return lambda j: ops.take(stacked, j, axis=axis)
   import tensorflow as tf
   stacked = tf.convert_to_tensor(stacked)
-  element_shape = stacked.shape[1:]
-  shape = tf.constant([-1 if d is None else d for d in element_shape.as_list()], tf.int32)
-  handle = tf.raw_ops.TensorListFromTensor(tensor=stacked, element_shape=shape)
-
-  def read(j):
-    out = tf.raw_ops.TensorListGetItem(input_handle=handle, index=tf.cast(j, tf.int32),
-                                       element_shape=shape, element_dtype=stacked.dtype)
-    out.set_shape(element_shape)
-    return out
-
-  return read
+  if axis % stacked.shape.rank:
+    stacked = ops.moveaxis(stacked, axis, 0)
+  handle = tf.raw_ops.TensorListFromTensor(
+      tensor=stacked, element_shape=_list_element_shape(stacked.shape[1:].as_list()))
+  return _list_reader(handle, stacked.shape[1:].as_list(), stacked.dtype)
 
 
 def check(condition, value, message: str):

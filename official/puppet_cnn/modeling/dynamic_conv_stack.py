@@ -267,11 +267,11 @@ class DynamicConvStack(keras.layers.Layer):
     kpu = self.kernels_per_unit
 
     if training:
-      # Layers first (one copy), read one layer at a time with a gradient of one layer's
-      # kernels per iteration (`backend_ops.layer_reader`): a gather from (N or R, L, ...)
-      # in the loop would make TensorFlow add a dense gradient of all L layers' kernels at
-      # every iteration (docs/paper_protocol_memory.md).
-      read = backend_ops.layer_reader(ops.moveaxis(kernels, 1, 0))
+      # One layer at a time with a gradient of one layer's kernels per iteration
+      # (`backend_ops.layer_reader`): a gather from (N or R, L, ...) in the loop would make
+      # TensorFlow add a dense gradient of all L layers' kernels at every iteration
+      # (docs/paper_protocol_memory.md).
+      read = backend_ops.layer_reader(kernels, axis=1)
       rows_of = None if kernel_rows is None else ops.cast(kernel_rows, "int32")
 
       def layer_kernel(j):  # layer j's per-sample kernels (row kernel_rows[b], layer j)
