@@ -46,7 +46,7 @@ DEPTHWISE_METHODS = ("auto", "conv", "shifted")
 # How G's batch norm normalizes (`PuppetCNNConfig.generator_norm`, `PuppeteerODE`).
 GENERATOR_NORMS = ("batch", "state", "batch_per_step")
 # How training differentiates the puppeteer's trajectory (`PuppetCNNConfig.generator_backward`,
-# `PuppeteerODE(backward=)`, `modeling/reversible_euler.py`).
+# `PuppeteerODE(backward=)`, `modeling/reversible_trajectory.py`).
 GENERATOR_BACKWARDS = ("auto", "autodiff", "reversible")
 # The dtypes arithmetic can run in: G's pointwise products (`PuppetCNNConfig.
 # generator_matmul_dtype`, `PuppeteerODE(matmul_dtype=)`, `backend_ops.matmul_in_dtype`) and
@@ -60,8 +60,8 @@ DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 def why_not_reversible(integrator: str, generator_norm: str) -> Optional[str]:
   """What `generator_backward='reversible'` needs and this G lacks, or None when it can
   train it (`PuppetCNNConfig`, `PuppeteerODE`)."""
-  if integrator != "euler":
-    return f"integrator='euler' (got {integrator!r}): only an Euler step is undone exactly"
+  if integrator not in INTEGRATORS:  # every one is an explicit Runge-Kutta step it undoes
+    return f"an integrator from {INTEGRATORS} (got {integrator!r})"
   if generator_norm not in ("batch", "batch_per_step"):
     return (f"a batch-normalized G (generator_norm / normalization 'batch' or "
             f"'batch_per_step'), got {generator_norm!r}")
@@ -353,14 +353,14 @@ class PuppetCNNConfig:
     generator_backward: how training differentiates the puppeteer's trajectory
       (`PuppeteerODE(backward=...)`). 'autodiff': the backend's automatic differentiation,
       with `generator_remat` and `generator_loop` as set. 'reversible': one custom gradient
-      for the whole trajectory (`modeling/reversible_euler.py`) that keeps G's
-      pre-normalization output per step and, in the backward pass, undoes the Euler steps
-      one by one (P = P' - dl * G) instead of keeping the states or recomputing G: the memory
-      of `generator_remat` without its extra forward pass of G. Needs integrator='euler' and
-      a batch-normalized G ('batch' or 'batch_per_step'), and excludes `generator_remat` and
-      `generator_loop`. 'auto' (default): 'reversible' where it applies, else 'autodiff'
-      (decided when training calls the puppeteer, so an integrator changed on a trained
-      model is followed). Same values; gradients equal to float rounding. Measured
+      for the whole trajectory (`modeling/reversible_trajectory.py`) that keeps G's
+      pre-normalization output per evaluation of G (one per Euler step, two per midpoint
+      step, four per RK4 step) and, in the backward pass, undoes the steps one by one
+      (Euler: P = P' - dl * G) instead of keeping the states or recomputing G: the memory of
+      `generator_remat` without its extra forward pass of G. Works with every integrator;
+      needs a batch-normalized G ('batch' or 'batch_per_step'), and excludes
+      `generator_remat` and `generator_loop`. 'auto' (default): 'reversible' where it
+      applies, else 'autodiff' (decided when training calls the puppeteer). Same values; gradients equal to float rounding. Measured
       (docs/benchmarks_reversible.md): the full puppet's bucketed training step at 0.95x
       autodiff's time and 0.47x its memory on mixed batches, on one-bin batches the memory
       of remat and loop at autodiff's speed; the 16-32-64 puppet's XLA-compiled per-sample

@@ -35,7 +35,7 @@ we need, so each has a TensorFlow implementation and a portable (JAX-ready) one:
   out-of-range pixels (eagerly: a ValueError; inside a TensorFlow graph: an
   InvalidArgumentError carrying the same message).
 * `vjp`: the vector-Jacobian product of a function at a point, inside a hand-written
-  backward pass (`reversible_euler`'s readouts). TensorFlow: a `GradientTape`; JAX:
+  backward pass (`reversible_trajectory`'s readouts). TensorFlow: a `GradientTape`; JAX:
   `jax.vjp`.
 * `compiled_call`: one call of a layer's function compiled as a whole (the gathered kernel
   table's build). JAX: `jax.jit` with the layer's variables passed in through a
@@ -237,7 +237,7 @@ def matmul_in_dtype(x, w, dtype: str = "float32"):
 def after(x, dependency):
   """`x`, computed only once `dependency` is (TensorFlow graphs: a control dependency).
 
-  A hand-written backward pass (`reversible_euler`) reads tensors saved by the forward
+  A hand-written backward pass (`reversible_trajectory`) reads tensors saved by the forward
   pass; TensorFlow's executor would otherwise run every step's work on them as soon as the
   backward pass starts, holding all steps' temporaries at once, instead of one step at a
   time as the chain of gradients reaches it. Eagerly and on other backends (which execute
@@ -253,7 +253,7 @@ def after(x, dependency):
 def vjp(fn, x, cotangent):
   """The gradient of `sum(fn(x) * cotangent)` with respect to `x`: the vector-Jacobian
   product of `fn` at `x`, for a hand-written backward pass that differentiates a function
-  of one tensor (`reversible_euler`: a step's readout, inside the trajectory's custom
+  of one tensor (`reversible_trajectory`: a step's readout, inside the trajectory's custom
   gradient). A `fn` that does not depend on `x` gives zeros."""
   name = backend()
   if name == "tensorflow":

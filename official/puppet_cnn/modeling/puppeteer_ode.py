@@ -43,7 +43,7 @@ from official.puppet_cnn.modeling import adaptive_pool
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import complexity as complexity_lib
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
-from official.puppet_cnn.modeling import reversible_euler
+from official.puppet_cnn.modeling import reversible_trajectory
 
 
 @keras.saving.register_keras_serializable(package="puppet_cnn")
@@ -107,13 +107,14 @@ class PuppeteerODE(keras.layers.Layer):
     backward: how training differentiates the trajectory (`GENERATOR_BACKWARDS`).
       'autodiff': the backend's automatic differentiation of every step (with `remat` and
       `loop_steps` as set). 'reversible': the whole trajectory is one custom-gradient
-      function (`reversible_euler.euler_trajectory`) that keeps one state-sized tensor per
-      step, G's output before its batch norm, and in the backward pass undoes the steps one
-      by one (P = P' - dl * G, G rebuilt from that tensor) instead of recomputing G: the
-      memory of `remat` without its extra forward pass of G. The kernels are pooled from
-      the states inside that function, so its backward pass receives kernel-sized
-      gradients. Needs the Euler integrator and a batch-normalized G, and excludes
-      `remat` and `loop_steps`. 'auto' (default): 'reversible' where it applies, else
+      function (`reversible_trajectory.trajectory`) that keeps one state-sized tensor per
+      evaluation of G, its output before its batch norm (one per Euler step, two per
+      midpoint step, four per RK4 step), and in the backward pass undoes the steps one by
+      one (Euler: P = P' - dl * G, G rebuilt from that tensor) instead of recomputing G:
+      the memory of `remat` without its extra forward pass of G. The kernels are pooled
+      from the states inside that function, so its backward pass receives kernel-sized
+      gradients. Needs a batch-normalized G, and excludes `remat` and `loop_steps`; any
+      integrator. 'auto' (default): 'reversible' where it applies, else
       'autodiff', decided at each training call (`training_backward`). Same values;
       gradients equal to float rounding. Inference is unaffected.
     matmul_dtype: the dtype of G's pointwise matrix products (`COMPUTE_DTYPES`,
@@ -679,7 +680,7 @@ class PuppeteerODE(keras.layers.Layer):
     steps = units * self.kernels_per_unit
     if training and self.training_backward == "reversible":
       # The kernels are read out of the states inside the trajectory's custom gradient
-      # (`reversible_euler.euler_trajectory(readouts=)`): its backward pass then gets each
+      # (`reversible_trajectory.trajectory(readouts=)`): its backward pass then gets each
       # kernel's gradient rather than a state-sized one per step, all at once.
       readouts, c_prev = [], self.input_channels
       for c_out in channels:
@@ -740,13 +741,16 @@ class PuppeteerODE(keras.layers.Layer):
       actives += [ops.cast(depth > j // kpu + 1, "float32") for j in range(steps)]
     params = [ops.convert_to_tensor(p) for p in self._params()]
     sorted_rows = depth_sorted and backend_ops.backend() == "tensorflow"
-    states, means, variances = reversible_euler.euler_trajectory(
+    states, means, variances = reversible_trajectory.trajectory(
         state, dl, weight, actives, params, self.epsilon, self.depthwise, sorted_rows,
-        self.matmul_dtype, readouts)
-    for active, mean, variance in zip(actives, means, variances):
+        self.matmul_dtype, readouts, integrator=self.integrator)
+    evals = EVALS_PER_STEP[self.integrator]
+    for k, active in enumerate(actives):
       mask = active if weight is None else (weight if active is None else active * weight)
       seen = ops.shape(state)[0] > 0 if mask is None else ops.sum(mask) > 0
-      stats.append((mean, variance, seen))
+      for mean, variance in zip(means[k * evals:(k + 1) * evals],
+                                variances[k * evals:(k + 1) * evals]):
+        stats.append((mean, variance, seen))
     per_stage = 1 + steps
     return [(states[s * per_stage], states[s * per_stage + 1:(s + 1) * per_stage])
             for s in range(stages)]

@@ -1,4 +1,5 @@
-"""The reversible Euler trajectory against float64 autodiff and PuppeteerODE's autodiff path."""
+"""The reversible trajectory (Euler, midpoint, RK4) against float64 autodiff and PuppeteerODE's
+autodiff path."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,7 +7,7 @@ import tensorflow as tf
 import keras
 from official.puppet_cnn.config_definitions import PuppetCNNConfig
 from official.puppet_cnn.modeling import backend_ops
-from official.puppet_cnn.modeling import reversible_euler
+from official.puppet_cnn.modeling import reversible_trajectory
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
 
 EPS = 1e-3
@@ -17,17 +18,21 @@ def _round(x, dtype):
   return x if dtype is None else x + tf.stop_gradient(tf.cast(tf.cast(x, dtype), x.dtype) - x)
 
 
-def _reference_trajectory(state, dl, weight, actives, params, epsilon, rounding=None):
-  """Euler steps of G = tanh(BN(pw(dw(P)))) in float64, written out from the definition: the
+def _reference_trajectory(state, dl, weight, actives, params, epsilon, rounding=None,
+                          integrator="euler"):
+  """Steps of G = tanh(BN(pw(dw(P)))) in float64, written out from the definition: the
   batch statistics are weighted by active * weight over each state's positions. `rounding`
-  (a dtype): each pointwise product's operands and result rounded to it."""
+  (a dtype): each pointwise product's operands and result rounded to it. `integrator`: the
+  step, written out as in the textbook (Euler; midpoint P + dl G(P + dl/2 G(P)); classic
+  RK4)."""
   dw_kernel, dw_bias, factors, pw_bias, gamma, beta = (params[0], params[1], params[2:-3],
                                                        params[-3], params[-2], params[-1])
   states, means = [], []
   s = state
   n = s.shape[0]
-  for active in actives:
-    a = tf.nn.depthwise_conv2d(s, dw_kernel, [1, 1, 1, 1], "SAME") + dw_bias
+
+  def g(p, m4, count):
+    a = tf.nn.depthwise_conv2d(p, dw_kernel, [1, 1, 1, 1], "SAME") + dw_bias
     y = a
     if rounding is None:
       for f in factors:
@@ -39,20 +44,32 @@ def _reference_trajectory(state, dl, weight, actives, params, epsilon, rounding=
         bias = tf.tensordot(bias, f, 1)
       y = y + bias
     y = y + pw_bias
+    mean = tf.reduce_sum(y * m4, axis=(0, 1, 2)) / count
+    var = tf.reduce_sum(tf.square(y - mean) * m4, axis=(0, 1, 2)) / count
+    means.append(mean)
+    return tf.tanh((y - mean) / tf.sqrt(var + epsilon) * gamma + beta)
+
+  for active in actives:
     m = tf.ones([n], tf.float64) if active is None else active
     if weight is not None:
       m = m * weight
     m4 = tf.reshape(m, (-1, 1, 1, 1))
     count = tf.reduce_sum(m) * float(s.shape[1] * s.shape[2])
-    mean = tf.reduce_sum(y * m4, axis=(0, 1, 2)) / count
-    var = tf.reduce_sum(tf.square(y - mean) * m4, axis=(0, 1, 2)) / count
-    g = tf.tanh((y - mean) / tf.sqrt(var + epsilon) * gamma + beta)
-    new = s + tf.reshape(dl, (-1, 1, 1, 1)) * g
+    h = tf.reshape(dl, (-1, 1, 1, 1))
+    if integrator == "euler":
+      new = s + h * g(s, m4, count)
+    elif integrator == "midpoint":
+      new = s + h * g(s + h / 2 * g(s, m4, count), m4, count)
+    else:
+      k1 = g(s, m4, count)
+      k2 = g(s + h / 2 * k1, m4, count)
+      k3 = g(s + h / 2 * k2, m4, count)
+      k4 = g(s + h * k3, m4, count)
+      new = s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     if active is not None:
       new = tf.where(tf.reshape(active, (-1, 1, 1, 1)) > 0, new, s)
     s = new
     states.append(s)
-    means.append(mean)
   return states, means
 
 
@@ -80,10 +97,15 @@ def _gradients(fn, state, dl, params, cots):
   return states, means, tape.gradient(loss, [state, dl] + params)
 
 
-@pytest.mark.parametrize("rank,weighted,sorted_rows,graph", [
-    (0, False, False, False), (0, True, False, False), (0, True, True, False),
-    (2, True, False, False), (0, True, True, True)])
-def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows, graph):
+@pytest.mark.parametrize("rank,weighted,sorted_rows,graph,integrator", [
+    (0, False, False, False, "euler"), (0, True, False, False, "euler"),
+    (0, True, True, False, "euler"), (2, True, False, False, "euler"),
+    (0, True, True, True, "euler"),
+    (0, True, False, False, "midpoint"), (0, False, True, True, "midpoint"),
+    (0, True, False, False, "rk4"), (2, True, True, False, "rk4"),
+    (0, True, True, True, "rk4")])
+def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows, graph,
+                                                     integrator):
   state, dl, weight, actives, params, cots = _problem(rank)
   weight = weight if weighted else None
   f64 = lambda x: tf.constant(x, tf.float64)  # pylint: disable=unnecessary-lambda-assignment
@@ -91,13 +113,15 @@ def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows
   want_states, want_means, want = _gradients(
       lambda s, d, p: _reference_trajectory(
           s, d, None if weight is None else f64(weight),
-          [None if a is None else f64(a) for a in actives], p, EPS),
+          [None if a is None else f64(a) for a in actives], p, EPS, integrator=integrator),
       f64(state), f64(dl), [f64(p) for p in params], [f64(c) for c in cots])
+  assert len(want_means) == len(actives) * {"euler": 1, "midpoint": 2, "rk4": 4}[integrator]
 
   def run(s, d, p):
-    states, means, _ = reversible_euler.euler_trajectory(
+    states, means, _ = reversible_trajectory.trajectory(
         s, d, None if weight is None else f32(weight),
-        [None if a is None else f32(a) for a in actives], p, EPS, sorted_rows=sorted_rows)
+        [None if a is None else f32(a) for a in actives], p, EPS, sorted_rows=sorted_rows,
+        integrator=integrator)
     return states, means
 
   def grads(state, dl, params, cots):
@@ -108,6 +132,7 @@ def test_values_and_gradients_match_float64_autodiff(rank, weighted, sorted_rows
                                   [f32(c) for c in cots])
   for a, b in zip(want_states, got_states):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
+  assert len(got_means) == len(want_means)
   for a, b in zip(want_means, got_means):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
   names = ["state", "dl", "dw_kernel", "dw_bias"] + [f"factor{i}" for i in range(len(params) - 5)]
@@ -147,7 +172,7 @@ def test_readouts_match_float64_autodiff_of_the_read_out_trajectory(graph):
                                   [f64(c) for c in cots])
 
   def run(s, d, p):
-    outs, means, _ = reversible_euler.euler_trajectory(
+    outs, means, _ = reversible_trajectory.trajectory(
         s, d, f32(weight), [None if a is None else f32(a) for a in actives], p, EPS,
         readouts=readouts)
     return outs, means
@@ -164,7 +189,7 @@ def test_readouts_match_float64_autodiff_of_the_read_out_trajectory(graph):
     a = a.numpy()
     np.testing.assert_allclose(b.numpy(), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9)
   with pytest.raises(ValueError, match="2 readouts for 5 steps"):
-    reversible_euler.euler_trajectory(f32(state), f32(dl), None, [None] * 5,
+    reversible_trajectory.trajectory(f32(state), f32(dl), None, [None] * 5,
                                       [f32(p) for p in params], EPS, readouts=[None, None])
 
 
@@ -187,7 +212,7 @@ def test_16_bit_products_match_a_float64_reference_rounded_at_the_same_points(ra
 
   def run(matmul_dtype):
     return _gradients(
-        lambda s, d, p: reversible_euler.euler_trajectory(
+        lambda s, d, p: reversible_trajectory.trajectory(
             s, d, f32(weight), [None if a is None else f32(a) for a in actives], p, EPS,
             matmul_dtype=matmul_dtype)[:2],
         f32(state), f32(dl), [f32(p) for p in params], [f32(c) for c in cots])
@@ -217,7 +242,7 @@ def test_an_all_inactive_sorted_step_is_skipped_with_zero_gradients():
   with tf.GradientTape() as tape:
     p = [f32(x) for x in params]
     tape.watch([s0] + p)
-    states, _, _ = reversible_euler.euler_trajectory(
+    states, _, _ = reversible_trajectory.trajectory(
         s0, f32(dl), f32(weight), [None if a is None else f32(a) for a in actives], p, EPS,
         sorted_rows=True)
     loss = sum(tf.reduce_sum(s * f32(c)) for s, c in zip(states, cots))
@@ -243,10 +268,12 @@ def test_depthwise_transpose_and_filter_gradient_match_autodiff(ksize):
   np.testing.assert_allclose(np.asarray(got_k), want_k.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def _puppeteer_grads(backward, depth_sorted, weight, graph, rank=0, matmul_dtype="float32"):
+def _puppeteer_grads(backward, depth_sorted, weight, graph, rank=0, matmul_dtype="float32",
+                     integrator="euler", normalization="batch"):
   keras.utils.set_random_seed(0)
   layer = PuppeteerODE((4, 8, 8), max_depth=4, state_channels=8, generator_rank=rank,
-                       backward=backward, matmul_dtype=matmul_dtype)
+                       backward=backward, matmul_dtype=matmul_dtype, integrator=integrator,
+                       normalization=normalization)
   layer.build()
   h = tf.constant([3.0, 4.5, 6.0, 7.0])
   dl = tf.constant([0.5, 0.3, 0.25, 0.2])
@@ -273,12 +300,19 @@ def _puppeteer_grads(backward, depth_sorted, weight, graph, rank=0, matmul_dtype
           [v.numpy() for v in layer.non_trainable_weights])
 
 
-@pytest.mark.parametrize("depth_sorted,weight,graph,rank", [
-    (False, False, False, 0), (True, True, False, 0), (True, False, True, 0),
-    (False, True, True, 3), (False, True, "xla", 0)])
-def test_puppeteer_reversible_matches_its_autodiff_path(depth_sorted, weight, graph, rank):
-  loss_a, grads_a, stats_a = _puppeteer_grads("autodiff", depth_sorted, weight, graph, rank)
-  loss_r, grads_r, stats_r = _puppeteer_grads("reversible", depth_sorted, weight, graph, rank)
+@pytest.mark.parametrize("depth_sorted,weight,graph,rank,integrator,normalization", [
+    (False, False, False, 0, "euler", "batch"), (True, True, False, 0, "euler", "batch"),
+    (True, False, True, 0, "euler", "batch"), (False, True, True, 3, "euler", "batch"),
+    (False, True, "xla", 0, "euler", "batch"),
+    (True, True, True, 0, "midpoint", "batch"), (False, True, False, 0, "rk4", "batch"),
+    (True, True, False, 0, "rk4", "batch_per_step"), (False, False, "xla", 0, "rk4", "batch")])
+def test_puppeteer_reversible_matches_its_autodiff_path(depth_sorted, weight, graph, rank,
+                                                        integrator, normalization):
+  """Same loss, gradients and moving statistics (one row per step with 'batch_per_step',
+  fed by each evaluation of G in the order autodiff records them)."""
+  args = (depth_sorted, weight, graph, rank, "float32", integrator, normalization)
+  loss_a, grads_a, stats_a = _puppeteer_grads("autodiff", *args)
+  loss_r, grads_r, stats_r = _puppeteer_grads("reversible", *args)
   assert loss_r == pytest.approx(loss_a, rel=1e-6)
   scale = max(np.abs(g).max() for g in grads_a)
   for a, b in zip(grads_a, grads_r):
@@ -317,27 +351,26 @@ def test_matmul_dtype_round_trips_and_refuses_unknown_dtypes():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(remat=True), "replaces remat"),
     (dict(loop_steps=True), "replaces remat"),
-    (dict(integrator="midpoint"), "integrator='euler'"),
     (dict(normalization="state"), "batch-normalized G")])
 def test_puppeteer_refuses_what_it_cannot_reverse(kwargs, message):
   with pytest.raises(ValueError, match=message):
     PuppeteerODE((4, 8), backward="reversible", **kwargs)
 
 
-def test_puppeteer_refuses_an_integrator_changed_before_training():
+def test_puppeteer_refuses_an_unknown_integrator_set_after_construction():
   layer = PuppeteerODE((4, 8), max_depth=2, backward="reversible")
   layer.build()
-  layer.integrator = "rk4"  # allowed for inference; training cannot undo an RK4 step
+  layer.integrator = "rk4"  # changed after construction: trains reversibly as well
   one = tf.ones([2])
-  layer(one * 5.0, one * 0.5, tf.constant([1, 2]), training=False)
-  with pytest.raises(ValueError, match="integrator='euler'"):
+  layer(one * 5.0, one * 0.5, tf.constant([1, 2]), training=True)
+  layer.integrator = "heun"
+  with pytest.raises(ValueError, match="an integrator from"):
     layer(one * 5.0, one * 0.5, tf.constant([1, 2]), training=True)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(generator_remat=True), "replaces generator_remat"),
     (dict(generator_loop=True), "replaces generator_remat"),
-    (dict(integrator="rk4"), "integrator='euler'"),
     (dict(generator_norm="state"), "generator_norm"),
     (dict(), "generator_backward must be one of")])
 def test_config_refuses_impossible_combinations(kwargs, message):
@@ -357,14 +390,17 @@ def test_the_option_round_trips_through_get_config():
 @pytest.mark.parametrize("kwargs,want", [
     (dict(), "reversible"), (dict(normalization="batch"), "reversible"),
     (dict(remat=True), "autodiff"), (dict(loop_steps=True), "autodiff"),
-    (dict(integrator="rk4"), "autodiff"), (dict(normalization="state"), "autodiff")])
+    (dict(integrator="rk4"), "reversible"), (dict(integrator="midpoint"), "reversible"),
+    (dict(normalization="state"), "autodiff")])
 def test_auto_resolves_to_reversible_where_it_applies(kwargs, want):
   layer = PuppeteerODE((4, 8), **kwargs)
   assert layer.backward == "auto" and layer.training_backward == want
   assert PuppetCNNConfig().generator_backward == "auto"
 
 
-def test_auto_follows_an_integrator_changed_after_construction():
+def test_auto_follows_settings_changed_after_construction():
   layer = PuppeteerODE((4, 8), max_depth=2)
   layer.integrator = "midpoint"
+  assert layer.training_backward == "reversible"
+  layer.remat = True
   assert layer.training_backward == "autodiff"

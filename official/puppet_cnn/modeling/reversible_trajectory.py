@@ -1,4 +1,4 @@
-"""The puppeteer's Euler trajectory in training, with a backward pass that runs it in reverse.
+"""The puppeteer's trajectory in training, with a backward pass that runs it in reverse.
 
 An Euler step of G is `P' = P + dl * tanh(BN(pw(dw(P))))`. Its gradient needs, per step, G's
 pre-normalization output y = pw(dw(P)) (for the batch norm and tanh) and the input state P
@@ -13,13 +13,21 @@ and y, and computes each step's gradient by hand: no forward pass of G is repeat
 depthwise convolution, 81 C^2 multiply-adds, is), and one state-sized tensor per step is
 kept, as with checkpointing. The rebuilt states differ from the forward pass's by float
 rounding (an ulp of the state per step); the gradients match float64 autodiff to 1e-4 and
-the float32 autodiff path to about 1e-7 relative (tests/modeling/reversible_euler_test.py).
+the float32 autodiff path to about 1e-7 relative (tests/modeling/reversible_trajectory_test.py).
 In a TensorFlow graph each step's backward work waits for the gradient to reach it
 (`backend_ops.after`): otherwise the executor starts every step's recomputation at once.
 
+The same holds for every explicit Runge-Kutta step (`TABLEAUS`: the paper's Euler step, the
+midpoint rule, classic RK4). Stage i evaluates G at `U_i = P + dl * sum_j a_ij K_j`, and the
+step is `P' = P + dl * sum_i b_i K_i`, where each `K_i = tanh(BN(y_i))` is again a function
+of the stage's saved y_i alone. So `P = P' - dl * sum_i b_i K_i` undoes the step, the stage
+inputs U_i follow from P and the K's, and the stages are differentiated last to first. One
+state-sized tensor per evaluation of G is kept (2 per midpoint step, 4 per RK4 step), against
+five per evaluation with autodiff.
+
 For G as `PuppeteerODE` trains it with a batch norm (`normalization` 'batch' or
-'batch_per_step') and the Euler integrator (the paper's; `config_definitions.
-why_not_reversible`): `PuppeteerODE(backward='reversible')`, config `generator_backward`; the default 'auto' uses it wherever it applies.
+'batch_per_step'; `config_definitions.why_not_reversible`): `PuppeteerODE(backward=
+'reversible')`, config `generator_backward`; the default 'auto' uses it wherever it applies.
 The batch statistics it returns carry no gradient (they only update moving averages).
 """
 
@@ -33,12 +41,23 @@ from keras import ops
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import masked_batch_norm as mbn
 
+# Butcher tableaus of the explicit Runge-Kutta steps `PuppeteerODE.integrate_step` takes:
+# integrator -> (a, b). Stage i's input is P + dl * sum_j a[i-1][j] K_j (stage 0's is P) and
+# the step is P + dl * sum_i b[i] K_i.
+TABLEAUS = {
+    "euler": ((), (1.0,)),
+    "midpoint": (((0.5,),), (0.0, 1.0)),
+    "rk4": (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0)),
+}
 
-def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: float,
-                     depthwise: str = "auto", sorted_rows: bool = False,
-                     matmul_dtype: str = "float32",
-                     readouts: Optional[Sequence[Optional[Callable]]] = None):
-  """Runs Euler steps of G from `state`; returns (states, means, variances), one per step.
+
+def trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: float,
+               depthwise: str = "auto", sorted_rows: bool = False,
+               matmul_dtype: str = "float32",
+               readouts: Optional[Sequence[Optional[Callable]]] = None,
+               integrator: str = "euler"):
+  """Runs steps of G from `state`; returns (states, means, variances): a state per step, and
+  the batch statistics of each evaluation of G (`EVALS_PER_STEP` per step, in order).
 
   Args:
     state: (N, H, W, C) initial states.
@@ -64,15 +83,25 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       state-sized gradient exists at once when the backward pass starts (36 x 9.4 MB per
       trajectory of the paper's G), and every state at once after the forward pass.
 
+    integrator: 'euler' (the paper's), 'midpoint' or 'rk4' (`TABLEAUS`): the step
+      `PuppeteerODE.integrate_step` takes.
+
   Returns:
-    states: the state (or its readout) after each step; means: each step's batch mean of
-    G's output before normalization, biases included (what `PuppeteerODE` records);
-    variances: its batch variance. A step that runs on no state gives zeros.
+    states: the state (or its readout) after each step; means: each evaluation's batch mean
+    of G's output before normalization, biases included (what `PuppeteerODE` records), step
+    after step and within a step stage after stage; variances: its batch variance. A step
+    that runs on no state gives zeros.
   """
+  if integrator not in TABLEAUS:
+    raise ValueError(f"reversible_trajectory: integrator must be one of {tuple(TABLEAUS)}, "
+                     f"got {integrator!r}")
+  tableau = TABLEAUS[integrator]
+  stages = len(tableau[1])
   actives = list(actives)
   readouts = [None] * len(actives) if readouts is None else list(readouts)
   if len(readouts) != len(actives):
-    raise ValueError(f"euler_trajectory: {len(readouts)} readouts for {len(actives)} steps")
+    raise ValueError(f"reversible_trajectory: {len(readouts)} readouts for {len(actives)} "
+                     "steps")
   # Tensors, not variables (TensorFlow's eager custom gradient would otherwise ask for the
   # gradients of the variables read inside, separately from the inputs').
   params = [ops.copy(p) if isinstance(p, keras.Variable) else p for p in params]
@@ -84,6 +113,7 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
   args = [state, dl] + ([weight] if has_weight else []) + [a for a in actives if a is not None]
   args += params
   n_lead = len(args) - len(params)
+  n_evals = n_steps * stages
 
   def run(*args):
     args = list(args)
@@ -98,17 +128,17 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       bias = ops.matmul(bias, factor)
     bias = bias[0] + pw_bias
     g = _Generator(dw_kernel, factors, gamma, beta, epsilon, depthwise, matmul_dtype)
-    dl4 = ops.reshape(dl, (-1, 1, 1, 1))
     saved, states, means, variances = [], [], [], []
     s = state
     for active in step_masks:
       rows = sorted_rows and active is not None
-      s, y, mean, variance = (_sorted_forward(g, s, dl, weight, active) if rows
-                              else _masked_forward(g, s, dl4, weight, active))
-      saved.append((y, mean, variance))
+      s, ys, step_means, step_variances = (
+          _sorted_forward(g, tableau, s, dl, weight, active) if rows
+          else _masked_forward(g, tableau, s, dl, weight, active))
+      saved.append((ys, step_means, step_variances))
       states.append(s if readouts[len(states)] is None else readouts[len(states)](s))
-      means.append(mean + bias)
-      variances.append(variance)
+      means += [m + bias for m in step_means]
+      variances += step_variances
     final = s
 
     def grad(*upstream, **unused_kwargs):
@@ -132,14 +162,15 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
       for k in reversed(range(n_steps)):
         # Step k's work starts once the gradient reaches it (one step's temporaries at a
         # time; `backend_ops.after`).
-        y, mean, variance = (backend_ops.after(t, g_state) for t in saved[k])
+        ys, step_means, step_variances = (
+            [backend_ops.after(t, g_state) for t in group] for group in saved[k])
         active = step_masks[k]
         if sorted_rows and active is not None:
-          s, g_state, dd, dp = _sorted_backward(g, s, g_state, dl, weight, active, y, mean,
-                                                variance)
+          s, g_state, dd, dp = _sorted_backward(g, tableau, s, g_state, dl, weight, active, ys,
+                                                step_means, step_variances)
         else:
-          s, g_state, dd, dp = _masked_backward(g, s, g_state, dl4, weight, active, y, mean,
-                                                variance)
+          s, g_state, dd, dp = _masked_backward(g, tableau, s, g_state, dl, weight, active, ys,
+                                                step_means, step_variances)
         d_dl = d_dl + dd
         d_params = dp if d_params is None else [a + b for a, b in zip(d_params, dp)]
         if k > 0 and up[k - 1] is not None:
@@ -155,7 +186,7 @@ def euler_trajectory(state, dl, weight, actives: Sequence, params: Sequence, eps
 
   out = ops.custom_gradient(run)(*args)
   out = list(out)
-  return out[:n_steps], out[n_steps:2 * n_steps], out[2 * n_steps:]
+  return out[:n_steps], out[n_steps:n_steps + n_evals], out[n_steps + n_evals:]
 
 
 def _unpack(params):
@@ -239,68 +270,129 @@ class _Generator:
     return d_s, [d_dw, *d_factors, ops.reshape(d_gamma, ops.shape(self.gamma)), d_beta]
 
 
-def _masked_forward(g, s, dl4, weight, active):
-  y, mean, variance, out = g.forward(s, _mask(active, weight))
-  new = s + dl4 * out
+def _rk_forward(g, tableau, s, dl4, mask):
+  """One Runge-Kutta step of every row of `s`, the statistics over `mask`: (new state, each
+  stage's y, mean and variance)."""
+  a, b = tableau
+  ks, ys, means, variances = [], [], [], []
+  for i in range(len(b)):
+    u = _stage_input(s, dl4, a[i - 1] if i else (), ks)
+    y, mean, variance, k = g.forward(u, mask)
+    ks.append(k)
+    ys.append(y)
+    means.append(mean)
+    variances.append(variance)
+  return s + dl4 * _combine(b, ks), ys, means, variances
+
+
+def _rk_backward(g, tableau, s_next, g_next, dl4, mask, ys, means, variances, g_out=None):
+  """Undoes `_rk_forward` and differentiates it: (state, d state, d dl (N,), d params).
+
+  g_next: the gradient of the step's output; g_out: the part of it that reaches the stages
+  (default g_next; the masked step passes g_next with its inactive rows zeroed, while its
+  state keeps g_next whole)."""
+  a, b = tableau
+  g_out = g_next if g_out is None else g_out
+  ks = [g.output(y, m, v) for y, m, v in zip(ys, means, variances)]
+  combined = _combine(b, ks)
+  s = s_next - dl4 * combined
+  d_dl = ops.sum(g_out * combined, axis=(1, 2, 3))
+  d_ks = [None if c == 0.0 else (dl4 * c) * g_out for c in b]
+  g_s = g_next
+  d_params = None
+  for i in reversed(range(len(b))):
+    if d_ks[i] is None:  # nothing reaches this stage
+      continue
+    u = _stage_input(s, dl4, a[i - 1] if i else (), ks)
+    d_u, dp = g.backward(u, ys[i], means[i], variances[i], ks[i], d_ks[i], mask)
+    g_s = g_s + d_u
+    d_params = dp if d_params is None else [x + y for x, y in zip(d_params, dp)]
+    for j, c in enumerate(a[i - 1] if i > 0 else ()):
+      if c != 0.0:
+        d_ks[j] = (dl4 * c) * d_u if d_ks[j] is None else d_ks[j] + (dl4 * c) * d_u
+        d_dl = d_dl + c * ops.sum(d_u * ks[j], axis=(1, 2, 3))
+  return s, g_s, d_dl, d_params
+
+
+def _stage_input(s, dl4, coefficients, ks):
+  """A stage's input P + dl * sum_j a_ij K_j (P where every a_ij is 0)."""
+  combined = _combine(coefficients, ks)
+  return s if combined is None else s + dl4 * combined
+
+
+def _combine(coefficients, ks):
+  """sum_i c_i K_i over the nonzero coefficients, None if there are none (the same
+  expression forward and backward, so that the step is undone to the rounding of one
+  subtraction)."""
+  total = None
+  for c, k in zip(coefficients, ks):
+    if c == 0.0:
+      continue
+    term = k if c == 1.0 else c * k
+    total = term if total is None else total + term
+  return total
+
+
+def _masked_forward(g, tableau, s, dl, weight, active):
+  new, ys, means, variances = _rk_forward(g, tableau, s, ops.reshape(dl, (-1, 1, 1, 1)),
+                                          _mask(active, weight))
   if active is not None:
     new = ops.where(ops.reshape(active, (-1, 1, 1, 1)) > 0, new, s)
-  return new, y, mean, variance
+  return new, ys, means, variances
 
 
-def _masked_backward(g, s_next, g_next, dl4, weight, active, y, mean, variance):
-  out = g.output(y, mean, variance)
+def _masked_backward(g, tableau, s_next, g_next, dl, weight, active, ys, means, variances):
+  dl4 = ops.reshape(dl, (-1, 1, 1, 1))
   if active is None:
-    s = s_next - dl4 * out
-    g_out = g_next
-  else:
-    on = ops.reshape(active, (-1, 1, 1, 1)) > 0
-    s = ops.where(on, s_next - dl4 * out, s_next)
-    g_out = ops.where(on, g_next, ops.zeros_like(g_next))
-  d_dl = ops.sum(g_out * out, axis=(1, 2, 3))
-  d_s, d_params = g.backward(s, y, mean, variance, out, dl4 * g_out, _mask(active, weight))
-  return s, g_next + d_s, d_dl, d_params
+    return _rk_backward(g, tableau, s_next, g_next, dl4, weight, ys, means, variances)
+  # Inactive states kept theirs: their rows of the undone state are s_next, and no gradient
+  # reaches G through them (their rows of every stage's gradient are zero).
+  on = ops.reshape(active, (-1, 1, 1, 1)) > 0
+  s, g_s, d_dl, d_params = _rk_backward(
+      g, tableau, s_next, g_next, dl4, _mask(active, weight), ys, means, variances,
+      g_out=ops.where(on, g_next, ops.zeros_like(g_next)))
+  return ops.where(on, s, s_next), g_s, d_dl, d_params
 
 
 def _done(active):
   return ops.shape(active)[0] - ops.cast(ops.sum(active), "int32")
 
 
-def _sorted_forward(g, s, dl, weight, active):
+def _sorted_forward(g, tableau, s, dl, weight, active):
   done = _done(active)
   n = ops.shape(s)[0]
   channels = g.factors[-1].shape[-1]
+  stages = len(tableau[1])
 
   def step():
     rows = s[done:]
-    y, mean, variance, out = g.forward(rows, None if weight is None else weight[done:])
-    new = ops.concatenate([s[:done], rows + ops.reshape(dl[done:], (-1, 1, 1, 1)) * out],
-                          axis=0)
-    return ops.reshape(new, ops.shape(s)), y, mean, variance
+    new, ys, means, variances = _rk_forward(g, tableau, rows,
+                                            ops.reshape(dl[done:], (-1, 1, 1, 1)),
+                                            None if weight is None else weight[done:])
+    new = ops.concatenate([s[:done], new], axis=0)
+    return (ops.reshape(new, ops.shape(s)), *ys, *means, *variances)
 
   def skip():
     empty = ops.zeros((0,) + tuple(s.shape[1:-1]) + (channels,), s.dtype)
     zeros = ops.zeros((channels,), s.dtype)
-    return s, empty, zeros, zeros
+    return (s, *[empty] * stages, *[zeros] * (2 * stages))
 
-  return ops.cond(done < n, step, skip)
+  out = ops.cond(done < n, step, skip)
+  return (out[0], list(out[1:1 + stages]), list(out[1 + stages:1 + 2 * stages]),
+          list(out[1 + 2 * stages:]))
 
 
-def _sorted_backward(g, s_next, g_next, dl, weight, active, y, mean, variance):
+def _sorted_backward(g, tableau, s_next, g_next, dl, weight, active, ys, means, variances):
   done = _done(active)
   n = ops.shape(s_next)[0]
   shapes = [g.dw_kernel.shape] + [f.shape for f in g.factors] + [g.gamma.shape, g.beta.shape]
 
   def step():
-    out = g.output(y, mean, variance)
-    dl4 = ops.reshape(dl[done:], (-1, 1, 1, 1))
-    rows = s_next[done:] - dl4 * out
-    g_rows = g_next[done:]
-    d_rows = ops.sum(g_rows * out, axis=(1, 2, 3))
-    d_s, d_params = g.backward(rows, y, mean, variance, out, dl4 * g_rows,
-                               None if weight is None else weight[done:])
+    rows, g_rows, d_rows, d_params = _rk_backward(
+        g, tableau, s_next[done:], g_next[done:], ops.reshape(dl[done:], (-1, 1, 1, 1)),
+        None if weight is None else weight[done:], ys, means, variances)
     s = ops.reshape(ops.concatenate([s_next[:done], rows], axis=0), ops.shape(s_next))
-    g_s = ops.reshape(ops.concatenate([g_next[:done], g_rows + d_s], axis=0),
-                      ops.shape(g_next))
+    g_s = ops.reshape(ops.concatenate([g_next[:done], g_rows], axis=0), ops.shape(g_next))
     d_dl = ops.concatenate([ops.zeros((done,), dl.dtype), d_rows], axis=0)
     return (s, g_s, ops.reshape(d_dl, ops.shape(dl)), *d_params)
 
@@ -312,4 +404,4 @@ def _sorted_backward(g, s_next, g_next, dl, weight, active, y, mean, variance):
   return out[0], out[1], out[2], list(out[3:])
 
 
-__all__: List[str] = ["euler_trajectory"]
+__all__: List[str] = ["TABLEAUS", "trajectory"]
