@@ -30,6 +30,18 @@ def test_trajectories_per_execution(execution, bins, batch, want):
   assert tm.trajectory_bytes(config, batch) == want * 4 * 8 * 9_437_184
 
 
+@pytest.mark.parametrize("integrator, evals", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_a_multi_stage_integrator_keeps_a_state_per_evaluation(integrator, evals):
+  config = PAPER.replace(integrator=integrator, execution="bucketed", complexity_bins=16)
+  # 16 bins x 4 stages x 8 steps x `evals` evaluations of G x 9.4 MB.
+  assert tm.trajectory_bytes(config, 64) == 16 * 4 * 8 * evals * 9_437_184
+  text = tm.describe(config, 64)
+  kept = "a 9.4 MB state-sized tensor" if evals == 1 else f"{evals} 9.4 MB state-sized tensors"
+  assert f"keeps {kept} per step" in text and f"{16 * 32 * evals * 9.437184e-3:.1f} GB" in text
+  advice = tm.out_of_memory_message("puppet_cnn", config, 64, False, RuntimeError("OOM"))
+  assert ("--integrator=euler" in advice) == (evals > 1)
+
+
 def test_out_of_memory_is_recognized_from_tensorflow_and_xla_alike():
   assert tm.is_out_of_memory(tf.errors.ResourceExhaustedError(
       None, None, "Out of memory while trying to allocate 93.03GiB."))
@@ -46,8 +58,8 @@ def test_advice_for_the_papers_exact_h():
   assert "allocate 93.03GiB" in text and "--execution=per_sample" in text
   assert "exact H (--complexity_bins=0)" in text and "--jit_compile" in text
   # 64 trajectories x 32 states x 9.44 MB = 19.3 GB.
-  assert ("up to 64 puppeteer trajectories of 32 steps and keeps a 9.4 MB state per step "
-          "for the backward pass: up to 19.3 GB") in text
+  assert ("up to 64 puppeteer trajectories of 32 steps and keeps a 9.4 MB state-sized tensor "
+          "per step for the backward pass: up to 19.3 GB") in text
   assert "--complexity_bins=16 --execution=bucketed --nojit_compile" in text
   assert "--complexity_bins=16 --execution=gathered" in text
   assert "a smaller --batch_size" in text

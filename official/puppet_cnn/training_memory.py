@@ -2,8 +2,9 @@
 
 A Puppet-CNN's training step keeps the puppeteer G's trajectory for the backward pass: one
 state of shape (C, K*K, C) (C = `PuppetCNNConfig.state_width`, 512 for the paper's puppet:
-the 2.36 M values of the paper's Table 5, 9.4 MB in float32) per Euler step, up to
-`max_depth` steps per stage, for every trajectory the step integrates. How many trajectories
+the 2.36 M values of the paper's Table 5, 9.4 MB in float32) per evaluation of G (one per
+Euler step, the paper's; two per midpoint step, four per RK4 step), up to `max_depth` steps
+per stage, for every trajectory the step integrates. How many trajectories
 that is depends on the execution:
 
 - 'per_sample' with exact H (`complexity_bins=0`, the paper's literal model): one per image,
@@ -26,7 +27,7 @@ from __future__ import annotations
 from typing import List
 
 from official.puppet_cnn import models
-from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.config_definitions import EVALS_PER_STEP, PuppetCNNConfig
 
 # Where the measured numbers quoted in the advice come from.
 MEMORY_DOC = "docs/paper_protocol_memory.md"
@@ -60,22 +61,32 @@ def state_bytes(model: PuppetCNNConfig, bytes_per_value: int = 4) -> int:
 
 
 def trajectory_steps(model: PuppetCNNConfig) -> int:
-  """The most Euler steps of one trajectory: max_depth in each stage."""
+  """The most integration steps of one trajectory: max_depth in each stage."""
   return len(model.channels) * model.max_depth
+
+
+def states_per_step(model: PuppetCNNConfig) -> int:
+  """State-sized tensors kept per step for the backward pass: one per evaluation of G (the
+  reversible backward's count, `modeling/reversible_trajectory.py`; autodiff keeps more)."""
+  return EVALS_PER_STEP[model.integrator]
 
 
 def trajectory_bytes(model: PuppetCNNConfig, batch_size: int) -> int:
   """Bytes of the puppeteer states one training step keeps at most: trajectories x stages x
-  max_depth states. G's share of the step, not the step's whole memory."""
-  return generator_trajectories(model, batch_size) * trajectory_steps(model) * state_bytes(model)
+  max_depth steps x evaluations of G per step. G's share of the step, not the step's whole
+  memory."""
+  return (generator_trajectories(model, batch_size) * trajectory_steps(model)
+          * states_per_step(model) * state_bytes(model))
 
 
 def describe(model: PuppetCNNConfig, batch_size: int) -> str:
   """One line: the puppeteer states a training step of `batch_size` images keeps."""
   n = generator_trajectories(model, batch_size)
+  per_step = states_per_step(model)
+  kept = "a" if per_step == 1 else str(per_step)
   return (f"integrates up to {n} puppeteer trajectories of {trajectory_steps(model)} steps "
-          "and keeps a "
-          f"{state_bytes(model) / 1e6:.1f} MB state per step for the backward pass: up to "
+          f"and keeps {kept} {state_bytes(model) / 1e6:.1f} MB state-sized tensor"
+          f"{'' if per_step == 1 else 's'} per step for the backward pass: up to "
           f"{trajectory_bytes(model, batch_size) / 1e9:.1f} GB, besides the puppet's "
           "activations")
 
@@ -117,6 +128,9 @@ def out_of_memory_message(model_name: str, model: PuppetCNNConfig, batch_size: i
   if model.execution == "bucketed" or model.complexity_bins:
     options.append("--batch_grouping=complexity_bin: one bin per training batch, so one "
                    "trajectory per step (not the paper's batches: docs/benchmarks_grouped.md)")
+  if states_per_step(model) > 1:
+    options.append(f"--integrator=euler: one evaluation of G per step instead of "
+                   f"{states_per_step(model)} (the paper's integrator; a different model)")
   options.append("a smaller --batch_size")
   lines.append("Settings that need less memory:")
   lines.extend(f"  {option}" for option in options)

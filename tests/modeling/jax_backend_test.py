@@ -147,8 +147,8 @@ out["losses"] = losses
 #    reference above (at the initial weights, step in 4).
 #    remat: jax.checkpoint under keras.remat. loop: a TensorFlow-graph option, so under JAX
 #    the steps run unrolled. reversible (6a'): a jax.custom_gradient through
-#    keras.ops.custom_gradient that undoes the Euler steps; also what the default 'auto'
-#    trains with.
+#    keras.ops.custom_gradient that undoes the Euler steps (6a-rk4: RK4's); also what the
+#    default 'auto' trains with.
 l1, g1 = t0_loss, t0_grads
 # Relative to the largest gradient entry of the model: biases that feed a batch norm have
 # gradients that are zero up to rounding (~1e-8), so a per-tensor ratio would compare noise.
@@ -172,6 +172,30 @@ def same_as_reference(name, **kwargs):
 same_as_reference("remat", generator_remat=True, generator_backward="autodiff")
 same_as_reference("loop", generator_remat=True, generator_loop=True)
 same_as_reference("reversible", generator_backward="reversible")
+# 6a-rk4. The reversible backward of an RK4 trajectory (four stages per step, undone
+#       together) against autodiff, on the puppeteer alone under jax.jit (a cheaper compile
+#       than the model's): same loss and gradients of a loss of every generated kernel.
+from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
+rk_h, rk_dl = np.array([3.0, 6.0, 7.0], "float32"), np.array([0.5, 0.3, 0.2], "float32")
+rk_depth, rk_w = np.array([1, 2, 3], "int32"), np.array([1.0, 2.0, 1.0], "float32")
+
+def rk4_puppeteer(backward):
+  keras.utils.set_random_seed(1)
+  layer = PuppeteerODE((4, 8), max_depth=3, state_channels=8, integrator="rk4",
+                       backward=backward)
+  layer.build()
+  fixed = [v.value for v in layer.non_trainable_variables]
+  def kernel_loss(weights):
+    kernels, _ = layer.stateless_call(weights, fixed, rk_h, rk_dl, rk_depth, training=True,
+                                      state_weight=rk_w, stack_repeated=False)
+    return sum(jnp.sum(jnp.sin(k * (i + 1.0))) for i, k in enumerate(
+        [t for t, _ in kernels] + [k for _, rep in kernels for k in rep]))
+  return jax.jit(jax.value_and_grad(kernel_loss))([v.value for v in layer.trainable_variables])
+
+(rk_la, rk_ga), (rk_lr, rk_gr) = rk4_puppeteer("autodiff"), rk4_puppeteer("reversible")
+rk_scale = max(float(jnp.abs(g).max()) for g in rk_ga)
+out["rk4_loss_err"] = abs(float(rk_la) - float(rk_lr)) / abs(float(rk_la))
+out["rk4_grad_err"] = max(float(jnp.abs(a - b).max()) for a, b in zip(rk_ga, rk_gr)) / rk_scale
 # 6a''. generator_matmul_dtype='bfloat16' (reversible, as 'auto' trains it) under jax.jit: G's
 #      products rounded to bfloat16 move the loss (the option is in effect), but only by
 #      bfloat16's precision.
@@ -278,6 +302,7 @@ def test_model_runs_and_trains_under_jax():
   assert out["remat_loss_err"] < 1e-5 and out["remat_grad_err"] < 1e-4, out
   assert out["loop_loss_err"] < 1e-5 and out["loop_grad_err"] < 1e-4, out
   assert out["reversible_loss_err"] < 1e-5 and out["reversible_grad_err"] < 1e-4, out
+  assert out["rk4_loss_err"] < 1e-6 and out["rk4_grad_err"] < 1e-4, out
   assert 0 < out["bf16_loss_err"] < 1e-2 * abs(out["bf16_loss"]), out
   assert out["bf16_grad_err"] < 5e-2, out
   assert 0 < out["mixed_bf16_loss_err"] < 2e-2 * abs(out["bf16_loss"]), out
