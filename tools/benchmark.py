@@ -150,6 +150,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -729,7 +730,7 @@ def _run_job(spec, timeout_s: float, max_rss_mb: float) -> Dict[str, Any]:
       return {"error": killed["reason"], "wall_s": wall}
     if proc.returncode != 0 or not os.path.exists(out_path):
       tail = "".join(log)[-1500:]
-      return {"error": f"exit code {proc.returncode}: {tail.strip().splitlines()[-1:]}",
+      return {"error": f"exit code {proc.returncode}: {error_line(''.join(log))}",
               "log_tail": tail, "wall_s": wall}
     with open(out_path) as f:
       result = json.load(f)
@@ -809,6 +810,18 @@ def _target(ok: Optional[bool]) -> str:
 
 
 TITLE = "# Benchmarks: Puppet-CNN execution modes"
+
+
+def error_line(log: str) -> str:
+  """The line of a failed job's output that says why: the last Python exception line
+  (`SomeError: message`), else the last line. A process that aborts after its exception
+  (TensorFlow after XLA's out-of-memory error: 'Fatal Python error: Aborted') ends with
+  lines that say nothing of the cause."""
+  lines = [l.strip() for l in log.strip().splitlines() if l.strip()]
+  for line in reversed(lines):
+    if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line):
+      return line[:300]
+  return lines[-1][:300] if lines else "(no output)"
 
 
 def write_block(path: str, name: str, lines: List[str], title: str = TITLE) -> None:

@@ -360,11 +360,13 @@ class PuppetCNNConfig:
       `generator_remat` without its extra forward pass of G. Works with every integrator;
       needs a batch-normalized G ('batch' or 'batch_per_step'), and excludes
       `generator_remat` and `generator_loop`. 'auto' (default): 'reversible' where it
-      applies, else 'autodiff' (decided when training calls the puppeteer). Same values; gradients equal to float rounding. Measured
-      (docs/benchmarks_reversible.md): the full puppet's bucketed training step at 0.95x
-      autodiff's time and 0.47x its memory on mixed batches, on one-bin batches the memory
-      of remat and loop at autodiff's speed; the 16-32-64 puppet's XLA-compiled per-sample
-      step at 0.57x autodiff's time. Not in the paper (a way to compute its gradients, not a
+      applies, else 'autodiff' (decided when training calls the puppeteer). Same values;
+      gradients equal to float rounding. Measured (docs/benchmarks_reversible.md): the full
+      puppet's bucketed training step at 0.95x autodiff's time and 0.47x its memory on mixed
+      batches, on one-bin batches the memory of remat and loop at autodiff's speed; the
+      16-32-64 puppet's XLA-compiled per-sample step at 0.57x autodiff's time; with the
+      midpoint and RK4 integrators at batch 64, 5.4 GB instead of 15.2 GB and 8.2 GB where
+      autodiff passed 16 GB (docs/benchmarks_reversible_rk.md). Not in the paper (a way to compute its gradients, not a
       change to them).
     generator_matmul_dtype: the dtype of G's pointwise matrix products, 9 C^3 of the
       9 C^3 + 81 C^2 multiply-adds of an Euler step (`PuppeteerODE(matmul_dtype=...)`,

@@ -168,10 +168,10 @@ _GENERATOR_NORM = flags.DEFINE_enum(
     "needs to train the kernels inference generates).")
 _GENERATOR_BACKWARD = flags.DEFINE_enum(
     "generator_backward", None, ["auto", "autodiff", "reversible"], "How training "
-    "differentiates the puppeteer's steps: reversible (keeps one tensor per step and undoes "
-    "the Euler steps in the backward pass: generator_remat's memory without recomputing G; "
-    "Euler and a batch-normalized G only), autodiff, or auto (default: reversible where it "
-    "applies). Same results.")
+    "differentiates the puppeteer's steps: reversible (keeps one tensor per evaluation of G "
+    "and undoes the steps in the backward pass: generator_remat's memory without recomputing "
+    "G; any integrator, a batch-normalized G only), autodiff, or auto (default: reversible "
+    "where it applies). Same results.")
 _GENERATOR_MATMUL_DTYPE = flags.DEFINE_enum(
     "generator_matmul_dtype", None, list(COMPUTE_DTYPES), "The dtype of the "
     "puppeteer's pointwise matrix products (most of its multiply-adds): float32 (default, "

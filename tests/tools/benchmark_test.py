@@ -213,3 +213,23 @@ def test_write_block_keeps_the_other_blocks(tmp_path):
   assert "speed v2" in text and "speed v1" not in text
   assert "binning v1" in text and "by hand" in text
   assert text.index("speed v2") < text.index("binning v1") < text.index("by hand")
+
+
+def test_a_failed_jobs_error_is_its_exception_not_the_abort_after_it():
+  # The end of a real job's output (docs/runs/benchmarks_modes.json): TensorFlow aborted
+  # after XLA's out-of-memory error, so the last line says nothing of the cause.
+  log = (
+      '  File "execute.py", line 53, in quick_execute\n'
+      "    tensors = pywrap_tfe.TFE_Py_Execute(ctx._handle, device_name, op_name,\n"
+      "tensorflow.python.framework.errors_impl.ResourceExhaustedError: Out of memory while "
+      "trying to allocate 93.03GiB. [Op:__inference_one_step_on_data_48823]\n"
+      "double free or corruption (!prev)\n"
+      "Fatal Python error: Aborted\n\n"
+      "Current thread 0x00007fde0bfd1b80 (most recent call first):\n"
+      "  Garbage-collecting\n  <no Python frame>\n")
+  assert benchmark.error_line(log) == (
+      "tensorflow.python.framework.errors_impl.ResourceExhaustedError: Out of memory while "
+      "trying to allocate 93.03GiB. [Op:__inference_one_step_on_data_48823]")
+  assert benchmark.error_line("ValueError: bad shape\nexit\n") == "ValueError: bad shape"
+  assert benchmark.error_line("segfault somewhere\n") == "segfault somewhere"
+  assert benchmark.error_line("") == "(no output)"
