@@ -167,18 +167,23 @@ def test_selector_returns_each_tensor_without_a_branch_per_tensor():
     backend_ops.selector([])
 
 
-@pytest.mark.parametrize("graph,axis", [(False, 0), (True, 0), ("xla", 0), (True, 1)])
+@pytest.mark.parametrize("graph,axis", [(False, 0), (True, 0), ("xla", 0), (True, 1),
+                                        (False, "list"), (True, "list"), ("xla", "list")])
 def test_layer_reader_reads_layers_in_a_loop_and_routes_their_gradients(graph, axis):
   """Inside a bounded while loop that reads layers 0, 1, 1, 3 of four (layer 2 never), the
   reads are the stacked slices, and the gradient of sum_i w_i * f(read(j_i)) with respect
-  to the stack is, written out, w_i * f'(stack[j_i]) summed into row j_i, zero in row 2."""
+  to the stack is, written out, w_i * f'(stack[j_i]) summed into row j_i, zero in row 2.
+  axis 'list': the reader gets the four layers as a list."""
   rng = np.random.default_rng(5)
   stacked = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
   order = np.array([0, 1, 1, 3], np.int32)
   weights = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
 
   def loss_and_reads(stack):
-    read = backend_ops.layer_reader(tf.experimental.numpy.moveaxis(stack, 0, axis), axis)
+    if axis == "list":
+      read = backend_ops.layer_reader([stack[j] for j in range(4)])
+    else:
+      read = backend_ops.layer_reader(tf.experimental.numpy.moveaxis(stack, 0, axis), axis)
 
     def body(i, total, reads):
       layer = read(tf.gather(order, i))

@@ -79,6 +79,55 @@ def test_matches_float64_reference(block_type, jit):
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
+def _as_lists(kernels):
+  """The repeated kernels as a list of one (B, K, K, C, C) array per layer."""
+  return [(t, [r[:, j] for j in range(r.shape[1])]) for t, r in kernels]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_repeated_kernels_as_a_list_match_float64_reference(block_type, jit):
+  stack = _stack(block_type)
+  x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  kernels = _kernels(stack, 3)
+  depth = np.array([1, 3, 2], np.int32)
+  fn = tf.function(lambda a, k, d: stack(a, k, d, training=False), jit_compile=jit)
+  got = fn(x, _as_lists(kernels), depth).numpy()
+  want = _np_forward(stack, x, kernels, depth)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("block_type", ["plain", "residual"])
+def test_repeated_kernels_as_a_list_train_as_the_stack_does(block_type):
+  """In training the list is read without stacking it (`backend_ops.layer_reader`): the
+  same features and the same gradients, per layer, as the stacked kernels'."""
+  x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  depth = np.array([1, 3, 2], np.int32)
+  kernels = [(tf.constant(t), tf.constant(r)) for t, r in _kernels(_stack(block_type), 3)]
+
+  def run(as_list):
+    stack = _stack(block_type)
+
+    @tf.function
+    def step(kernels):
+      with tf.GradientTape() as tape:
+        tape.watch(kernels)
+        given = [(t, tf.unstack(r, axis=1)) if as_list else (t, r) for t, r in kernels]
+        out = stack(x, given, depth, training=True)
+        loss = tf.reduce_sum(tf.sin(out))
+      return out, tape.gradient(loss, kernels)
+    return step(kernels)
+
+  (out_s, grads_s), (out_l, grads_l) = run(False), run(True)
+  np.testing.assert_allclose(out_l.numpy(), out_s.numpy(), rtol=1e-5, atol=1e-6)
+  for (ts, rs), (tl, rl) in zip(grads_s, grads_l):
+    np.testing.assert_allclose(tl.numpy(), ts.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl.numpy(), rs.numpy(), rtol=1e-5, atol=1e-6)
+  # Depth 3 is the deepest: the second stage's last repeated layer has a gradient; no
+  # sample reaches beyond the layers it has.
+  assert np.abs(grads_l[1][1].numpy()[:, -1]).max() > 0
+
+
 @pytest.mark.parametrize("block_type", ["plain", "residual"])
 def test_folded_batch_norm_groups_match_float64_reference(block_type):
   # Inference with each layer's BN scale folded into its kernels (the kernel cache's form):
@@ -175,6 +224,9 @@ def test_wrong_kernel_shapes_are_reported():
     stack(x, [kernels[0], (kernels[0][0], kernels[1][1])], np.array([1, 1]))
   with pytest.raises(ValueError, match="2 stages"):
     stack(x, kernels[:1], np.array([1, 1]))
+  as_lists = _as_lists(kernels)
+  with pytest.raises(ValueError, match="stage 0: repeated kernels as a list must be 2 "):
+    stack(x, [(as_lists[0][0], as_lists[0][1][:1]), as_lists[1]], np.array([1, 1]))
 
 
 @pytest.mark.parametrize("block_type", ["plain", "residual"])

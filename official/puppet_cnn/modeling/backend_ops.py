@@ -437,17 +437,41 @@ def layer_reader(stacked, axis: int = 0):
   """`read(j)` -> `take(stacked, j, axis)` for an int32 scalar tensor `j` inside a loop's
   body (`DynamicConvStack`: layer j's per-sample kernels from the (N, L, ...) stack, axis
   1, in the bounded layer loop), with a gradient that costs one slice per iteration.
+  `stacked` may also be a list of the layers' tensors (each the stack's slice j; `axis` is
+  then not read): what `PuppeteerODE(stack_repeated=False)` returns.
 
-  TensorFlow: the slices go into a TensorList once (after one transpose that puts `axis`
-  first, where it is not) and `read` is one `TensorListGetItem`.
+  TensorFlow: the slices go into a TensorList once and `read` is one `TensorListGetItem`.
+  A list's tensors are pushed as they are (the list holds references: nothing is copied); a
+  stack is split into one (after one transpose that puts `axis` first, where it is not).
   A gather from the stacked tensor would give the same values, but inside a `tf.while_loop`
   TensorFlow turns each iteration's gradient of a gather into a dense tensor of the whole
   stack (all layers' kernels) and adds it to another (`while_v2_indexed_slices_rewriter`
   keeps sparse gradients only for resource variables): two copies of the stage's kernels
   per iteration at the backward pass's peak. A TensorList's gradient is a list whose
-  entries are set only where read. Other backends: `keras.ops.take` (JAX's loop carries a
-  dense gradient either way).
+  entries are set only where read, and a pushed list hands each entry's gradient back to
+  its tensor without stacking them. Other backends: `keras.ops.take` (a list is stacked
+  first; JAX's loop carries a dense gradient either way).
   """
+  if isinstance(stacked, (list, tuple)):
+    layers = list(stacked)
+    if not layers:
+      raise ValueError("layer_reader needs at least one layer")
+    if backend() != "tensorflow":
+      stacked, axis = ops.stack(layers, axis=0), 0
+    else:
+      import tensorflow as tf
+      layers = [tf.convert_to_tensor(t) for t in layers]
+      element_shape = layers[0].shape.as_list()
+      if any(t.shape.as_list() != element_shape or t.dtype != layers[0].dtype
+             for t in layers):
+        raise ValueError(f"layer_reader: the layers must share a shape and a dtype, got "
+                         f"{[(t.shape.as_list(), t.dtype.name) for t in layers]}")
+      handle = tf.raw_ops.EmptyTensorList(element_shape=_list_element_shape(element_shape),
+                                          max_num_elements=len(layers),
+                                          element_dtype=layers[0].dtype)
+      for t in layers:
+        handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
+      return _list_reader(handle, element_shape, layers[0].dtype)
   if backend() != "tensorflow":
     return lambda j: ops.take(stacked, j, axis=axis)
   import tensorflow as tf

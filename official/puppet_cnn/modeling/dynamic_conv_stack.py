@@ -70,7 +70,9 @@ class DynamicConvStack(keras.layers.Layer):
   Call args:
     features: (B, H, W, C_in) input features.
     kernels: what `PuppeteerODE` returns: per stage `(transition, repeated)` with transition
-      (B, K, K, C_prev, C_s) and repeated (B, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s).
+      (B, K, K, C_prev, C_s) and repeated (B, (max_depth - 1) * kernels_per_unit, K, K, C_s, C_s),
+      or repeated as a list of that many (B, K, K, C_s, C_s) tensors (`stack_repeated=False`;
+      in training TensorFlow then reads them without stacking them: less memory).
       With `kernel_rows`, R rows of such kernels instead of B (R, K, K, ...), in any float
       dtype.
     depth: (B,) int32 units per stage, in [1, max_depth] (or [1, units + 1]).
@@ -218,6 +220,13 @@ class DynamicConvStack(keras.layers.Layer):
         raise ValueError(f"stage {s}: transition kernel must be {lead} + {shape}, "
                          f"got {tuple(transition.shape)}")
       want = (repeated,) + (shape[0], shape[1], shape[3], shape[3])
+      if isinstance(rep, (list, tuple)):  # one (batch or rows, K, K, C, C) tensor per layer
+        got = [tuple(r.shape) for r in rep]
+        if len(rep) != repeated or any(g[1:] != want[1:] or g[0] != transition.shape[0]
+                                       for g in got):
+          raise ValueError(f"stage {s}: repeated kernels as a list must be {repeated} "
+                           f"tensors of {lead} + {want[1:]}, got {got}")
+        continue
       if tuple(rep.shape[1:]) != want:
         raise ValueError(f"stage {s}: repeated kernels must be {lead} + {want}, "
                          f"got {tuple(rep.shape)}")
@@ -266,11 +275,12 @@ class DynamicConvStack(keras.layers.Layer):
                       kernel_rows=None):
     kpu = self.kernels_per_unit
 
-    if training:
+    if training or isinstance(kernels, (list, tuple)):
       # One layer at a time with a gradient of one layer's kernels per iteration
       # (`backend_ops.layer_reader`): a gather from (N or R, L, ...) in the loop would make
       # TensorFlow add a dense gradient of all L layers' kernels at every iteration
-      # (docs/paper_protocol_memory.md).
+      # (docs/paper_protocol_memory.md). Kernels given as a list of layers are read without
+      # being stacked, in training and inference.
       read = backend_ops.layer_reader(kernels, axis=1)
       rows_of = None if kernel_rows is None else ops.cast(kernel_rows, "int32")
 

@@ -351,8 +351,12 @@ class PuppetClassifier(keras.Model):
         pooled = self._call_gathered(features, bins, depth, training, channels)
       else:
         h_kernels, dl_kernels = self._kernel_complexity(h_used, dl)
+        # In training the repeated kernels stay a list per layer, which the puppet's layer
+        # loop reads without stacking them (`backend_ops.layer_reader`: no copy of them and
+        # none of their gradients on TensorFlow).
         kernels = self.puppeteer(h_kernels, dl_kernels, depth, training=training,
-                                 channels=channels, **self._puppeteer_scaling())
+                                 channels=channels, stack_repeated=not training,
+                                 **self._puppeteer_scaling())
         pooled = self._pooled_puppet(features, kernels, depth, training, channels)
       return self._head(pooled, training, channels[-1])
 
