@@ -366,8 +366,8 @@ class PuppetCNNConfig:
       batches, on one-bin batches the memory of remat and loop at autodiff's speed; the
       16-32-64 puppet's XLA-compiled per-sample step at 0.57x autodiff's time; with the
       midpoint and RK4 integrators at batch 64, 5.4 GB instead of 15.2 GB and 8.2 GB where
-      autodiff passed 16 GB (docs/benchmarks_reversible_rk.md). Not in the paper (a way to compute its gradients, not a
-      change to them).
+      autodiff passed 16 GB (docs/benchmarks_reversible_rk.md). Not in the paper (a way to
+      compute its gradients, not a change to them).
     generator_matmul_dtype: the dtype of G's pointwise matrix products, 9 C^3 of the
       9 C^3 + 81 C^2 multiply-adds of an Euler step (`PuppeteerODE(matmul_dtype=...)`,
       `backend_ops.matmul_in_dtype`). 'float32' (default, the paper's). 'bfloat16' /

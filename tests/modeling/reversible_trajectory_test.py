@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import keras
-from official.puppet_cnn.config_definitions import PuppetCNNConfig
+from official.puppet_cnn.config_definitions import EVALS_PER_STEP, INTEGRATORS, PuppetCNNConfig
 from official.puppet_cnn.modeling import backend_ops
 from official.puppet_cnn.modeling import reversible_trajectory
 from official.puppet_cnn.modeling.puppeteer_ode import PuppeteerODE
@@ -188,6 +188,9 @@ def test_readouts_match_float64_autodiff_of_the_read_out_trajectory(graph):
   for a, b in zip(want, got):
     a = a.numpy()
     np.testing.assert_allclose(b.numpy(), a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-9)
+  with pytest.raises(ValueError, match="integrator must be one of"):
+    reversible_trajectory.trajectory(f32(state), f32(dl), None, [None] * 5,
+                                     [f32(p) for p in params], EPS, integrator="heun")
   with pytest.raises(ValueError, match="2 readouts for 5 steps"):
     reversible_trajectory.trajectory(f32(state), f32(dl), None, [None] * 5,
                                       [f32(p) for p in params], EPS, readouts=[None, None])
@@ -334,6 +337,14 @@ def test_puppeteer_bfloat16_reversible_matches_its_autodiff_path(depth_sorted, g
   assert loss_r != loss_f  # the option is in effect
   for a, b in zip(grads_a, grads_r):
     assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-6
+
+
+def test_a_tableau_for_every_integrator_with_its_evaluations_per_step():
+  assert set(reversible_trajectory.TABLEAUS) == set(INTEGRATORS)
+  for name, (a, b) in reversible_trajectory.TABLEAUS.items():
+    assert len(b) == EVALS_PER_STEP[name] and len(a) == len(b) - 1
+    assert abs(sum(b) - 1.0) < 1e-12  # consistent: the step integrates dP/dl = G
+    assert all(len(row) == i + 1 for i, row in enumerate(a))  # explicit
 
 
 def test_matmul_dtype_round_trips_and_refuses_unknown_dtypes():

@@ -57,7 +57,8 @@ def trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: 
                readouts: Optional[Sequence[Optional[Callable]]] = None,
                integrator: str = "euler"):
   """Runs steps of G from `state`; returns (states, means, variances): a state per step, and
-  the batch statistics of each evaluation of G (`EVALS_PER_STEP` per step, in order).
+  the batch statistics of each evaluation of G (`config_definitions.EVALS_PER_STEP` per
+  step, in order).
 
   Args:
     state: (N, H, W, C) initial states.
@@ -82,7 +83,6 @@ def trajectory(state, dl, weight, actives: Sequence, params: Sequence, epsilon: 
       (`backend_ops.vjp`) only when its step is reached. Without readouts every step's
       state-sized gradient exists at once when the backward pass starts (36 x 9.4 MB per
       trajectory of the paper's G), and every state at once after the forward pass.
-
     integrator: 'euler' (the paper's), 'midpoint' or 'rk4' (`TABLEAUS`): the step
       `PuppeteerODE.integrate_step` takes.
 
