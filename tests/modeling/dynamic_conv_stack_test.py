@@ -66,33 +66,22 @@ def _np_forward(stack, x, kernels, depth):
   return np.stack(outs)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("block_type", ["plain", "residual"])
-def test_matches_float64_reference(block_type, jit):
-  stack = _stack(block_type)
-  x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
-  kernels = _kernels(stack, 3)
-  depth = np.array([1, 3, 2], np.int32)
-  fn = tf.function(lambda a, k, d: stack(a, k, d, training=False), jit_compile=jit)
-  got = fn(x, kernels, depth).numpy()
-  want = _np_forward(stack, x, kernels, depth)
-  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
-
-
 def _as_lists(kernels):
   """The repeated kernels as a list of one (B, K, K, C, C) array per layer."""
   return [(t, [r[:, j] for j in range(r.shape[1])]) for t, r in kernels]
 
 
+@pytest.mark.parametrize("as_list", [False, True])
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("block_type", ["plain", "residual"])
-def test_repeated_kernels_as_a_list_match_float64_reference(block_type, jit):
+def test_matches_float64_reference(block_type, jit, as_list):
+  """as_list: the repeated kernels given as a list of one tensor per layer."""
   stack = _stack(block_type)
   x = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
   kernels = _kernels(stack, 3)
   depth = np.array([1, 3, 2], np.int32)
   fn = tf.function(lambda a, k, d: stack(a, k, d, training=False), jit_compile=jit)
-  got = fn(x, _as_lists(kernels), depth).numpy()
+  got = fn(x, _as_lists(kernels) if as_list else kernels, depth).numpy()
   want = _np_forward(stack, x, kernels, depth)
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 

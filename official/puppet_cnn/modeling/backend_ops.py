@@ -404,8 +404,15 @@ def selector(tensors):
     raise ValueError(f"selector: tensors must share a rank and a dtype, got "
                      f"{[(sh, t.dtype.name) for sh, t in zip(shapes, tensors)]}")
   element_shape = [dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes)]
-  shape = _list_element_shape(element_shape)
-  handle = tf.raw_ops.EmptyTensorList(element_shape=shape, max_num_elements=len(tensors),
+  return _pushed_list_reader(tensors, element_shape)
+
+
+def _pushed_list_reader(tensors, element_shape):
+  """`_list_reader` of a TensorList that `tensors` are pushed into as they are (the list
+  holds references to them: nothing is copied)."""
+  import tensorflow as tf
+  handle = tf.raw_ops.EmptyTensorList(element_shape=_list_element_shape(element_shape),
+                                      max_num_elements=len(tensors),
                                       element_dtype=tensors[0].dtype)
   for t in tensors:
     handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
@@ -466,12 +473,7 @@ def layer_reader(stacked, axis: int = 0):
              for t in layers):
         raise ValueError(f"layer_reader: the layers must share a shape and a dtype, got "
                          f"{[(t.shape.as_list(), t.dtype.name) for t in layers]}")
-      handle = tf.raw_ops.EmptyTensorList(element_shape=_list_element_shape(element_shape),
-                                          max_num_elements=len(layers),
-                                          element_dtype=layers[0].dtype)
-      for t in layers:
-        handle = tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=t)
-      return _list_reader(handle, element_shape, layers[0].dtype)
+      return _pushed_list_reader(layers, element_shape)
   if backend() != "tensorflow":
     return lambda j: ops.take(stacked, j, axis=axis)
   import tensorflow as tf
